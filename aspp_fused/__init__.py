@@ -1,0 +1,16 @@
+"""aspp_fused: fused multi-rate atrous conv + BatchNorm + ReLU for DeepLab ASPP heads.
+
+    import aspp_fused
+    model = aspp_fused.convert(model)          # in place; same state_dict, same numbers
+    model = aspp_fused.revert(model)           # back to the original modules
+
+``python -m aspp_fused.info`` tells which backends work on this machine.
+"""
+from aspp_fused import _extension, functional, nn, ops  # noqa: F401  (ops registers fake/autograd)
+from aspp_fused.convert import convert, list_fused, revert
+from aspp_fused.functional import BACKENDS, atrous_conv, separable_conv
+
+__version__ = "0.1.0"
+
+__all__ = ["convert", "revert", "list_fused", "atrous_conv", "separable_conv", "BACKENDS", "nn", "functional",
+           "__version__"]

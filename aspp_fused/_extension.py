@@ -1,0 +1,34 @@
+"""Loads the compiled extension aspp_fused._C, if it is there.
+
+``import aspp_fused`` must keep working without it (the ``torch`` backend needs nothing
+compiled), so a missing or broken build is reported once as a warning, with the reason,
+and ``backend="cpp"`` raises an error that repeats that reason.
+"""
+import importlib
+import warnings
+
+import torch
+
+LOAD_ERROR = None
+try:
+    # Loading it runs the TORCH_LIBRARY registrations of csrc/.
+    _C = importlib.import_module("aspp_fused._C")
+except Exception as exc:  # ImportError, OSError (undefined symbol, ABI mismatch), ...
+    _C = None
+    LOAD_ERROR = "%s: %s" % (type(exc).__name__, exc)
+    warnings.warn(
+        "aspp_fused: the compiled extension aspp_fused._C could not be loaded (%s); only the 'torch' "
+        "backend is available. Rebuild with `pip install --no-build-isolation -e .`." % LOAD_ERROR,
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def cpp_available() -> bool:
+    """True when the compiled ops are registered (CPU kernels at least)."""
+    return _C is not None
+
+
+def cuda_kernels_built() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("aspp_fused::atrous_conv", "CUDA")

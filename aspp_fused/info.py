@@ -1,0 +1,63 @@
+"""``python -m aspp_fused.info``: what is built and which backends work here, and why not."""
+import os
+import platform
+import sys
+
+import torch
+
+
+def _triton_status():
+    try:
+        import triton
+    except Exception as exc:  # not installed or broken
+        return None, "triton not importable (%s)" % type(exc).__name__
+    return triton.__version__, "Triton kernels are not implemented in this version (backend='triton' raises)"
+
+
+def collect() -> dict:
+    import aspp_fused
+    from aspp_fused import _extension
+
+    triton_version, triton_why = _triton_status()
+    gpu = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu = "%s (sm_%d%d, %.0f GiB)" % (p.name, p.major, p.minor, p.total_memory / 2**30)
+    backends = {
+        "torch": (True, "ATen composition; always available"),
+        "cpp (CPU)": (_extension.cpp_available(),
+                      "compiled CPU reference kernels" if _extension.cpp_available() else _extension.LOAD_ERROR),
+        "cpp (CUDA)": (_extension.cuda_kernels_built(),
+                       "compiled CUDA kernels" if _extension.cuda_kernels_built()
+                       else "extension built without CUDA kernels" if _extension.cpp_available()
+                       else _extension.LOAD_ERROR),
+        "triton": (False, triton_why),
+    }
+    return {
+        "aspp_fused": aspp_fused.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda,
+        "triton": triton_version,
+        "GPU": gpu,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+        "extension": getattr(_extension._C, "__file__", None),
+        "backends": backends,
+    }
+
+
+def main() -> int:
+    info = collect()
+    backends = info.pop("backends")
+    width = max(len(k) for k in list(info) + list(backends))
+    for key, value in info.items():
+        print("%-*s  %s" % (width, key, value))
+    print("\nbackends:")
+    for name, (ok, why) in backends.items():
+        print("  %-*s  %-3s  %s" % (width, name, "yes" if ok else "no", why))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""BatchNorm as an epilogue: per-channel (scale, shift) from running or batch statistics.
+
+The fused ops apply ``z * scale + shift``; this file turns one or more BatchNorm2d modules
+(one per branch, concatenated along channels) into those vectors, with exactly the
+semantics of ``nn.BatchNorm2d.forward``: batch statistics in training or when running
+stats are not tracked, running-stat updates with ``momentum`` (or the cumulative average
+when it is None) and the unbiased variance, ``num_batches_tracked``, the batch-of-1 error,
+and SyncBatchNorm's cross-process statistics under torch.distributed.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+Stats = Tuple[torch.Tensor, torch.Tensor]
+
+
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _affine_params(bn, dtype, device):
+    c = bn.num_features
+    w = bn.weight if bn.weight is not None else torch.ones(c, dtype=dtype, device=device)
+    b = bn.bias if bn.bias is not None else torch.zeros(c, dtype=dtype, device=device)
+    return w.to(dtype), b.to(dtype)
+
+
+def eval_affine(bn, dtype, device) -> Stats:
+    """(scale, shift) of a BN that normalises with its running statistics."""
+    w, b = _affine_params(bn, dtype, device)
+    scale = w * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    return scale, b - bn.running_mean.to(dtype) * scale
+
+
+def _sync_group(bn):
+    """The process group whose statistics a SyncBatchNorm in training shares, or None."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _all_reduce(t, group):
+    # torch.distributed.nn's all_reduce is differentiable: the gradient of the global sum
+    # flows back to every process, as in nn.SyncBatchNorm's backward.
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, group=group)
+
+
+def _check_batch(count: int, shape):
+    if count == 1:
+        # nn.BatchNorm2d's own error (torch.nn.functional._verify_batch_size), same type.
+        raise ValueError("Expected more than 1 value per channel when training, got input size %s" % (shape,))
+
+
+def _momentum_factor(bn) -> float:
+    """nn.BatchNorm2d.forward: bumps num_batches_tracked and returns the update factor."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def affine(bns: Sequence[nn.modules.batchnorm._BatchNorm], ch_sum, ch_sumsq, count: int, shape, dtype, device
+           ) -> Stats:
+    """(scale, shift) for channels normalised by ``bns`` (concatenated in order).
+
+    ``ch_sum``/``ch_sumsq`` are the per-channel sums of the pre-BN values over the ``count``
+    pixels of this batch (only read for BNs that use batch statistics; may be None when none
+    does). Running statistics of training BNs are updated here.
+    """
+    scales: List[torch.Tensor] = []
+    shifts: List[torch.Tensor] = []
+    offset = 0
+    for bn in bns:
+        c = bn.num_features
+        if not uses_batch_stats(bn):
+            s, t = eval_affine(bn, dtype, device)
+        else:
+            s, t = _batch_affine(bn, ch_sum[offset:offset + c], ch_sumsq[offset:offset + c], count, shape, dtype,
+                                 device)
+        scales.append(s)
+        shifts.append(t)
+        offset += c
+    if len(bns) == 1:
+        return scales[0], shifts[0]
+    return torch.cat(scales), torch.cat(shifts)
+
+
+def _batch_affine(bn, s, ss, count, shape, dtype, device) -> Stats:
+    group = _sync_group(bn)
+    if group is not None:
+        packed = _all_reduce(torch.cat([s, ss, s.new_full((1,), float(count))]), group)
+        c = bn.num_features
+        s, ss, count = packed[:c], packed[c:2 * c], int(packed[2 * c].item())
+    else:
+        _check_batch(count, tuple(shape))
+    factor = _momentum_factor(bn)
+    n = max(count, 1)
+    mean = s / n
+    # E[z^2] - E[z]^2 from the kernels' fp32 (fp64 for fp64 input) sums; clamp the
+    # rounding-level negatives of a constant channel.
+    var = torch.clamp(ss / n - mean * mean, min=0.0)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None and count > 0:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            bn.running_mean.mul_(1.0 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1.0 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
+    w, b = _affine_params(bn, dtype, device)
+    scale = w * torch.rsqrt(var.to(dtype) + bn.eps)
+    return scale, b - mean.to(dtype) * scale

@@ -1,0 +1,287 @@
+"""FusedModule and the building blocks shared by every fused head.
+
+A fused module *adopts the children* of the module it replaces (the very same submodule
+objects), so it has exactly the same parameters, buffers and state_dict keys, an optimizer
+built before conversion keeps training the same tensors, and reverting just hands the
+original back. Only ``forward`` differs: it calls the fused ops (aspp_fused.functional).
+"""
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from aspp_fused import functional as AF
+from aspp_fused.nn import reference
+from aspp_fused.nn._batchnorm import affine, uses_batch_stats
+
+__all__ = ["FusedModule", "FusedAtrousConvBNReLU", "FusedSeparableAtrousConv", "conv_bn_act"]
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fused ops return channels_last; hand back the layout the caller gave us.
+
+    Drop-in means the same numbers *and* the same layout as the original (whose dropout
+    masks, for one, depend on it). Pass channels_last inputs to skip this copy.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+class FusedModule(nn.Module):
+    """Base of every fused module: same children as the reference ``twin``, fused forward.
+
+    ``FusedX(*args, backend=...)`` builds the twin's layout; ``FusedX.from_module(m)``
+    adopts the children of an existing module ``m`` (torchvision, smp or our twin);
+    ``to_reference()`` gives back that module (or the twin built at construction).
+    """
+
+    twin: type = None  # the reference class this module reproduces
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        self._adopt(type(self).twin(*args, **kwargs), backend)
+
+    def _adopt(self, source: nn.Module, backend: str):
+        nn.Module.__init__(self)
+        self.backend = AF.check_backend(backend)
+        for name, child in source.named_children():
+            self._modules[name] = child
+        self.training = source.training
+        # Not a child: kept outside the module tree so it adds no state_dict keys.
+        object.__setattr__(self, "_source", source)
+
+    @classmethod
+    def check_source(cls, module: nn.Module) -> None:
+        """Raises ValueError saying why ``module`` cannot be fused by this class."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedModule":
+        cls.check_source(module)
+        fused = cls.__new__(cls)
+        fused._adopt(module, backend)
+        return fused
+
+    def to_reference(self) -> nn.Module:
+        source = self.__dict__["_source"]
+        for name, child in self.named_children():  # children may have been converted/reverted since
+            source._modules[name] = child
+        source.training = self.training
+        return source
+
+    def extra_repr(self) -> str:
+        return "backend=%r" % (self.backend,)
+
+
+# --------------------------------------------------------------------------- structure checks
+
+
+def _fail(owner: str, where: str, why: str):
+    raise ValueError("%s.from_module: %s %s" % (owner, where, why))
+
+
+def check_type(owner, where, module, types):
+    if not isinstance(module, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        _fail(owner, where, "is %s, expected %s" % (type(module).__name__, names))
+
+
+def check_conv(owner: str, where: str, conv, kernel_sizes=(1, 3), depthwise=False):
+    """A 'same'-padded, stride-1 conv the fused ops can run."""
+    check_type(owner, where, conv, nn.Conv2d)
+    k = conv.kernel_size
+    if k[0] != k[1] or k[0] not in kernel_sizes:
+        _fail(owner, where, "has kernel_size %s, expected one of %s (square)" % (k, kernel_sizes))
+    d = conv.dilation
+    if d[0] != d[1]:
+        _fail(owner, where, "has dilation %s, expected equal rates for H and W" % (d,))
+    if tuple(conv.stride) != (1, 1):
+        _fail(owner, where, "has stride %s, expected 1" % (conv.stride,))
+    if isinstance(conv.padding, str):
+        if conv.padding != "same" and k[0] != 1:
+            _fail(owner, where, "has padding %r, expected 'same'" % conv.padding)
+    elif tuple(conv.padding) != (d[0] * (k[0] // 2),) * 2:
+        _fail(owner, where, "has padding %s, expected dilation * (k // 2) = %d" % (conv.padding, d[0] * (k[0] // 2)))
+    if conv.padding_mode != "zeros":
+        _fail(owner, where, "has padding_mode %r, expected 'zeros'" % conv.padding_mode)
+    groups = conv.in_channels if depthwise else 1
+    if conv.groups != groups or (depthwise and conv.out_channels != conv.in_channels):
+        _fail(owner, where, "has groups=%d (in %d, out %d), expected %s" % (
+            conv.groups, conv.in_channels, conv.out_channels, "a depthwise conv" if depthwise else "groups=1"))
+
+
+def check_bn(owner: str, where: str, bn, channels: int):
+    check_type(owner, where, bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    if bn.num_features != channels:
+        _fail(owner, where, "has %d features, expected %d" % (bn.num_features, channels))
+
+
+def check_cbr(owner: str, where: str, seq, kernel_sizes=(1, 3)):
+    """[Conv2d, BatchNorm2d, ReLU] (an nn.Sequential, e.g. torchvision's ASPPConv)."""
+    check_type(owner, where, seq, nn.Sequential)
+    if len(seq) != 3:
+        _fail(owner, where, "has %d children, expected 3 (Conv2d, BatchNorm2d, ReLU)" % len(seq))
+    check_conv(owner, where + "[0]", seq[0], kernel_sizes)
+    check_bn(owner, where + "[1]", seq[1], seq[0].out_channels)
+    check_type(owner, where + "[2]", seq[2], nn.ReLU)
+
+
+# --------------------------------------------------------------------------- fused conv + BN + act
+
+
+def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", weights=None,
+                sample_bias: Optional[torch.Tensor] = None):
+    """act(BN(concat_b conv_b(x) + sample_bias)) with the BN as the fused epilogue.
+
+    ``weights`` overrides the convs' weights (e.g. a slice of the projection weight);
+    conv biases, if any, are folded in. ``sample_bias`` [N, O] is added before the BN.
+    In training the op returns the raw conv output and its per-channel sums, BN takes
+    the batch statistics from them, and the normalise + act runs as one elementwise pass.
+    """
+    dt = acc_dtype(x)
+    weights = [c.weight for c in convs] if weights is None else list(weights)
+    dilations = [c.dilation[0] for c in convs]
+    biases = [c.bias for c in convs]
+    o = sum(w.shape[0] for w in weights)
+    conv_bias = None
+    if any(b is not None for b in biases):
+        conv_bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dt)
+                               for b, w in zip(biases, weights)])
+    n, _, h, w_ = x.shape
+    if any(uses_batch_stats(bn) for bn in bns):
+        ones = torch.ones(o, dtype=dt, device=x.device)
+        shift0 = conv_bias if conv_bias is not None else torch.zeros(o, dtype=dt, device=x.device)
+        raw, s, ss = AF.atrous_conv(x, weights, dilations, ones, shift0, sample_bias, act="none",
+                                    compute_stats=True, backend=backend)
+        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device)
+        y = raw.to(dt) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        if AF.act_code(act) == 1:
+            y = torch.relu(y)
+        return y.to(x.dtype)
+    scale, shift = affine(bns, None, None, 0, None, dt, x.device)
+    if conv_bias is not None:
+        shift = shift + conv_bias * scale
+    if sample_bias is not None:
+        sample_bias = sample_bias.to(dt) * scale
+    out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
+    return out
+
+
+def check_input(owner: str, x, channels: int):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("%s: input must be a torch.Tensor, got %s" % (owner, type(x).__name__))
+    if x.dim() != 4:
+        raise ValueError("%s: input must be 4-D [N, C, H, W], got shape %s" % (owner, tuple(x.shape)))
+    if x.shape[1] != channels:
+        raise ValueError("%s: input has %d channels, expected %d" % (owner, x.shape[1], channels))
+
+
+class FusedAtrousConvBNReLU(FusedModule, nn.Sequential):
+    """Fused [Conv2d (1x1 or dilated 3x3), BatchNorm2d, ReLU] (e.g. torchvision's ASPPConv)."""
+
+    twin = reference.AtrousConvBNReLU
+
+    @classmethod
+    def check_source(cls, module):
+        check_cbr(cls.__name__, "module", module)
+
+    def forward(self, x):
+        check_input(type(self).__name__, x, self[0].in_channels)
+        return like_input_format(conv_bn_act(x, [self[0]], [self[1]], self.backend), x)
+
+
+def separable_branch_args(owner: str, sep: nn.Sequential, where: str):
+    """(depthwise conv, mid BN or None, pointwise conv) of a SeparableConv2d layout."""
+    check_type(owner, where, sep, nn.Sequential)
+    if len(sep) == 2:
+        dw, mid, pw = sep[0], None, sep[1]
+    elif len(sep) == 4:
+        dw, mid, pw = sep[0], sep[1], sep[3]
+        check_bn(owner, where + "[1]", mid, dw.out_channels)
+        check_type(owner, where + "[2]", sep[2], nn.ReLU)
+    else:
+        _fail(owner, where, "has %d children, expected (depthwise, pointwise) or (depthwise, BN, ReLU, pointwise)"
+              % len(sep))
+    check_conv(owner, where + "[0]", dw, (3,), depthwise=True)
+    if dw.bias is not None:
+        _fail(owner, where + "[0]", "has a bias; the fused separable conv expects bias=False on the depthwise")
+    check_conv(owner, where + "[-1]", pw, (1,))
+    if pw.in_channels != dw.out_channels:
+        _fail(owner, where + "[-1]", "has %d input channels, expected %d" % (pw.in_channels, dw.out_channels))
+    return dw, mid, pw
+
+
+def separable_bn_act(x, branches, bns, backend):
+    """Concat over branches of ReLU(BN(pointwise(mid(depthwise(x))))).
+
+    ``branches``: (depthwise conv or None, mid BN or None, pointwise conv) per branch.
+    Eval: one separable_conv launch for all branches. Training with a mid BN needs the batch
+    statistics of the depthwise output before the pointwise can start, so that case runs
+    in two steps (depthwise + mid BN, then the pointwise through the fused 1x1 path).
+    """
+    dt = acc_dtype(x)
+    c = x.shape[1]
+    for _, _, pw in branches:
+        if pw.bias is not None:
+            raise ValueError("separable_conv: pointwise convs with a bias are not supported by the fused path")
+    mids_in_batch_mode = any(mid is not None and uses_batch_stats(mid) for _, mid, _ in branches)
+    if mids_in_batch_mode:
+        outs = []
+        for (dw, mid, pw), bn in zip(branches, bns):
+            if dw is None:
+                y = x
+            else:
+                y = torch.nn.functional.conv2d(x, dw.weight, None, padding=dw.padding, dilation=dw.dilation, groups=c)
+                if mid is not None:
+                    n, _, h, w = y.shape
+                    yd = y.to(dt)
+                    s, ss = yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3))
+                    ms, msh = affine([mid], s, ss, n * h * w, tuple(y.shape), dt, x.device)
+                    y = torch.relu(yd * ms.view(1, -1, 1, 1) + msh.view(1, -1, 1, 1)).to(x.dtype)
+            outs.append(conv_bn_act(y, [pw], [bn], backend))
+        return torch.cat(outs, dim=1)
+    dws = [dw.weight if dw is not None else None for dw, _, _ in branches]
+    dil = [dw.dilation[0] if dw is not None else 1 for dw, _, _ in branches]
+    mid_affines = [affine([mid], None, None, 0, None, dt, x.device) if mid is not None else (None, None)
+                   for _, mid, _ in branches]
+    pws = [pw.weight for _, _, pw in branches]
+    o = sum(w.shape[0] for w in pws)
+    n, _, h, w_ = x.shape
+    ms = [a[0] for a in mid_affines]
+    msh = [a[1] for a in mid_affines]
+    if any(uses_batch_stats(bn) for bn in bns):
+        ones = torch.ones(o, dtype=dt, device=x.device)
+        zeros = torch.zeros(o, dtype=dt, device=x.device)
+        raw, s, ss = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, ones, zeros, None, act="none",
+                                       compute_stats=True, backend=backend)
+        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device)
+        return torch.relu(raw.to(dt) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+    scale, shift = affine(bns, None, None, 0, None, dt, x.device)
+    out, _, _ = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, scale, shift, None, act="relu", backend=backend)
+    return out
+
+
+class FusedSeparableAtrousConv(FusedModule, nn.Sequential):
+    """Fused [SeparableConv2d (depthwise dilated 3x3 [-> BN -> ReLU] -> pointwise), BN, ReLU]."""
+
+    twin = reference.SeparableAtrousConv
+
+    @classmethod
+    def check_source(cls, module):
+        owner = cls.__name__
+        check_type(owner, "module", module, nn.Sequential)
+        if len(module) != 3:
+            _fail(owner, "module", "has %d children, expected 3 (SeparableConv2d, BatchNorm2d, ReLU)" % len(module))
+        _, _, pw = separable_branch_args(owner, module[0], "module[0]")
+        check_bn(owner, "module[1]", module[1], pw.out_channels)
+        check_type(owner, "module[2]", module[2], nn.ReLU)
+
+    def forward(self, x):
+        owner = type(self).__name__
+        dw, mid, pw = separable_branch_args(owner, self[0], "[0]")
+        check_input(owner, x, dw.in_channels)
+        return like_input_format(separable_bn_act(x, [(dw, mid, pw)], [self[1]], self.backend), x)

@@ -1,0 +1,206 @@
+"""Python face of the compiled ops: thin wrappers, fake (meta) kernels and autograd.
+
+The schemas and their exact semantics are in csrc/aspp_fused.cpp. Registering the fake
+kernels and autograd formulas here, through torch.library, is what lets torch.compile
+(fullgraph), AMP, CUDA graphs and opcheck see the ops like any ATen op.
+"""
+import torch
+
+from aspp_fused._extension import cpp_available
+
+__all__ = ["atrous_conv", "separable_conv", "atrous_conv_backward", "separable_conv_backward"]
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act=0, compute_stats=False):
+    """torch.ops.aspp_fused.atrous_conv; returns (out, ch_sum, ch_sumsq)."""
+    return torch.ops.aspp_fused.atrous_conv(
+        x, list(weights), [int(d) for d in dilations], scale, shift, bias, bool(sum_mode), int(act), bool(compute_stats)
+    )
+
+
+def separable_conv(
+    x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias=None, act=0,
+    compute_stats=False,
+):
+    """torch.ops.aspp_fused.separable_conv; returns (out, ch_sum, ch_sumsq)."""
+    return torch.ops.aspp_fused.separable_conv(
+        x, list(dw_weights), [int(d) for d in dilations], list(mid_scales), list(mid_shifts), int(mid_act),
+        list(pw_weights), scale, shift, bias, int(act), bool(compute_stats),
+    )
+
+
+def atrous_conv_backward(*args):
+    return torch.ops.aspp_fused.atrous_conv_backward(*args)
+
+
+def separable_conv_backward(*args):
+    return torch.ops.aspp_fused.separable_conv_backward(*args)
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+
+def _fake_forward(x, o, compute_stats):
+    n, _, h, w = x.shape
+    out = torch.empty((n, o, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    k = o if compute_stats else 0
+    stats = [torch.empty((k,), dtype=_stats_dtype(x), device=x.device) for _ in range(2)]
+    return out, stats[0], stats[1]
+
+
+def _atrous_out_channels(weights, sum_mode):
+    return weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
+
+
+def _empty(like):
+    return like.new_empty((0,))
+
+
+def _grad_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _grad_x_like(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _fake_epilogue_grads(mask, scale, shift, bias):
+    if not mask[2]:
+        return _empty(scale), _empty(shift), _empty(scale if bias is None else bias)
+    return _grad_like(scale), _grad_like(shift), (_empty(scale) if bias is None else _grad_like(bias))
+
+
+def _register_fakes():
+    @torch.library.register_fake("aspp_fused::atrous_conv")
+    def _(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats):
+        return _fake_forward(x, _atrous_out_channels(weights, sum_mode), compute_stats)
+
+    @torch.library.register_fake("aspp_fused::atrous_conv_backward")
+    def _(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift, bias, sum_mode, act, mask):
+        grad_x = _grad_x_like(x) if mask[0] else _empty(x)
+        grad_ws = [_grad_like(w) for w in weights] if mask[1] else []
+        return (grad_x, grad_ws) + _fake_epilogue_grads(mask, scale, shift, bias)
+
+    @torch.library.register_fake("aspp_fused::separable_conv")
+    def _(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act, stats):
+        return _fake_forward(x, sum(w.shape[0] for w in pw_weights), stats)
+
+    @torch.library.register_fake("aspp_fused::separable_conv_backward")
+    def _(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
+          pw_weights, scale, shift, bias, act, mask):
+        grad_x = _grad_x_like(x) if mask[0] else _empty(x)
+
+        def per_branch(ts):
+            return [(_empty(x) if t is None else _grad_like(t)) for t in ts] if mask[1] else []
+
+        return (grad_x, per_branch(dw_weights), per_branch(mid_scales), per_branch(mid_shifts),
+                per_branch(pw_weights)) + _fake_epilogue_grads(mask, scale, shift, bias)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _any(flags) -> bool:
+    if isinstance(flags, (list, tuple)):
+        return any(_any(f) for f in flags)
+    return bool(flags)
+
+
+def _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out):
+    # Autograd hands None for outputs that took no part in the loss (materialize_grads off).
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if not ctx.compute_stats:
+        grad_sum = grad_sumsq = None
+    return grad_out, grad_sum, grad_sumsq
+
+
+def _atrous_setup(ctx, inputs, output):
+    x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats = inputs
+    ctx.set_materialize_grads(False)
+    ctx.n_weights = len(weights)
+    ctx.dilations, ctx.sum_mode, ctx.act, ctx.compute_stats = list(dilations), sum_mode, act, compute_stats
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(output[0], x, scale, shift, bias, *weights)
+
+
+def _atrous_backward(ctx, grad_out, grad_sum, grad_sumsq):
+    out, x, scale, shift, bias, *weights = ctx.saved_tensors
+    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
+    need = ctx.needs_input_grad
+    mask = [_any(need[0]), _any(need[1]), _any(need[3:6])]
+    gx, gws, gscale, gshift, gbias = torch.ops.aspp_fused.atrous_conv_backward(
+        grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode,
+        ctx.act, mask,
+    )
+    return (
+        gx if mask[0] else None,
+        list(gws) if mask[1] else None,
+        None,
+        gscale if mask[2] else None,
+        gshift if mask[2] else None,
+        gbias if mask[2] and ctx.has_bias else None,
+        None,
+        None,
+        None,
+    )
+
+
+def _separable_setup(ctx, inputs, output):
+    x, dw, dilations, mid_scales, mid_shifts, mid_act, pw, scale, shift, bias, act, compute_stats = inputs
+    ctx.set_materialize_grads(False)
+    nb = len(pw)
+    ctx.nb = nb
+    ctx.dw_present = [t is not None for t in dw]
+    ctx.mid_present = [t is not None for t in mid_scales]
+    ctx.dilations, ctx.mid_act, ctx.act, ctx.compute_stats = list(dilations), mid_act, act, compute_stats
+    ctx.has_bias = bias is not None
+    present = [t for t in list(dw) + list(mid_scales) + list(mid_shifts) if t is not None]
+    ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *present)
+
+
+def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
+    out, x, scale, shift, bias, *rest = ctx.saved_tensors
+    nb = ctx.nb
+    pw, present = rest[:nb], iter(rest[nb:])
+    dw = [next(present) if p else None for p in ctx.dw_present]
+    mid_scales = [next(present) if p else None for p in ctx.mid_present]
+    mid_shifts = [next(present) if p else None for p in ctx.mid_present]
+    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
+    need = ctx.needs_input_grad
+    mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
+    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = torch.ops.aspp_fused.separable_conv_backward(
+        grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw,
+        scale, shift, bias, ctx.act, mask,
+    )
+
+    def per_branch(grads, present):
+        # Entries whose forward input was None come back as empty placeholders.
+        return [g if p else None for g, p in zip(grads, present)] if mask[1] else None
+
+    return (
+        gx if mask[0] else None,
+        per_branch(gdw, ctx.dw_present),
+        None,
+        per_branch(gms, ctx.mid_present),
+        per_branch(gmsh, ctx.mid_present),
+        None,
+        per_branch(gpw, [True] * nb),
+        gscale if mask[2] else None,
+        gshift if mask[2] else None,
+        gbias if mask[2] and ctx.has_bias else None,
+        None,
+        None,
+    )
+
+
+if cpp_available():
+    _register_fakes()
+    torch.library.register_autograd("aspp_fused::atrous_conv", _atrous_backward, setup_context=_atrous_setup)
+    torch.library.register_autograd(
+        "aspp_fused::separable_conv", _separable_backward, setup_context=_separable_setup
+    )

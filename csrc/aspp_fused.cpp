@@ -1,0 +1,71 @@
+// Every op schema of aspp_fused, in one place. Kernels register per backend:
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL CUDA).
+// Python wrappers, fake (meta) kernels and autograd live in aspp_fused/ops.py.
+//
+// Conventions shared by all ops (DESIGN.md, "The one primitive"):
+//   x            [N, C, H, W] logical shape, any strides; kernels read it as NHWC.
+//   weights[b]   [O_b, C, k, k], k in {1, 3}, same dtype as x; tap (ky, kx) reads
+//                x at (h + (ky - k/2) * d_b, w + (kx - k/2) * d_b), zero outside.
+//   sum_mode     false: branch b writes channels [off_b, off_b + O_b) of the output
+//                (off_b = O_0 + ... + O_{b-1}); true: all O_b equal, branches summed.
+//   epilogue     z = acc * scale[o] + shift[o] (+ bias[n, o]); out = act(z) cast to
+//                x.dtype; act 0 = none, 1 = relu. Accumulation in float (double for
+//                float64 inputs); scale/shift/bias may be any float dtype.
+//   stats        with compute_stats, ch_sum[o] = sum_{n,h,w} z and ch_sumsq[o] =
+//                sum z^2 (float32, float64 for float64 x); else both are empty [0].
+//   outputs      out is [N, O, H, W] in channels_last memory format.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import aspp_fused._C` only has to load this library so the registrations run;
+// the ops are reached through torch.ops.aspp_fused (no pybind functions).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(aspp_fused, m) {
+  // Multi-branch atrous conv + epilogue (+ batch statistics of z for training).
+  m.def(
+      "atrous_conv(Tensor x, Tensor[] weights, int[] dilations, Tensor scale, Tensor shift, "
+      "Tensor? bias, bool sum_mode, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, "
+      "Tensor ch_sumsq)",
+      {at::Tag::pt2_compliant_tag});
+  // Backward of atrous_conv. g_z = grad_out * act'(z) + grad_sum[o] + 2 z grad_sumsq[o]
+  // (the last two only when given); relu' is (z > 0). out is the forward's output
+  // (z == out when act is none; relu mask == out > 0), so kernels may avoid
+  // recomputing z. output_mask = [input, weights, epilogue (scale, shift, bias)];
+  // a grad that is not asked for comes back empty ([0] tensor, [] list).
+  //   grad_scale[o] = sum g_z * acc, grad_shift[o] = sum g_z, grad_bias[n, o] = sum_hw g_z
+  //   (grad_bias is empty when bias is None); g_acc = g_z * scale[o] feeds dgrad/wgrad.
+  // Grads have the dtype of the tensor they belong to; grad_x is channels_last.
+  m.def(
+      "atrous_conv_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, "
+      "Tensor x, Tensor[] weights, int[] dilations, Tensor scale, Tensor shift, Tensor? bias, "
+      "bool sum_mode, int act, bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "Tensor grad_scale, Tensor grad_shift, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // Separable atrous conv, concat mode, one launch for all branches. Branch b:
+  //   d_b = depthwise 3x3 of x at dilation d_b with dw_weights[b] [C, 1, 3, 3]
+  //         (d_b = x when dw_weights[b] is None: a plain 1x1 branch)
+  //   m_b = mid_act(d_b * mid_scales[b][c] + mid_shifts[b][c]) when mid_scales[b] is
+  //         given (only allowed with a depthwise), else d_b; computed in float and
+  //         rounded to x.dtype (the kernels feed it to the tensor-core GEMM in x.dtype)
+  //   acc = pw_weights[b] [O_b, C, 1, 1] @ m_b, then the epilogue/stats of atrous_conv.
+  m.def(
+      "separable_conv(Tensor x, Tensor?[] dw_weights, int[] dilations, Tensor?[] mid_scales, "
+      "Tensor?[] mid_shifts, int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, "
+      "Tensor? bias, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, Tensor ch_sumsq)",
+      {at::Tag::pt2_compliant_tag});
+  // Backward of separable_conv; g_z as for atrous_conv. output_mask = [input,
+  // weights (dw, mid scale/shift, pw), epilogue]. Lists have one entry per branch;
+  // an entry whose forward input was None is an empty [0] tensor.
+  m.def(
+      "separable_conv_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, "
+      "Tensor x, Tensor?[] dw_weights, int[] dilations, Tensor?[] mid_scales, Tensor?[] mid_shifts, "
+      "int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, Tensor? bias, int act, "
+      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_dw_weights, Tensor[] grad_mid_scales, "
+      "Tensor[] grad_mid_shifts, Tensor[] grad_pw_weights, Tensor grad_scale, Tensor grad_shift, "
+      "Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+}

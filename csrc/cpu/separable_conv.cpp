@@ -1,0 +1,772 @@
+// CPU reference kernels of aspp_fused::separable_conv and separable_conv_backward
+// (semantics: the schema comments in csrc/aspp_fused.cpp).
+//
+// This is a readable model of the fused GPU kernel, not a tuned CPU path. Work is split
+// into (image n, TH x TW output tile) items. Per tile and branch:
+//   1. depthwise prologue: d[p][c] over only the taps that touch the image (tap_range.h),
+//      each over its valid sub-rectangle, so the inner loops carry no bounds checks;
+//   2. mid affine + mid_act (when given), rounded to x.dtype as the GEMM operand m[p][c];
+//   3. pointwise GEMM acc[p][o] = sum_c m[p][c] * pw[c][o] with pw packed [C][O_b];
+//   4. epilogue z = acc * scale + shift (+ bias), out = act(z) into the branch's channel
+//      slice of the concat output, plus the batch statistics of z.
+//
+// Determinism: every reduction over pixels (stats, weight and epilogue grads) goes through
+// per-slab partial sums in double. A slab is a fixed contiguous range of work items whose
+// count depends only on the problem (never on the thread count), and slabs are added in slab
+// order, so results are bitwise identical for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/tap_range.h"
+
+namespace aspp_fused {
+namespace {
+
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
+
+constexpr int64_t kTileH = 8;
+constexpr int64_t kTileW = 8;
+constexpr int64_t kTilePixels = kTileH * kTileW;
+constexpr int kK = 3;  // depthwise kernel size
+constexpr int kTaps = kK * kK;
+
+constexpr int kActNone = 0;
+constexpr int kActRelu = 1;
+
+// ------------------------------------------------------------------------------------------
+// Input validation, shared by forward and backward.
+
+struct BranchSpec {
+  int64_t out_channels;  // O_b
+  int64_t offset;        // first channel of this branch in the concat output
+  int64_t dilation;
+  at::Tensor dw;         // [C, 1, 3, 3] or undefined (plain 1x1 branch)
+  at::Tensor mid_scale;  // [C] or undefined (no mid affine)
+  at::Tensor mid_shift;  // [C] or undefined
+  at::Tensor pw;         // [O_b, C, 1, 1]
+};
+
+struct Problem {
+  int64_t N, C, H, W, O;
+  int mid_act, act;
+  std::vector<BranchSpec> branches;
+  at::Tensor bias;  // [N, O] or undefined
+};
+
+at::Tensor optional_at(const OptTensorList& list, int64_t i) {
+  std::optional<at::Tensor> t = list.get(i);
+  return t.has_value() ? *t : at::Tensor();
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t b, int64_t len,
+                  const char* len_what, const at::Tensor& x) {
+  // b < 0: a plain argument; else entry b of a list argument.
+  const std::string what = b < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(b) + "]";
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, op, ": ", what, " must be 1-D of length ", len, " (",
+                    len_what, "), got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", what, " must be a floating tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but x is on ", x.device());
+}
+
+Problem check_inputs(const char* op, const at::Tensor& x, const OptTensorList& dw_weights,
+                     at::IntArrayRef dilations, const OptTensorList& mid_scales, const OptTensorList& mid_shifts,
+                     int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale, const at::Tensor& shift,
+                     const std::optional<at::Tensor>& bias, int64_t act) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op,
+                   ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t nb = static_cast<int64_t>(dilations.size());
+  TORCH_CHECK_VALUE(nb >= 1, op, ": needs at least one branch (dilations is empty)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(dw_weights.size()) == nb, op, ": dw_weights has ", dw_weights.size(),
+                    " entries, expected ", nb, " (len(dilations))");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(mid_scales.size()) == nb, op, ": mid_scales has ", mid_scales.size(),
+                    " entries, expected ", nb, " (len(dilations))");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(mid_shifts.size()) == nb, op, ": mid_shifts has ", mid_shifts.size(),
+                    " entries, expected ", nb, " (len(dilations))");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(pw_weights.size()) == nb, op, ": pw_weights has ", pw_weights.size(),
+                    " entries, expected ", nb, " (len(dilations))");
+  TORCH_CHECK_VALUE(mid_act == kActNone || mid_act == kActRelu, op, ": mid_act must be 0 (none) or 1 (relu), got ",
+                    mid_act);
+  TORCH_CHECK_VALUE(act == kActNone || act == kActRelu, op, ": act must be 0 (none) or 1 (relu), got ", act);
+
+  Problem pb;
+  pb.N = x.size(0);
+  pb.C = x.size(1);
+  pb.H = x.size(2);
+  pb.W = x.size(3);
+  pb.mid_act = static_cast<int>(mid_act);
+  pb.act = static_cast<int>(act);
+  const int64_t C = pb.C;
+  int64_t offset = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    BranchSpec br;
+    br.dilation = dilations[b];
+    TORCH_CHECK_VALUE(br.dilation >= 1, op, ": dilations[", b, "] must be >= 1, got ", br.dilation);
+
+    br.dw = optional_at(dw_weights, b);
+    if (br.dw.defined()) {
+      TORCH_CHECK_VALUE(br.dw.dim() == 4 && br.dw.size(0) == C && br.dw.size(1) == 1 && br.dw.size(2) == kK &&
+                            br.dw.size(3) == kK,
+                        op, ": dw_weights[", b, "] must have shape [", C, ", 1, 3, 3] (C = x.shape[1]), got ",
+                        br.dw.sizes());
+      TORCH_CHECK_TYPE(br.dw.scalar_type() == x.scalar_type(), op, ": dw_weights[", b, "] has dtype ",
+                       br.dw.scalar_type(), ", expected x's dtype ", x.scalar_type());
+      TORCH_CHECK(br.dw.device() == x.device(), op, ": dw_weights[", b, "] is on ", br.dw.device(),
+                  " but x is on ", x.device());
+    }
+
+    br.mid_scale = optional_at(mid_scales, b);
+    br.mid_shift = optional_at(mid_shifts, b);
+    TORCH_CHECK_VALUE(br.mid_scale.defined() == br.mid_shift.defined(), op, ": mid_scales[", b, "] and mid_shifts[",
+                      b, "] must both be given or both be None");
+    if (br.mid_scale.defined()) {
+      TORCH_CHECK_VALUE(br.dw.defined(), op, ": mid_scales[", b, "] is given but dw_weights[", b,
+                        "] is None; a mid affine is only allowed after a depthwise");
+      check_vector(op, br.mid_scale, "mid_scales", b, C, "C = x.shape[1]", x);
+      check_vector(op, br.mid_shift, "mid_shifts", b, C, "C = x.shape[1]", x);
+    }
+
+    br.pw = pw_weights[b];
+    TORCH_CHECK_VALUE(br.pw.dim() == 4 && br.pw.size(2) == 1 && br.pw.size(3) == 1, op, ": pw_weights[", b,
+                      "] must have shape [O_b, C, 1, 1], got ", br.pw.sizes());
+    TORCH_CHECK_VALUE(br.pw.size(1) == C, op, ": pw_weights[", b, "] has ", br.pw.size(1),
+                      " input channels, expected ", C, " (x.shape[1])");
+    TORCH_CHECK_TYPE(br.pw.scalar_type() == x.scalar_type(), op, ": pw_weights[", b, "] has dtype ",
+                     br.pw.scalar_type(), ", expected x's dtype ", x.scalar_type());
+    TORCH_CHECK(br.pw.device() == x.device(), op, ": pw_weights[", b, "] is on ", br.pw.device(), " but x is on ",
+                x.device());
+    br.out_channels = br.pw.size(0);
+    br.offset = offset;
+    offset += br.out_channels;
+    pb.branches.push_back(std::move(br));
+  }
+  pb.O = offset;
+
+  check_vector(op, scale, "scale", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
+  check_vector(op, shift, "shift", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
+  if (bias.has_value() && bias->defined()) {
+    pb.bias = *bias;
+    TORCH_CHECK_VALUE(pb.bias.dim() == 2 && pb.bias.size(0) == pb.N && pb.bias.size(1) == pb.O, op,
+                      ": bias must have shape [N, O] = [", pb.N, ", ", pb.O, "], got ", pb.bias.sizes());
+    TORCH_CHECK_TYPE(is_supported_float(pb.bias.scalar_type()), op, ": bias must be a floating tensor, got ",
+                     pb.bias.scalar_type());
+    TORCH_CHECK(pb.bias.device() == x.device(), op, ": bias is on ", pb.bias.device(), " but x is on ",
+                x.device());
+  }
+  return pb;
+}
+
+// ------------------------------------------------------------------------------------------
+// Parameters converted to the accumulation type and packed for the inner loops.
+
+template <typename acc_t>
+struct PackedBranch {
+  int64_t O, offset, dilation;
+  bool has_dw, has_mid;
+  const acc_t* dw;     // [9][C]: tap-major, so the depthwise inner loop over c is contiguous
+  const acc_t* ms;     // [C]
+  const acc_t* msh;    // [C]
+  const acc_t* pw_co;  // [C][O_b]: the forward GEMM and wgrad inner loops run over o
+  const acc_t* pw_oc;  // [O_b][C]: the dgrad GEMM inner loop runs over c
+};
+
+template <typename acc_t>
+struct Packed {
+  std::vector<PackedBranch<acc_t>> branches;
+  const acc_t* scale;  // [O]
+  const acc_t* shift;  // [O]
+  const acc_t* bias;   // [N][O] or nullptr
+  std::vector<at::Tensor> keep_alive;
+
+  const acc_t* hold(at::Tensor t) {
+    keep_alive.push_back(t.contiguous());
+    return keep_alive.back().template data_ptr<acc_t>();
+  }
+};
+
+template <typename acc_t>
+Packed<acc_t> pack(const Problem& pb, const at::Tensor& scale, const at::Tensor& shift) {
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  Packed<acc_t> pk;
+  for (const BranchSpec& spec : pb.branches) {
+    PackedBranch<acc_t> br{};
+    br.O = spec.out_channels;
+    br.offset = spec.offset;
+    br.dilation = spec.dilation;
+    br.has_dw = spec.dw.defined();
+    br.has_mid = spec.mid_scale.defined();
+    if (br.has_dw) br.dw = pk.hold(spec.dw.reshape({pb.C, kTaps}).to(acc_type).t());
+    if (br.has_mid) {
+      br.ms = pk.hold(spec.mid_scale.to(acc_type));
+      br.msh = pk.hold(spec.mid_shift.to(acc_type));
+    }
+    const at::Tensor pw = spec.pw.reshape({br.O, pb.C}).to(acc_type);
+    br.pw_oc = pk.hold(pw);
+    br.pw_co = pk.hold(pw.t());
+    pk.branches.push_back(br);
+  }
+  pk.scale = pk.hold(scale.to(acc_type));
+  pk.shift = pk.hold(shift.to(acc_type));
+  pk.bias = pb.bias.defined() ? pk.hold(pb.bias.to(acc_type)) : nullptr;
+  return pk;
+}
+
+// ------------------------------------------------------------------------------------------
+// Tiles and slabs.
+
+struct Tile {
+  int64_t n, h0, h1, w0, w1;
+  int64_t width() const { return w1 - w0; }
+  int64_t pixels() const { return (h1 - h0) * (w1 - w0); }
+};
+
+struct Tiling {
+  int64_t N, H, W, tiles_h, tiles_w;
+  Tiling(int64_t n, int64_t h, int64_t w)
+      : N(n), H(h), W(w), tiles_h((h + kTileH - 1) / kTileH), tiles_w((w + kTileW - 1) / kTileW) {}
+  int64_t items() const { return N * tiles_h * tiles_w; }
+  Tile tile(int64_t item) const {
+    const int64_t per_image = tiles_h * tiles_w;
+    const int64_t n = item / per_image, t = item % per_image;
+    const int64_t h0 = (t / tiles_w) * kTileH, w0 = (t % tiles_w) * kTileW;
+    return {n, h0, std::min(h0 + kTileH, H), w0, std::min(w0 + kTileW, W)};
+  }
+};
+
+// Calls fn(tap, p, pix, src) for every tile pixel and every 3x3 tap whose source pixel is in
+// the image: p is the pixel's index in the tile, pix = h * W + w its index in the image and
+// src = (h + dy) * W + (w + dx) the index of the pixel the tap reads. Only the taps that
+// tap_range() reports are visited, each over its valid sub-rectangle: this is the zero-padding
+// skip (with d >= the tile size most taps of most tiles fall outside and cost nothing).
+template <typename Fn>
+inline void for_each_tap_pixel(const Tile& t, int64_t H, int64_t W, int64_t dil, const Fn& fn) {
+  const TapRange ry = tap_range(t.h0, t.h1, H, kK, dil);
+  const TapRange rx = tap_range(t.w0, t.w1, W, kK, dil);
+  for (int ky = ry.t0; ky <= ry.t1; ++ky) {
+    const int64_t dy = (ky - kK / 2) * dil;
+    int64_t hlo, hhi;
+    valid_rows(t.h0, t.h1, H, dy, &hlo, &hhi);
+    for (int kx = rx.t0; kx <= rx.t1; ++kx) {
+      const int64_t dx = (kx - kK / 2) * dil;
+      int64_t wlo, whi;
+      valid_rows(t.w0, t.w1, W, dx, &wlo, &whi);
+      for (int64_t h = hlo; h < hhi; ++h) {
+        for (int64_t w = wlo; w < whi; ++w) {
+          fn(ky * kK + kx, (h - t.h0) * t.width() + (w - t.w0), h * W + w, (h + dy) * W + (w + dx));
+        }
+      }
+    }
+  }
+}
+
+// Calls fn(p, pix) for every tile pixel (tile index p, image index pix), row-major.
+template <typename Fn>
+inline void for_each_pixel(const Tile& t, int64_t W, const Fn& fn) {
+  int64_t p = 0;
+  for (int64_t h = t.h0; h < t.h1; ++h) {
+    for (int64_t w = t.w0; w < t.w1; ++w) fn(p++, h * W + w);
+  }
+}
+
+// Per-slab partial sums in double: slab s owns [s * len, (s + 1) * len).
+struct SlabPartials {
+  int64_t slabs, len;
+  std::vector<double> data;
+
+  // The slab count is fixed by the problem (never by the thread count) so that the sums are
+  // reproducible bit for bit; it is capped to keep the partials within a memory budget.
+  SlabPartials(int64_t items, int64_t partial_len) : len(partial_len) {
+    constexpr int64_t kMaxSlabs = 64;
+    constexpr int64_t kBudgetDoubles = (int64_t{256} << 20) / static_cast<int64_t>(sizeof(double));
+    slabs = std::min(items, kMaxSlabs);
+    if (len > 0) slabs = std::min(slabs, std::max<int64_t>(1, kBudgetDoubles / len));
+    data.assign(static_cast<size_t>(slabs * len), 0.0);
+  }
+  double* slab(int64_t s) { return data.data() + s * len; }
+
+  // Runs fn(partials_of_slab, item_begin, item_end) for each slab, slabs in parallel.
+  template <typename Fn>
+  void run(int64_t items, const Fn& fn) {
+    at::parallel_for(0, slabs, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) fn(slab(s), s * items / slabs, (s + 1) * items / slabs);
+    });
+  }
+
+  // Adds the slabs in slab order.
+  std::vector<double> reduce() const {
+    std::vector<double> total(static_cast<size_t>(len), 0.0);
+    at::parallel_for(0, len, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double s = 0.0;
+        for (int64_t sl = 0; sl < slabs; ++sl) s += data[sl * len + i];
+        total[i] = s;
+      }
+    });
+    return total;
+  }
+};
+
+template <typename acc_t>
+inline void add_to_double(double* dst, const acc_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<double>(src[i]);
+}
+
+at::Tensor double_tensor(const double* data, at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::from_blob(const_cast<double*>(data), sizes, at::TensorOptions().dtype(at::kDouble))
+      .to(dtype, /*non_blocking=*/false, /*copy=*/true);
+}
+
+template <typename acc_t>
+inline acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;  // NaN passes through, as torch.relu
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-tile building blocks shared by forward and backward.
+
+// Fills m[p][c] with the branch's GEMM operand for the tile, exactly as the forward feeds it:
+// the depthwise result (+ mid affine/act) rounded to scalar_t, or x itself for a plain branch.
+// For a depthwise branch d[p][c] keeps the raw depthwise result (the backward needs it).
+template <typename scalar_t, typename acc_t>
+void branch_operand_tile(const PackedBranch<acc_t>& br, const Tile& t, const scalar_t* x_n, int64_t H,
+                         int64_t W, int64_t C, int mid_act, acc_t* d, acc_t* m) {
+  if (!br.has_dw) {
+    for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+      const scalar_t* xs = x_n + pix * C;
+      acc_t* mp = m + p * C;
+      for (int64_t c = 0; c < C; ++c) mp[c] = static_cast<acc_t>(xs[c]);
+    });
+    return;
+  }
+  const int64_t P = t.pixels();
+  std::fill(d, d + P * C, acc_t(0));
+  for_each_tap_pixel(t, H, W, br.dilation, [&](int tap, int64_t p, int64_t, int64_t src) {
+    const acc_t* wt = br.dw + tap * C;
+    const scalar_t* xs = x_n + src * C;
+    acc_t* dp = d + p * C;
+    for (int64_t c = 0; c < C; ++c) dp[c] += wt[c] * static_cast<acc_t>(xs[c]);
+  });
+  for (int64_t p = 0; p < P; ++p) {
+    const acc_t* dp = d + p * C;
+    acc_t* mp = m + p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t v = dp[c];
+      if (br.has_mid) {
+        v = v * br.ms[c] + br.msh[c];
+        if (mid_act == kActRelu) v = relu(v);
+      }
+      // The GPU kernel feeds the GEMM in x.dtype; a no-op for float32/float64.
+      mp[c] = static_cast<acc_t>(static_cast<scalar_t>(v));
+    }
+  }
+}
+
+// c[p][o] = sum_k a[p][k] * b[k][o] for a tile (b packed [K][O]: the inner loop is over o).
+template <typename acc_t>
+void gemm_tile(const acc_t* a, const acc_t* b, acc_t* c, int64_t P, int64_t K, int64_t O) {
+  std::fill(c, c + P * O, acc_t(0));
+  for (int64_t p = 0; p < P; ++p) {
+    acc_t* cp = c + p * O;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t av = a[p * K + k];
+      const acc_t* bk = b + k * O;
+      for (int64_t o = 0; o < O; ++o) cp[o] += av * bk[o];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t>
+void forward_kernel(const Problem& pb, const at::Tensor& x_cl, const at::Tensor& scale, const at::Tensor& shift,
+                    bool compute_stats, at::Tensor& out, std::vector<double>& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Packed<acc_t> pk = pack<acc_t>(pb, scale, shift);
+  const int64_t C = pb.C, H = pb.H, W = pb.W, O = pb.O;
+  const scalar_t* x = x_cl.data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  int64_t max_ob = 0;
+  for (const auto& br : pk.branches) max_ob = std::max(max_ob, br.O);
+
+  const Tiling tiling(pb.N, H, W);
+  // Slab partials: [ch_sum (O) | ch_sumsq (O)].
+  SlabPartials partials(tiling.items(), compute_stats ? 2 * O : 0);
+  partials.run(tiling.items(), [&](double* part, int64_t item0, int64_t item1) {
+    std::vector<acc_t> d(kTilePixels * C), m(kTilePixels * C), acc(kTilePixels * max_ob);
+    for (int64_t item = item0; item < item1; ++item) {
+      const Tile t = tiling.tile(item);
+      const scalar_t* x_n = x + t.n * H * W * C;
+      scalar_t* y_n = y + t.n * H * W * O;
+      for (const PackedBranch<acc_t>& br : pk.branches) {
+        branch_operand_tile(br, t, x_n, H, W, C, pb.mid_act, d.data(), m.data());
+        gemm_tile(m.data(), br.pw_co, acc.data(), t.pixels(), C, br.O);
+        const acc_t* sc = pk.scale + br.offset;
+        const acc_t* sh = pk.shift + br.offset;
+        const acc_t* bi = pk.bias ? pk.bias + t.n * O + br.offset : nullptr;
+        double* ch_sum = compute_stats ? part + br.offset : nullptr;
+        double* ch_sumsq = compute_stats ? part + O + br.offset : nullptr;
+        for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+          const acc_t* ap = acc.data() + p * br.O;
+          scalar_t* yp = y_n + pix * O + br.offset;
+          for (int64_t o = 0; o < br.O; ++o) {
+            acc_t z = ap[o] * sc[o] + sh[o];
+            if (bi) z += bi[o];
+            if (compute_stats) {
+              ch_sum[o] += static_cast<double>(z);
+              ch_sumsq[o] += static_cast<double>(z) * static_cast<double>(z);
+            }
+            yp[o] = static_cast<scalar_t>(pb.act == kActRelu ? relu(z) : z);
+          }
+        });
+      }
+    }
+  });
+  stats = partials.reduce();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
+    const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations, const OptTensorList& mid_scales,
+    const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
+  const Problem pb = check_inputs("separable_conv", x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
+                                  pw_weights, scale, shift, bias, act);
+  const at::ScalarType stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::vector<double> stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "separable_conv_cpu", [&] {
+    forward_kernel<scalar_t>(pb, x_cl, scale, shift, compute_stats, out, stats);
+  });
+  if (!compute_stats) {
+    const at::Tensor empty = at::empty({0}, x.options().dtype(stats_type));
+    return {out, empty, empty.clone()};
+  }
+  return {out, double_tensor(stats.data(), {pb.O}, stats_type), double_tensor(stats.data() + pb.O, {pb.O}, stats_type)};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward.
+
+struct BackwardFlags {
+  bool input, weights, epilogue;  // output_mask
+  bool need_z;                    // recompute acc and z: relu mask, grad_sumsq or grad_scale need them
+};
+
+// Weight and epilogue grads of one branch, reduced over all pixels (double).
+struct BranchGrads {
+  std::vector<double> pw;    // [C][O_b]
+  std::vector<double> dw;    // [9][C]
+  std::vector<double> ms;    // [C]
+  std::vector<double> msh;   // [C]
+  std::vector<double> scale; // [O_b]
+  std::vector<double> shift; // [O_b]
+  std::vector<double> bias;  // [N][O_b]
+};
+
+// Runs the backward of one branch. Branches are independent in concat mode (each owns its
+// output channels), so the backward goes branch by branch: a depthwise branch's input grad
+// at a pixel needs g_d at pixels up to `dilation` away, i.e. in other tiles, so g_d of the
+// whole batch is completed (pass 1) before it is gathered into grad_x (pass 2).
+template <typename scalar_t>
+BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scalar_t>>& pk,
+                            const PackedBranch<at::opmath_type<scalar_t>>& br, const BackwardFlags& f,
+                            const scalar_t* x, const at::opmath_type<scalar_t>* gout,
+                            const at::opmath_type<scalar_t>* gsum, const at::opmath_type<scalar_t>* gsumsq,
+                            at::opmath_type<scalar_t>* gd_img, at::opmath_type<scalar_t>* gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = pb.C, H = pb.H, W = pb.W, O = pb.O, Ob = br.O, N = pb.N;
+  const Tiling tiling(N, H, W);
+  const bool need_gm = f.input || (f.weights && br.has_dw);
+  const bool has_bias = pk.bias != nullptr;
+
+  // Slab partial layout (a segment is empty when its grad is not asked for).
+  const int64_t len_pw = f.weights ? C * Ob : 0;
+  const int64_t len_dw = f.weights && br.has_dw ? kTaps * C : 0;
+  const int64_t len_mid = f.weights && br.has_mid ? C : 0;
+  const int64_t len_ep = f.epilogue ? Ob : 0;
+  const int64_t len_bias = f.epilogue && has_bias ? N * Ob : 0;
+  const int64_t off_dw = len_pw, off_ms = off_dw + len_dw, off_msh = off_ms + len_mid;
+  const int64_t off_scale = off_msh + len_mid, off_shift = off_scale + len_ep, off_bias = off_shift + len_ep;
+
+  // Pass 1, per tile: recompute the forward up to z, then g_z -> g_acc -> weight grads, g_m,
+  // and through the mid affine/act to g_d.
+  SlabPartials partials(tiling.items(), off_bias + len_bias);
+  partials.run(tiling.items(), [&](double* part, int64_t item0, int64_t item1) {
+    std::vector<acc_t> d(kTilePixels * C), m(kTilePixels * C), acc(kTilePixels * Ob), g(kTilePixels * Ob),
+        gm(kTilePixels * C), tile_pw(len_pw), tile_dw(len_dw);
+    for (int64_t item = item0; item < item1; ++item) {
+      const Tile t = tiling.tile(item);
+      const int64_t P = t.pixels();
+      const scalar_t* x_n = x + t.n * H * W * C;
+      branch_operand_tile(br, t, x_n, H, W, C, pb.mid_act, d.data(), m.data());
+      if (f.need_z) gemm_tile(m.data(), br.pw_co, acc.data(), P, C, Ob);
+
+      // g_z = grad_out * act'(z) + grad_sum + 2 z grad_sumsq; g[p][o] = g_acc = g_z * scale.
+      const acc_t* sc = pk.scale + br.offset;
+      const acc_t* sh = pk.shift + br.offset;
+      const acc_t* bi = has_bias ? pk.bias + t.n * O + br.offset : nullptr;
+      const acc_t* gs = gsum ? gsum + br.offset : nullptr;
+      const acc_t* gss = gsumsq ? gsumsq + br.offset : nullptr;
+      double* g_scale = part + off_scale;
+      double* g_shift = part + off_shift;
+      double* g_bias = len_bias > 0 ? part + off_bias + t.n * Ob : nullptr;
+      for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+        const acc_t* gop = gout + (t.n * H * W + pix) * O + br.offset;
+        const acc_t* ap = acc.data() + p * Ob;
+        acc_t* gp = g.data() + p * Ob;
+        for (int64_t o = 0; o < Ob; ++o) {
+          acc_t gz = gop[o];
+          acc_t z = 0;
+          if (f.need_z) {
+            z = ap[o] * sc[o] + sh[o];
+            if (bi) z += bi[o];
+            if (pb.act == kActRelu && !(z > acc_t(0))) gz = 0;
+          }
+          if (gs) gz += gs[o];
+          if (gss) gz += acc_t(2) * z * gss[o];
+          if (f.epilogue) {
+            g_scale[o] += static_cast<double>(gz) * static_cast<double>(ap[o]);
+            g_shift[o] += static_cast<double>(gz);
+            if (g_bias) g_bias[o] += static_cast<double>(gz);
+          }
+          gp[o] = gz * sc[o];
+        }
+      });
+
+      // grad_pw[c][o] += m[p][c] * g_acc[p][o] (m is the rounded operand the forward used).
+      if (f.weights) {
+        std::fill(tile_pw.begin(), tile_pw.end(), acc_t(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* gp = g.data() + p * Ob;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t mv = m[p * C + c];
+            acc_t* wp = tile_pw.data() + c * Ob;
+            for (int64_t o = 0; o < Ob; ++o) wp[o] += mv * gp[o];
+          }
+        }
+        add_to_double(part, tile_pw.data(), len_pw);
+      }
+      if (!need_gm) continue;
+
+      // g_m[p][c] = sum_o g_acc[p][o] * pw[o][c]; rounding of m is treated as identity.
+      gemm_tile(g.data(), br.pw_oc, gm.data(), P, Ob, C);
+
+      if (br.has_dw) {
+        // Through the mid affine/act: g_pre = g_m * act'(pre), g_d = g_pre * ms (in place in gm).
+        if (br.has_mid) {
+          double* g_ms = part + off_ms;
+          double* g_msh = part + off_msh;
+          for (int64_t p = 0; p < P; ++p) {
+            const acc_t* dp = d.data() + p * C;
+            acc_t* gp = gm.data() + p * C;
+            for (int64_t c = 0; c < C; ++c) {
+              acc_t gpre = gp[c];
+              if (pb.mid_act == kActRelu && !(dp[c] * br.ms[c] + br.msh[c] > acc_t(0))) gpre = 0;
+              if (f.weights) {
+                g_ms[c] += static_cast<double>(gpre) * static_cast<double>(dp[c]);
+                g_msh[c] += static_cast<double>(gpre);
+              }
+              gp[c] = gpre * br.ms[c];
+            }
+          }
+        }
+        // grad_dw[tap][c] += g_d[p][c] * x[p + tap][c] over the same tap-range tiling.
+        if (f.weights) {
+          std::fill(tile_dw.begin(), tile_dw.end(), acc_t(0));
+          for_each_tap_pixel(t, H, W, br.dilation, [&](int tap, int64_t p, int64_t, int64_t src) {
+            const acc_t* gp = gm.data() + p * C;
+            const scalar_t* xs = x_n + src * C;
+            acc_t* wp = tile_dw.data() + tap * C;
+            for (int64_t c = 0; c < C; ++c) wp[c] += gp[c] * static_cast<acc_t>(xs[c]);
+          });
+          add_to_double(part + off_dw, tile_dw.data(), len_dw);
+        }
+        if (f.input) {
+          for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+            std::copy(gm.data() + p * C, gm.data() + (p + 1) * C, gd_img + (t.n * H * W + pix) * C);
+          });
+        }
+      } else if (f.input) {
+        // Plain branch: g_m is this branch's grad_x; the tile's pixels belong to this item only.
+        for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+          const acc_t* gp = gm.data() + p * C;
+          acc_t* gxp = gx + (t.n * H * W + pix) * C;
+          for (int64_t c = 0; c < C; ++c) gxp[c] += gp[c];
+        });
+      }
+    }
+  });
+
+  // Pass 2: grad_x += depthwise-transposed(g_d), gathered per output tile: the pixel the
+  // forward tap `tap` read from pix receives g_d[pix] * w[tap]; seen from the receiving pixel
+  // that is the negated offset, i.e. tap 8 - tap of the same tap-range walk.
+  if (f.input && br.has_dw) {
+    at::parallel_for(0, tiling.items(), 1, [&](int64_t item0, int64_t item1) {
+      for (int64_t item = item0; item < item1; ++item) {
+        const Tile t = tiling.tile(item);
+        const acc_t* gd_n = gd_img + t.n * H * W * C;
+        acc_t* gx_n = gx + t.n * H * W * C;
+        for_each_tap_pixel(t, H, W, br.dilation, [&](int tap, int64_t, int64_t pix, int64_t src) {
+          const acc_t* wt = br.dw + (kTaps - 1 - tap) * C;
+          const acc_t* gs = gd_n + src * C;
+          acc_t* gxp = gx_n + pix * C;
+          for (int64_t c = 0; c < C; ++c) gxp[c] += gs[c] * wt[c];
+        });
+      }
+    });
+  }
+
+  const std::vector<double> total = partials.reduce();
+  auto segment = [&](int64_t off, int64_t len) {
+    return std::vector<double>(total.begin() + off, total.begin() + off + len);
+  };
+  BranchGrads out;
+  out.pw = segment(0, len_pw);
+  out.dw = segment(off_dw, len_dw);
+  out.ms = segment(off_ms, len_mid);
+  out.msh = segment(off_msh, len_mid);
+  out.scale = segment(off_scale, len_ep);
+  out.shift = segment(off_shift, len_ep);
+  out.bias = segment(off_bias, len_bias);
+  return out;
+}
+
+using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                  std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardResult separable_conv_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
+    const at::Tensor& out, const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations,
+    const OptTensorList& mid_scales, const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
+    const c10::List<bool>& output_mask) {
+  const char* op = "separable_conv_backward";
+  const Problem pb = check_inputs(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale,
+                                  shift, bias, act);
+  const std::vector<int64_t> out_shape{pb.N, pb.O, pb.H, pb.W};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have shape ",
+                    at::IntArrayRef(out_shape), " ([N, O, H, W]), got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
+                   grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), op, ": out must have shape ",
+                    at::IntArrayRef(out_shape), " (the forward's output), got ", out.sizes());
+  const bool has_gsum = grad_sum.has_value() && grad_sum->defined();
+  const bool has_gsumsq = grad_sumsq.has_value() && grad_sumsq->defined();
+  if (has_gsum) check_vector(op, *grad_sum, "grad_sum", -1, pb.O, "O", x);
+  if (has_gsumsq) check_vector(op, *grad_sumsq, "grad_sumsq", -1, pb.O, "O", x);
+  TORCH_CHECK_VALUE(output_mask.size() == 3, op, ": output_mask must have 3 entries [input, weights, epilogue], got ",
+                    output_mask.size());
+
+  BackwardFlags f;
+  f.input = output_mask.get(0);
+  f.weights = output_mask.get(1);
+  f.epilogue = output_mask.get(2);
+  // z itself is needed for the relu mask and the grad_sumsq term, acc for grad_scale. The
+  // kernel recomputes them rather than reading `out`, which for low precision holds z rounded.
+  f.need_z = pb.act == kActRelu || has_gsumsq || f.epilogue;
+
+  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::TensorOptions acc_cl = x.options().dtype(acc_type).memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor gx_acc, gd_img;
+  if (f.input) {
+    // (at::zeros would drop the memory format of the options.)
+    gx_acc = at::empty({pb.N, pb.C, pb.H, pb.W}, acc_cl).zero_();
+    bool any_dw = false;
+    for (const BranchSpec& br : pb.branches) any_dw = any_dw || br.dw.defined();
+    if (any_dw) gd_img = at::empty({pb.N, pb.C, pb.H, pb.W}, acc_cl);  // fully written per branch
+  }
+
+  std::vector<BranchGrads> grads;
+  if (f.input || f.weights || f.epilogue) {
+    const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor gout = grad_out.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor gsum = has_gsum ? grad_sum->to(acc_type).contiguous() : at::Tensor();
+    const at::Tensor gsumsq = has_gsumsq ? grad_sumsq->to(acc_type).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "separable_conv_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Packed<acc_t> pk = pack<acc_t>(pb, scale, shift);
+      for (const PackedBranch<acc_t>& br : pk.branches) {
+        grads.push_back(backward_branch<scalar_t>(
+            pb, pk, br, f, x_cl.data_ptr<scalar_t>(), gout.data_ptr<acc_t>(),
+            has_gsum ? gsum.data_ptr<acc_t>() : nullptr, has_gsumsq ? gsumsq.data_ptr<acc_t>() : nullptr,
+            gd_img.defined() ? gd_img.data_ptr<acc_t>() : nullptr, f.input ? gx_acc.data_ptr<acc_t>() : nullptr));
+      }
+    });
+  }
+
+  auto empty_like = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
+  // .to() keeps the channels_last strides of gx_acc (and is a no-op for float32/float64).
+  const at::Tensor grad_x = f.input ? gx_acc.to(x.scalar_type()) : empty_like(x);
+
+  std::vector<at::Tensor> g_dw, g_ms, g_msh, g_pw;
+  if (f.weights) {
+    for (size_t b = 0; b < pb.branches.size(); ++b) {
+      const BranchSpec& spec = pb.branches[b];
+      const BranchGrads& gr = grads[b];
+      // pw partials are [C][O_b] and dw partials [9][C]: transpose to the weights' layout.
+      g_pw.push_back(double_tensor(gr.pw.data(), {pb.C, spec.out_channels}, spec.pw.scalar_type())
+                         .t()
+                         .reshape(spec.pw.sizes())
+                         .contiguous());
+      if (spec.dw.defined()) {
+        g_dw.push_back(
+            double_tensor(gr.dw.data(), {kTaps, pb.C}, spec.dw.scalar_type()).t().reshape(spec.dw.sizes()).contiguous());
+      } else {
+        g_dw.push_back(empty_like(x));
+      }
+      if (spec.mid_scale.defined()) {
+        g_ms.push_back(double_tensor(gr.ms.data(), {pb.C}, spec.mid_scale.scalar_type()));
+        g_msh.push_back(double_tensor(gr.msh.data(), {pb.C}, spec.mid_shift.scalar_type()));
+      } else {
+        g_ms.push_back(empty_like(x));
+        g_msh.push_back(empty_like(x));
+      }
+    }
+  }
+
+  at::Tensor g_scale = empty_like(scale), g_shift = empty_like(shift);
+  at::Tensor g_bias = empty_like(pb.bias.defined() ? pb.bias : scale);
+  if (f.epilogue) {
+    std::vector<double> s(pb.O), sh(pb.O), bi(pb.bias.defined() ? pb.N * pb.O : 0);
+    for (size_t b = 0; b < pb.branches.size(); ++b) {
+      const BranchSpec& spec = pb.branches[b];
+      const BranchGrads& gr = grads[b];
+      std::copy(gr.scale.begin(), gr.scale.end(), s.begin() + spec.offset);
+      std::copy(gr.shift.begin(), gr.shift.end(), sh.begin() + spec.offset);
+      for (int64_t n = 0; n < (pb.bias.defined() ? pb.N : 0); ++n) {
+        std::copy(gr.bias.begin() + n * spec.out_channels, gr.bias.begin() + (n + 1) * spec.out_channels,
+                  bi.begin() + n * pb.O + spec.offset);
+      }
+    }
+    g_scale = double_tensor(s.data(), {pb.O}, scale.scalar_type());
+    g_shift = double_tensor(sh.data(), {pb.O}, shift.scalar_type());
+    if (pb.bias.defined()) g_bias = double_tensor(bi.data(), {pb.N, pb.O}, pb.bias.scalar_type());
+  }
+  return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
+}
+
+}  // namespace
+}  // namespace aspp_fused
+
+TORCH_LIBRARY_IMPL(aspp_fused, CPU, m) {
+  m.impl("separable_conv", &aspp_fused::separable_conv_cpu);
+  m.impl("separable_conv_backward", &aspp_fused::separable_conv_backward_cpu);
+}

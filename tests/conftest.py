@@ -1,0 +1,69 @@
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import aspp_fused
+from aspp_fused import _extension
+
+CUDA = torch.cuda.is_available()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (norm-relative; 0 for two empty tensors)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.double(), expected.double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(actual, expected, tol, what=""):
+    err = rel_err(actual, expected)
+    assert err <= tol, "%s: relative error %.3g > %.3g" % (what, err, tol)
+
+
+def cpp_backend_params():
+    """The compiled backend is tested whenever it loads; CI requires it to load (see
+    test_extension.py), so a broken build fails there instead of silently skipping."""
+    return [pytest.param("cpp", marks=pytest.mark.skipif(not _extension.cpp_available(),
+                                                         reason="aspp_fused._C not built: %s" % _extension.LOAD_ERROR))]
+
+
+BACKENDS = ["torch"] + cpp_backend_params()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_bn(module: torch.nn.Module, gen=None):
+    """Non-trivial BN running stats and affine parameters (fresh ones are 0/1: too easy)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+@pytest.fixture(scope="session")
+def torchvision_models():
+    """torchvision's segmentation models, or skip when torchvision is not installed.
+
+    torchvision ships only CUDA wheels; its compiled ops do not load against a CPU torch, and
+    `import torchvision` fails while registering their meta kernels. The model code we test is
+    pure Python, so an empty stand-in for torchvision._meta_registrations is enough to import it.
+    """
+    try:
+        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+        import torchvision.models.segmentation as seg
+    except Exception as exc:  # not installed, or an incompatible build
+        pytest.skip("torchvision not usable: %s" % exc)
+    return seg

@@ -1,0 +1,282 @@
+"""Fused modules against their plain-PyTorch twins: outputs, gradients, running stats, state_dicts."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import aspp_fused.nn as ann
+from conftest import BACKENDS, assert_close_rel, randomize_bn
+
+TOL = 1e-5  # fp32 against fp32 PyTorch; the algebra differs (folded BN, pooling as a bias)
+
+
+def _aspp():
+    return ann.ASPP(8, [2, 3, 12], out_channels=6), ann.FusedASPP
+
+
+def _sep_aspp():
+    return ann.SeparableASPP(8, 6, [2, 5, 12]), ann.FusedSeparableASPP
+
+
+def _sep_aspp_mid():
+    return ann.SeparableASPP(8, 6, [2, 5, 12], mid_norm=True), ann.FusedSeparableASPP
+
+
+def _aspp_v2():
+    m = ann.ASPPv2(8, 5, [1, 6, 12, 24])
+    with torch.no_grad():  # the DeepLab v2 init (std 0.01, zero bias) makes outputs tiny
+        for c in m.convs:
+            c.weight.normal_()
+            c.bias.normal_()
+    return m, ann.FusedASPPv2
+
+
+def _deeplab_head():
+    return ann.DeepLabHead(8, 5, [2, 3, 12]), ann.FusedDeepLabHead
+
+
+def _cbr3():
+    return ann.AtrousConvBNReLU(8, 6, 3, 7), ann.FusedAtrousConvBNReLU
+
+
+def _cbr1():
+    return ann.AtrousConvBNReLU(8, 6, 1, 1), ann.FusedAtrousConvBNReLU
+
+
+def _sep():
+    return ann.SeparableAtrousConv(8, 6, 3), ann.FusedSeparableAtrousConv
+
+
+def _sep_mid():
+    return ann.SeparableAtrousConv(8, 6, 3, mid_norm=True), ann.FusedSeparableAtrousConv
+
+
+def _lraspp():
+    return ann.LRASPPHead(4, 8, 5, 6), ann.FusedLRASPPHead
+
+
+CASES = {
+    "aspp": _aspp, "sep_aspp": _sep_aspp, "sep_aspp_mid": _sep_aspp_mid, "aspp_v2": _aspp_v2,
+    "deeplab_head": _deeplab_head, "cbr3": _cbr3, "cbr1": _cbr1, "sep": _sep, "sep_mid": _sep_mid,
+    "lraspp": _lraspp,
+}
+
+# (N, H, W): odd sizes, a rate (12) at or beyond the map size, a 1-pixel-wide map, batch 1
+# (eval only: training raises, see test_batch_of_one_raises_like_the_original).
+# Training uses N >= 3: the image-pooling BN normalises N values of a 1x1 map, and for N = 2
+# they normalise to exactly +-1, so its input gradient is identically zero and what fp32
+# computes there is rounding noise amplified by 1 / |a - b| (in PyTorch's twin as well).
+SHAPES = [(3, 7, 9), (4, 5, 5), (3, 13, 1), (1, 6, 7)]
+
+
+def _inputs(case, n, h, w, channels_last, requires_grad):
+    def mk(c, hh, ww):
+        t = torch.randn(n, c, hh, ww)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_(requires_grad)
+
+    if case == "lraspp":
+        return {"low": mk(4, 2 * h + 1, 2 * w), "high": mk(8, h, w)}
+    return mk(8, h, w)
+
+
+def _leaves(inp):
+    return list(inp.values()) if isinstance(inp, dict) else [inp]
+
+
+def _clone(inp):
+    if isinstance(inp, dict):
+        return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    return inp.detach().clone().requires_grad_(inp.requires_grad)
+
+
+def _pair(case, backend, train):
+    twin, fused_cls = CASES[case]()
+    randomize_bn(twin)
+    twin.train(train)
+    ref = copy.deepcopy(twin)
+    return ref, fused_cls.from_module(twin, backend=backend)
+
+
+def _double(inp):
+    if isinstance(inp, dict):
+        return {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    return inp.detach().double().requires_grad_(inp.requires_grad)
+
+
+def _compare(ref, fused, inp, train):
+    """fused (fp32) against the twin run in float64, to TOL (DESIGN.md, tolerance rule).
+
+    float64 is the yardstick because some quantities are ill-conditioned in fp32 for
+    PyTorch itself (e.g. the pooling-branch weight grad in training: a sum of BN-backward
+    terms that cancel), so fp32-vs-fp32 differences would measure PyTorch's error too.
+    """
+    ref64 = copy.deepcopy(ref).double()
+    inp64 = _double(inp)
+    inp_f = _clone(inp)
+    fused.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # same dropout masks on all sides
+    y_ref32 = ref(_clone(inp))
+    torch.manual_seed(123)
+    y_ref = ref64(inp64)
+    torch.manual_seed(123)
+    y = fused(inp_f)
+    assert y.shape == y_ref32.shape and y.dtype == y_ref32.dtype
+    # Fused outputs keep the input's memory format (the twins' depends on their internals).
+    x0 = inp["low"] if isinstance(inp, dict) else inp
+    if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    assert_close_rel(y, y_ref, TOL, "output")
+    if train:
+        g = torch.randn(y.shape, dtype=torch.float64)
+        y_ref.backward(g)
+        y.backward(g.float())
+        for a, b in zip(_leaves(inp_f), _leaves(inp64)):
+            if b.requires_grad:
+                assert_close_rel(a.grad, b.grad, TOL, "input grad")
+        ref_params = dict(ref64.named_parameters())
+        for name, p in fused.named_parameters():
+            assert_close_rel(p.grad, ref_params[name].grad, TOL, "grad of " + name)
+    ref_buffers = dict(ref64.named_buffers())
+    for name, b in fused.named_buffers():
+        if b.is_floating_point():
+            assert_close_rel(b, ref_buffers[name], TOL, name)
+        else:
+            assert torch.equal(b, ref_buffers[name]), name
+    # Keep the fp32 twin's running stats in step with the fused module's for the next call.
+    ref.load_state_dict(ref64.float().state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_matches_twin(case, backend, train, shape):
+    n, h, w = shape
+    if train and n == 1:
+        pytest.skip("batch 1 in training raises (tested in test_batch_of_one_raises_like_the_original)")
+    ref, fused = _pair(case, backend, train)
+    _compare(ref, fused, _inputs(case, n, h, w, channels_last=False, requires_grad=train), train)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["aspp", "sep_aspp", "lraspp"])
+def test_channels_last_and_noncontiguous_inputs(case, backend):
+    ref, fused = _pair(case, backend, True)
+    _compare(ref, fused, _inputs(case, 3, 7, 9, channels_last=True, requires_grad=True), True)
+    x = torch.randn(3, 8, 9, 7).transpose(2, 3)  # non-contiguous view
+    if case != "lraspp":
+        ref.eval(), fused.eval()
+        _compare(ref, fused, x, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_train_steps_then_eval(backend):
+    """Running stats accumulate over steps (momentum=None: cumulative average) exactly as nn's."""
+    twin = ann.ASPP(8, [2, 12], out_channels=6)
+    for m in twin.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    ref = copy.deepcopy(twin)
+    fused = ann.FusedASPP.from_module(twin, backend=backend)
+    for _ in range(3):
+        x = torch.randn(3, 8, 6, 7) * 2 + 0.5
+        _compare(ref.train(), fused.train(), x, True)
+    _compare(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7), False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_without_running_stats_uses_batch_stats_in_eval(backend):
+    twin = ann.AtrousConvBNReLU(8, 6, 3, 2)
+    twin[1] = nn.BatchNorm2d(6, track_running_stats=False)
+    ref = copy.deepcopy(twin).eval()
+    fused = ann.FusedAtrousConvBNReLU.from_module(twin.eval(), backend=backend)
+    _compare(ref, fused, torch.randn(2, 8, 5, 6), False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_dict_and_parameters_shared(case):
+    twin, fused_cls = CASES[case]()
+    keys = list(twin.state_dict())
+    params = {n: p for n, p in twin.named_parameters()}
+    fused = fused_cls.from_module(twin)
+    assert list(fused.state_dict()) == keys
+    for n, p in fused.named_parameters():
+        assert p is params[n], n  # shared, so an optimizer built before conversion keeps working
+    assert fused.to_reference() is twin
+
+
+@pytest.mark.parametrize("case", ["aspp", "sep_aspp", "aspp_v2", "cbr3", "sep", "lraspp", "deeplab_head"])
+def test_direct_construction_loads_twin_checkpoint(case):
+    twin, fused_cls = CASES[case]()
+    randomize_bn(twin).eval()
+    args = {
+        "aspp": ((8, [2, 3, 12]), {"out_channels": 6}), "sep_aspp": ((8, 6, [2, 5, 12]), {}),
+        "aspp_v2": ((8, 5, [1, 6, 12, 24]), {}), "cbr3": ((8, 6, 3, 7), {}), "sep": ((8, 6, 3), {}),
+        "lraspp": ((4, 8, 5, 6), {}), "deeplab_head": ((8, 5, [2, 3, 12]), {}),
+    }[case]
+    fused = fused_cls(*args[0], backend="torch", **args[1])
+    fused.load_state_dict(twin.state_dict())
+    fused.eval()
+    inp = _inputs(case, 2, 7, 9, False, False)
+    assert_close_rel(fused(inp), twin(inp), TOL, "output")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_one_raises_like_the_original(backend):
+    twin = ann.ASPP(8, [2], out_channels=6).train()
+    fused = ann.FusedASPP.from_module(copy.deepcopy(twin), backend=backend)
+    x = torch.randn(1, 8, 5, 5)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as e_ref:
+        twin(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as e_fused:
+        fused(x)
+    assert str(e_fused.value) == str(e_ref.value)
+    cbr = ann.FusedAtrousConvBNReLU(8, 6, 1, 1, backend=backend).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        cbr(torch.randn(1, 8, 1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["aspp", "sep_aspp", "aspp_v2", "cbr3", "lraspp"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batch_zero_behaves_like_the_original(case, backend, train):
+    ref, fused = _pair(case, backend, train)
+    inp = _inputs(case, 0, 5, 6, False, False)
+    try:
+        expected = ref(inp)
+    except Exception as exc:  # the original refuses: so must we, with the same type
+        with pytest.raises(type(exc)):
+            fused(inp)
+        return
+    out = fused(inp)
+    assert out.shape == expected.shape
+    for (name, b), (_, b_ref) in zip(fused.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, b_ref), name
+
+
+def test_wrong_input_errors_name_the_module():
+    fused = ann.FusedASPP(8, [2], out_channels=6)
+    with pytest.raises(ValueError, match="FusedASPP: input has 5 channels, expected 8"):
+        fused(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="4-D"):
+        fused(torch.randn(8, 4, 4))
+    with pytest.raises(TypeError, match="dict with 'low' and 'high'"):
+        ann.FusedLRASPPHead(4, 8, 5, 6)(torch.randn(2, 8, 4, 4))
+
+
+def test_from_module_explains_unsupported_layouts():
+    twin = ann.ASPP(8, [2], out_channels=6)
+    twin.convs[1][0].stride = (2, 2)
+    with pytest.raises(ValueError, match=r"convs\[1\]\[0\] has stride \(2, 2\), expected 1"):
+        ann.FusedASPP.from_module(twin)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ann.FusedASPP(8, [2], backend="cuda")
+    with pytest.raises(NotImplementedError, match="Triton kernels"):
+        ann.FusedASPP(8, [2], backend="triton")
+    with pytest.raises(ValueError, match="atrous_rates must be positive"):
+        ann.FusedASPP(8, [0, 2])
