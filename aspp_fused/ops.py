@@ -26,11 +26,24 @@ def separable_conv(
     x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias=None, act=0,
     compute_stats=False,
 ):
-    """torch.ops.aspp_fused.separable_conv; returns (out, ch_sum, ch_sumsq)."""
+    """torch.ops.aspp_fused.separable_conv; returns (out, ch_sum, ch_sumsq).
+
+    None entries of dw_weights / mid_scales / mid_shifts become the schema's empty [0]
+    "absent" tensors.
+    """
     return torch.ops.aspp_fused.separable_conv(
-        x, list(dw_weights), [int(d) for d in dilations], list(mid_scales), list(mid_shifts), int(mid_act),
-        list(pw_weights), scale, shift, bias, int(act), bool(compute_stats),
+        x, _absent_as_empty(dw_weights, x), [int(d) for d in dilations], _absent_as_empty(mid_scales, x),
+        _absent_as_empty(mid_shifts, x), int(mid_act), list(pw_weights), scale, shift, bias, int(act),
+        bool(compute_stats),
     )
+
+
+def _absent_as_empty(tensors, x):
+    return [x.new_empty((0,)) if t is None else t for t in tensors]
+
+
+def _present(t) -> bool:
+    return not (t.dim() == 1 and t.numel() == 0)
 
 
 def atrous_conv_backward(*args):
@@ -95,7 +108,7 @@ def _register_fakes():
         grad_x = _grad_x_like(x) if mask[0] else _empty(x)
 
         def per_branch(ts):
-            return [(_empty(x) if t is None else _grad_like(t)) for t in ts] if mask[1] else []
+            return [(_grad_like(t) if _present(t) else _empty(x)) for t in ts] if mask[1] else []
 
         return (grad_x, per_branch(dw_weights), per_branch(mid_scales), per_branch(mid_shifts),
                 per_branch(pw_weights)) + _fake_epilogue_grads(mask, scale, shift, bias)
@@ -155,21 +168,17 @@ def _separable_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     nb = len(pw)
     ctx.nb = nb
-    ctx.dw_present = [t is not None for t in dw]
-    ctx.mid_present = [t is not None for t in mid_scales]
     ctx.dilations, ctx.mid_act, ctx.act, ctx.compute_stats = list(dilations), mid_act, act, compute_stats
     ctx.has_bias = bias is not None
-    present = [t for t in list(dw) + list(mid_scales) + list(mid_shifts) if t is not None]
-    ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *present)
+    ctx.dw_present = [_present(t) for t in dw]
+    ctx.mid_present = [_present(t) for t in mid_scales]
+    ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *dw, *mid_scales, *mid_shifts)
 
 
 def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
     out, x, scale, shift, bias, *rest = ctx.saved_tensors
     nb = ctx.nb
-    pw, present = rest[:nb], iter(rest[nb:])
-    dw = [next(present) if p else None for p in ctx.dw_present]
-    mid_scales = [next(present) if p else None for p in ctx.mid_present]
-    mid_shifts = [next(present) if p else None for p in ctx.mid_present]
+    pw, dw, mid_scales, mid_shifts = rest[:nb], rest[nb:2 * nb], rest[2 * nb:3 * nb], rest[3 * nb:]
     grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
     need = ctx.needs_input_grad
     mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
@@ -179,7 +188,7 @@ def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
     )
 
     def per_branch(grads, present):
-        # Entries whose forward input was None come back as empty placeholders.
+        # Entries whose forward input was absent come back as empty placeholders.
         return [g if p else None for g, p in zip(grads, present)] if mask[1] else None
 
     return (

@@ -45,24 +45,26 @@ TORCH_LIBRARY(aspp_fused, m) {
       "bool sum_mode, int act, bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor grad_scale, Tensor grad_shift, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
-  // Separable atrous conv, concat mode, one launch for all branches. Branch b:
+  // Separable atrous conv, concat mode, one launch for all branches. In dw_weights,
+  // mid_scales and mid_shifts an empty 1-D tensor ([0]) means "absent" (not Tensor?[]:
+  // torch.library's autograd treats a list holding None as one opaque leaf). Branch b:
   //   d_b = depthwise 3x3 of x at dilation d_b with dw_weights[b] [C, 1, 3, 3]
-  //         (d_b = x when dw_weights[b] is None: a plain 1x1 branch)
+  //         (d_b = x when dw_weights[b] is absent: a plain 1x1 branch)
   //   m_b = mid_act(d_b * mid_scales[b][c] + mid_shifts[b][c]) when mid_scales[b] is
-  //         given (only allowed with a depthwise), else d_b; computed in float and
+  //         present (only allowed with a depthwise), else d_b; computed in float and
   //         rounded to x.dtype (the kernels feed it to the tensor-core GEMM in x.dtype)
   //   acc = pw_weights[b] [O_b, C, 1, 1] @ m_b, then the epilogue/stats of atrous_conv.
   m.def(
-      "separable_conv(Tensor x, Tensor?[] dw_weights, int[] dilations, Tensor?[] mid_scales, "
-      "Tensor?[] mid_shifts, int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, "
+      "separable_conv(Tensor x, Tensor[] dw_weights, int[] dilations, Tensor[] mid_scales, "
+      "Tensor[] mid_shifts, int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, "
       "Tensor? bias, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, Tensor ch_sumsq)",
       {at::Tag::pt2_compliant_tag});
   // Backward of separable_conv; g_z as for atrous_conv. output_mask = [input,
   // weights (dw, mid scale/shift, pw), epilogue]. Lists have one entry per branch;
-  // an entry whose forward input was None is an empty [0] tensor.
+  // an entry whose forward input was absent is an empty [0] tensor.
   m.def(
       "separable_conv_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, "
-      "Tensor x, Tensor?[] dw_weights, int[] dilations, Tensor?[] mid_scales, Tensor?[] mid_shifts, "
+      "Tensor x, Tensor[] dw_weights, int[] dilations, Tensor[] mid_scales, Tensor[] mid_shifts, "
       "int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, Tensor? bias, int act, "
       "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_dw_weights, Tensor[] grad_mid_scales, "
       "Tensor[] grad_mid_shifts, Tensor[] grad_pw_weights, Tensor grad_scale, Tensor grad_shift, "

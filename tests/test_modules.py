@@ -20,7 +20,10 @@ def _sep_aspp():
 
 
 def _sep_aspp_mid():
-    return ann.SeparableASPP(8, 6, [2, 5, 12], mid_norm=True), ann.FusedSeparableASPP
+    # Rates below every test map size: when only the centre tap of a depthwise conv is
+    # in the image, a training mid BN makes the output invariant to that weight, so its
+    # exact gradient is 0 and any fp32 value (PyTorch's too) is pure rounding noise.
+    return ann.SeparableASPP(8, 6, [1, 2, 3], mid_norm=True), ann.FusedSeparableASPP
 
 
 def _aspp_v2():
@@ -153,12 +156,10 @@ def _compare(ref, fused, inp, train):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("train,shape", [(t, s) for t in (False, True) for s in SHAPES if not (t and s[0] == 1)],
+                         ids=lambda v: ("train" if v else "eval") if isinstance(v, bool) else "x".join(map(str, v)))
 def test_fused_matches_twin(case, backend, train, shape):
     n, h, w = shape
-    if train and n == 1:
-        pytest.skip("batch 1 in training raises (tested in test_batch_of_one_raises_like_the_original)")
     ref, fused = _pair(case, backend, train)
     _compare(ref, fused, _inputs(case, n, h, w, channels_last=False, requires_grad=train), train)
 

@@ -440,7 +440,7 @@ void forward_kernel(const Problem& pb, const at::Tensor& x_cl, const at::Tensor&
   stats = partials.reduce();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_impl(
     const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations, const OptTensorList& mid_scales,
     const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
@@ -650,7 +650,7 @@ BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scal
 using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                                   std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
-BackwardResult separable_conv_backward_cpu(
+BackwardResult separable_conv_backward_impl(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
     const at::Tensor& out, const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations,
     const OptTensorList& mid_scales, const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights,
@@ -727,8 +727,10 @@ BackwardResult separable_conv_backward_cpu(
                          .reshape(spec.pw.sizes())
                          .contiguous());
       if (spec.dw.defined()) {
-        g_dw.push_back(
-            double_tensor(gr.dw.data(), {kTaps, pb.C}, spec.dw.scalar_type()).t().reshape(spec.dw.sizes()).contiguous());
+        g_dw.push_back(double_tensor(gr.dw.data(), {kTaps, pb.C}, spec.dw.scalar_type())
+                           .t()
+                           .reshape(spec.dw.sizes())
+                           .contiguous());
       } else {
         g_dw.push_back(empty_like(x));
       }
@@ -761,6 +763,39 @@ BackwardResult separable_conv_backward_cpu(
     if (pb.bias.defined()) g_bias = double_tensor(bi.data(), {pb.N, pb.O}, pb.bias.scalar_type());
   }
   return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
+}
+
+// The schema passes "absent" per-branch tensors as empty [0] tensors (a Tensor?[] with
+// Nones would be one opaque leaf to torch.library's autograd, so no per-branch grads).
+OptTensorList absent_if_empty(at::TensorList list) {
+  OptTensorList out;
+  for (const at::Tensor& t : list) {
+    if (t.dim() == 1 && t.numel() == 0) {
+      out.push_back(std::nullopt);
+    } else {
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
+    const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
+    at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
+  return separable_conv_impl(x, absent_if_empty(dw_weights), dilations, absent_if_empty(mid_scales),
+                             absent_if_empty(mid_shifts), mid_act, pw_weights, scale, shift, bias, act, compute_stats);
+}
+
+BackwardResult separable_conv_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
+    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
+    const c10::List<bool>& output_mask) {
+  return separable_conv_backward_impl(grad_out, grad_sum, grad_sumsq, out, x, absent_if_empty(dw_weights), dilations,
+                                      absent_if_empty(mid_scales), absent_if_empty(mid_shifts), mid_act, pw_weights,
+                                      scale, shift, bias, act, output_mask);
 }
 
 }  // namespace
