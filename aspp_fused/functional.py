@@ -108,8 +108,10 @@ def _check_dilations(op, dilations, n):
 
 
 def _check_epilogue(op, x, o, scale, shift, bias):
-    _check_param(op, "scale", scale, x, (o,))
-    _check_param(op, "shift", shift, x, (o,))
+    if scale is not None:
+        _check_param(op, "scale", scale, x, (o,))
+    if shift is not None:
+        _check_param(op, "shift", shift, x, (o,))
     if bias is not None:
         _check_param(op, "bias", bias, x, (x.shape[0], o))
 
@@ -165,11 +167,22 @@ def check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_we
 # --------------------------------------------------------------------------- ops
 
 
+def _materialize(scale, shift, o, x):
+    """The compiled ops take explicit vectors: None -> ones / zeros."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = torch.ones(o, dtype=dt, device=x.device)
+    if shift is None:
+        shift = torch.zeros(o, dtype=dt, device=x.device)
+    return scale, shift
+
+
 def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act="relu", compute_stats=False,
                 backend="auto"):
     """Multi-branch atrous conv with a fused affine + activation epilogue.
 
-    Returns (out, ch_sum, ch_sumsq); the stats are empty unless ``compute_stats``.
+    ``scale=None`` means 1 and ``shift=None`` means 0. Returns (out, ch_sum, ch_sumsq);
+    the stats are empty unless ``compute_stats``.
     """
     check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
     a = act_code(act)
@@ -177,19 +190,25 @@ def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, 
     if resolve_backend(backend, x) == "cpp":
         from aspp_fused import ops
 
+        o = weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
+        scale, shift = _materialize(scale, shift, o, x)
         return ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, a, compute_stats)
     return torch_backend.atrous_conv(x, list(weights), dilations, scale, shift, bias, sum_mode, a, compute_stats)
 
 
 def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias=None,
                    act="relu", compute_stats=False, backend="auto"):
-    """Depthwise-separable atrous conv of several branches (concat), fused epilogue."""
+    """Depthwise-separable atrous conv of several branches (concat), fused epilogue.
+
+    ``scale=None`` means 1 and ``shift=None`` means 0.
+    """
     check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
     a, ma = act_code(act), act_code(mid_act)
     dilations = [int(d) for d in dilations]
     if resolve_backend(backend, x) == "cpp":
         from aspp_fused import ops
 
+        scale, shift = _materialize(scale, shift, sum(w.shape[0] for w in pw_weights), x)
         return ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, ma, pw_weights, scale, shift,
                                   bias, a, compute_stats)
     return torch_backend.separable_conv(x, list(dw_weights), dilations, list(mid_scales), list(mid_shifts), ma,

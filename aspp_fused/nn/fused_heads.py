@@ -167,14 +167,12 @@ class FusedASPPv2(FusedModule):
         convs = list(self.convs)
         check_input(type(self).__name__, x, convs[0].in_channels)
         dt = acc_dtype(x)
-        o = convs[0].out_channels
-        shift = torch.zeros(o, dtype=dt, device=x.device)
+        shift = None
         for conv in convs:
             if conv.bias is not None:
-                shift = shift + conv.bias.to(dt)
-        out, _, _ = AF.atrous_conv(x, [c.weight for c in convs], [c.dilation[0] for c in convs],
-                                   torch.ones(o, dtype=dt, device=x.device), shift, None, sum_mode=True, act="none",
-                                   backend=self.backend)
+                shift = conv.bias.to(dt) if shift is None else shift + conv.bias.to(dt)
+        out, _, _ = AF.atrous_conv(x, [c.weight for c in convs], [c.dilation[0] for c in convs], None, shift, None,
+                                   sum_mode=True, act="none", backend=self.backend)
         return like_input_format(out, x)
 
 
@@ -220,11 +218,8 @@ class FusedLRASPPHead(FusedModule):
 
 def conv_bn_act_free(x, conv, backend, add=None):
     """A plain 1x1 conv (+ bias) through the fused op (scale 1, shift = bias); + add."""
-    dt = acc_dtype(x)
-    o = conv.out_channels
-    shift = conv.bias.to(dt) if conv.bias is not None else torch.zeros(o, dtype=dt, device=x.device)
-    out, _, _ = AF.atrous_conv(x, [conv.weight], [1], torch.ones(o, dtype=dt, device=x.device), shift, None,
-                               act="none", backend=backend)
+    shift = conv.bias.to(acc_dtype(x)) if conv.bias is not None else None
+    out, _, _ = AF.atrous_conv(x, [conv.weight], [1], None, shift, None, act="none", backend=backend)
     return out if add is None else out + add
 
 

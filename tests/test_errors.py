@@ -1,0 +1,157 @@
+"""Bad input gets a clear error that names the argument, on every backend and in the C++ ops."""
+import pytest
+import torch
+
+import aspp_fused
+from aspp_fused import _extension
+from conftest import BACKENDS
+
+
+def _args(n=2, c=4, h=5, w=5, o=3, dtype=torch.float32):
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    ws = [torch.randn(o, c, 1, 1, dtype=dtype), torch.randn(o, c, 3, 3, dtype=dtype)]
+    return x, ws, [1, 2], torch.ones(2 * o), torch.zeros(2 * o)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestAtrousConvErrors:
+    def test_wrong_rank(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"x must be 4-D"):
+            aspp_fused.atrous_conv(x[0], ws, d, s, t, backend=backend)
+
+    def test_wrong_channels(self, backend):
+        x, ws, d, s, t = _args()
+        ws[1] = torch.randn(3, 5, 3, 3)
+        with pytest.raises(ValueError, match=r"weights\[1\] must have shape \[O, 4, k, k\]"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
+
+    def test_integer_dtype(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(TypeError, match=r"x must be float32, float64, bfloat16 or float16, got torch.int64"):
+            aspp_fused.atrous_conv(x.long(), ws, d, s, t, backend=backend)
+
+    def test_weight_dtype_mismatch(self, backend):
+        x, ws, d, s, t = _args()
+        ws[0] = ws[0].double()
+        with pytest.raises(TypeError, match=r"weights\[0\] has dtype torch.float64, expected x's dtype"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
+
+    @pytest.mark.parametrize("rate", [0, -6])
+    def test_rates_must_be_positive(self, backend, rate):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"dilations\[1\] \(the atrous rate\) must be >= 1, got %d" % rate):
+            aspp_fused.atrous_conv(x, ws, [1, rate], s, t, backend=backend)
+
+    def test_rate_must_be_int(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(TypeError, match=r"dilations\[1\] must be an int"):
+            aspp_fused.atrous_conv(x, ws, [1, 2.5], s, t, backend=backend)
+
+    def test_scale_length(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"scale must have shape \(6,\), got \(5,\)"):
+            aspp_fused.atrous_conv(x, ws, d, s[:5], t, backend=backend)
+
+    def test_bias_shape(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"bias must have shape \(2, 6\)"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, bias=torch.zeros(6), backend=backend)
+
+    def test_sum_mode_needs_equal_outputs(self, backend):
+        x, ws, d, s, t = _args()
+        ws[1] = torch.randn(2, 4, 3, 3)
+        with pytest.raises(ValueError, match=r"sum_mode needs branches with equal output channels"):
+            aspp_fused.atrous_conv(x, ws, d, s[:3], t[:3], sum_mode=True, backend=backend)
+
+    def test_bad_act_and_backend(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"act must be 'relu' or 'none'"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, act="gelu", backend=backend)
+        with pytest.raises(ValueError, match=r"backend must be one of"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, backend="cudnn")
+
+    def test_no_branches_and_count_mismatch(self, backend):
+        x, ws, d, s, t = _args()
+        with pytest.raises(ValueError, match=r"weights must hold at least one branch"):
+            aspp_fused.atrous_conv(x, [], [], s, t, backend=backend)
+        with pytest.raises(ValueError, match=r"got 1 dilations for 2 branches"):
+            aspp_fused.atrous_conv(x, ws, [1], s, t, backend=backend)
+
+    def test_kernel_size(self, backend):
+        x, ws, d, s, t = _args()
+        ws[1] = torch.randn(3, 4, 5, 5)
+        with pytest.raises(ValueError, match=r"k in \(1, 3\)"):
+            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
+
+    def test_separable_errors(self, backend):
+        x = torch.randn(2, 4, 5, 5)
+        pw = [torch.randn(3, 4, 1, 1)]
+        s, t = torch.ones(3), torch.zeros(3)
+        with pytest.raises(ValueError, match=r"dw_weights\[0\] must have shape \[4, 1, 3, 3\]"):
+            aspp_fused.separable_conv(x, [torch.randn(4, 1, 5, 5)], [2], [None], [None], "relu", pw, s, t,
+                                      backend=backend)
+        with pytest.raises(ValueError, match=r"mid_scales\[0\] given for a branch without a depthwise conv"):
+            aspp_fused.separable_conv(x, [None], [1], [torch.ones(4)], [torch.zeros(4)], "relu", pw, s, t,
+                                      backend=backend)
+        with pytest.raises(ValueError, match=r"must both be given or both be None"):
+            aspp_fused.separable_conv(x, [torch.randn(4, 1, 3, 3)], [2], [torch.ones(4)], [None], "relu", pw, s, t,
+                                      backend=backend)
+        with pytest.raises(ValueError, match=r"dilations\[0\] \(the atrous rate\) must be >= 1"):
+            aspp_fused.separable_conv(x, [torch.randn(4, 1, 3, 3)], [0], [None], [None], "relu", pw, s, t,
+                                      backend=backend)
+
+
+def test_triton_backend_says_it_is_not_there_yet():
+    x, ws, d, s, t = _args()
+    with pytest.raises(NotImplementedError, match="Triton kernels are not part of this version"):
+        aspp_fused.atrous_conv(x, ws, d, s, t, backend="triton")
+
+
+def test_modules_reject_bad_rates():
+    with pytest.raises(ValueError, match="atrous_rates must be positive ints"):
+        aspp_fused.nn.FusedASPP(8, [6, -12])
+    with pytest.raises(ValueError, match="dilation must be positive ints"):
+        aspp_fused.nn.FusedAtrousConvBNReLU(8, 4, 3, 0)
+
+
+@pytest.mark.skipif(not _extension.cpp_available(), reason="aspp_fused._C not built")
+class TestCppOpChecks:
+    """The C++ ops check their own arguments too (they are public through torch.ops)."""
+
+    def test_atrous_conv(self):
+        x, ws, d, s, t = _args()
+        op = torch.ops.aspp_fused.atrous_conv
+        with pytest.raises(ValueError, match=r"weights\[1\]"):
+            op(x, [ws[0], torch.randn(3, 5, 3, 3)], d, s, t, None, False, 1, False)
+        with pytest.raises(ValueError, match=r"dilation"):
+            op(x, ws, [1, 0], s, t, None, False, 1, False)
+        with pytest.raises(TypeError):
+            op(x.long(), ws, d, s, t, None, False, 1, False)
+        with pytest.raises(ValueError, match=r"act"):
+            op(x, ws, d, s, t, None, False, 7, False)
+        with pytest.raises(ValueError, match=r"scale"):
+            op(x, ws, d, s[:2], t, None, False, 1, False)
+
+    def test_backward_checks_output_mask(self):
+        x, ws, d, s, t = _args()
+        out, _, _ = torch.ops.aspp_fused.atrous_conv(x, ws, d, s, t, None, False, 1, False)
+        with pytest.raises(ValueError, match=r"output_mask"):
+            torch.ops.aspp_fused.atrous_conv_backward(out, None, None, out, x, ws, d, s, t, None, False, 1, [True])
+
+    def test_separable_conv(self):
+        x = torch.randn(2, 4, 5, 5)
+        e = x.new_empty(0)
+        with pytest.raises(ValueError, match=r"pw_weights\[0\]"):
+            torch.ops.aspp_fused.separable_conv(x, [e], [1], [e], [e], 1, [torch.randn(3, 5, 1, 1)], torch.ones(3),
+                                                torch.zeros(3), None, 1, False)
+
+
+def test_mixed_devices_name_the_argument():
+    x, ws, d, s, t = _args()
+    ws[1] = ws[1].to("meta")
+    with pytest.raises(RuntimeError, match=r"weights\[1\] is on meta but x is on cpu"):
+        aspp_fused.atrous_conv(x, ws, d, s, t)
+    x, ws, d, s, t = _args()
+    with pytest.raises(RuntimeError, match=r"scale is on meta but x is on cpu"):
+        aspp_fused.atrous_conv(x, ws, d, s.to("meta"), t)
