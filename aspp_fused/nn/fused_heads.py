@@ -43,6 +43,22 @@ def _check_project(owner, project, in_channels):
         check_type(owner, "project[3]", project[3], nn.Dropout)
 
 
+def _check_convs_list(owner, module):
+    """module.convs: a ModuleList of conv branches followed by the image pooling."""
+    convs = getattr(module, "convs", None)
+    check_type(owner, "convs", convs, nn.ModuleList)
+    if len(convs) < 2:
+        _fail(owner, "convs", "has %d branches, expected conv branches followed by the pooling" % len(convs))
+    return convs
+
+
+def _check_pool_and_project(owner, module, branch_channels):
+    """The pooling branch and a projection reading all branches + the pooling."""
+    convs = module.convs
+    _check_pooling(owner, "convs[-1]", convs[-1])
+    _check_project(owner, getattr(module, "project", None), branch_channels + convs[-1][1].out_channels)
+
+
 def _pool_vector(pool, x):
     """The image-pooling branch before its broadcast: [N, O] (runs the original modules, so
     a training BN updates its stats and raises its batch-of-1 error exactly as before)."""
@@ -78,18 +94,13 @@ class FusedASPP(FusedModule):
     @classmethod
     def check_source(cls, module):
         owner = cls.__name__
-        convs = getattr(module, "convs", None)
-        check_type(owner, "convs", convs, nn.ModuleList)
-        if len(convs) < 2:
-            _fail(owner, "convs", "has %d branches, expected conv branches followed by the pooling" % len(convs))
+        convs = _check_convs_list(owner, module)
         for i, br in enumerate(list(convs)[:-1]):
             check_cbr(owner, "convs[%d]" % i, br)
             if br[0].in_channels != convs[0][0].in_channels:
                 _fail(owner, "convs[%d][0]" % i, "has %d input channels, expected %d"
                       % (br[0].in_channels, convs[0][0].in_channels))
-        _check_pooling(owner, "convs[-1]", convs[-1])
-        total = sum(br[0].out_channels for br in list(convs)[:-1]) + convs[-1][1].out_channels
-        _check_project(owner, getattr(module, "project", None), total)
+        _check_pool_and_project(owner, module, sum(br[0].out_channels for br in list(convs)[:-1]))
 
     def forward(self, x):
         branches = list(self.convs)[:-1]
@@ -125,18 +136,12 @@ class FusedSeparableASPP(FusedModule):
     @classmethod
     def check_source(cls, module):
         owner = cls.__name__
-        convs = getattr(module, "convs", None)
-        check_type(owner, "convs", convs, nn.ModuleList)
-        if len(convs) < 2:
-            _fail(owner, "convs", "has %d branches, expected conv branches followed by the pooling" % len(convs))
-        branches = cls._branches(convs)
+        branches = cls._branches(_check_convs_list(owner, module))
         c = branches[0][0][2].in_channels
-        for i, ((dw, _, pw), _) in enumerate(branches):
+        for i, ((_, _, pw), _) in enumerate(branches):
             if pw.in_channels != c:
                 _fail(owner, "convs[%d]" % i, "reads %d channels, expected %d" % (pw.in_channels, c))
-        _check_pooling(owner, "convs[-1]", convs[-1])
-        total = sum(pw.out_channels for (_, _, pw), _ in branches) + convs[-1][1].out_channels
-        _check_project(owner, getattr(module, "project", None), total)
+        _check_pool_and_project(owner, module, sum(pw.out_channels for (_, _, pw), _ in branches))
 
     def forward(self, x):
         branches = self._branches(self.convs)
