@@ -55,8 +55,9 @@ def _all_reduce(t, group):
 
 def _check_batch(count: int, shape):
     if count == 1:
-        # nn.BatchNorm2d's own error (torch.nn.functional._verify_batch_size), same type.
-        raise ValueError("Expected more than 1 value per channel when training, got input size %s" % (shape,))
+        # nn.BatchNorm2d's own error (torch.nn.functional._verify_batch_size), same type and text.
+        raise ValueError("Expected more than 1 value per channel when training, got input size %s"
+                         % (torch.Size(shape),))
 
 
 def _momentum_factor(bn) -> float:
@@ -68,24 +69,53 @@ def _momentum_factor(bn) -> float:
     return factor
 
 
-def affine(bns: Sequence[nn.modules.batchnorm._BatchNorm], ch_sum, ch_sumsq, count: int, shape, dtype, device
-           ) -> Stats:
+def centers(bns: Sequence[nn.modules.batchnorm._BatchNorm], dtype, device, estimate=None) -> torch.Tensor:
+    """Per-channel centres K for the batch statistics of ``bns`` (concatenated).
+
+    The kernels sum z - K and (z - K)^2 rather than z and z^2: the variance is then
+    E[(z-K)^2] - E[z-K]^2, which loses nothing to cancellation when K is close to the batch
+    mean, whereas E[z^2] - E[z]^2 in fp32 loses mean^2/var of the 24 bits. K is any
+    constant (the result is exact for every K): the running mean (or ``estimate``, e.g.
+    the exact batch mean of a tiny tensor), detached. SyncBatchNorm ranks must share K so
+    their sums add up: rank 0's is broadcast.
+    """
+    if estimate is not None:
+        k = estimate.detach().to(dtype)
+    else:
+        parts = [bn.running_mean.detach().to(dtype) if bn.running_mean is not None
+                 else torch.zeros(bn.num_features, dtype=dtype, device=device) for bn in bns]
+        k = parts[0] if len(parts) == 1 else torch.cat(parts)
+    group = next((g for g in (_sync_group(bn) for bn in bns) if g is not None), None)
+    if group is not None:
+        import torch.distributed as dist
+
+        k = k.contiguous()
+        dist.broadcast(k, src=dist.get_global_rank(group, 0), group=group)
+    return k
+
+
+def affine(bns: Sequence[nn.modules.batchnorm._BatchNorm], ch_sum, ch_sumsq, count: int, shape, dtype, device,
+           center=None) -> Stats:
     """(scale, shift) for channels normalised by ``bns`` (concatenated in order).
 
-    ``ch_sum``/``ch_sumsq`` are the per-channel sums of the pre-BN values over the ``count``
-    pixels of this batch (only read for BNs that use batch statistics; may be None when none
-    does). Running statistics of training BNs are updated here.
+    ``ch_sum``/``ch_sumsq`` are the per-channel sums of z = (pre-BN value) - ``center`` over
+    the ``count`` pixels of this batch (only read for BNs that use batch statistics; may be
+    None when none does). The returned affine applies to z: ``BN(v) = z * scale + shift``.
+    Running statistics of training BNs are updated here.
     """
     scales: List[torch.Tensor] = []
     shifts: List[torch.Tensor] = []
     offset = 0
     for bn in bns:
         c = bn.num_features
+        k = None if center is None else center[offset:offset + c]
         if not uses_batch_stats(bn):
             s, t = eval_affine(bn, dtype, device)
+            if k is not None:  # BN(v) = v * s + t with v = z + k
+                t = t + k.to(dtype) * s
         else:
             s, t = _batch_affine(bn, ch_sum[offset:offset + c], ch_sumsq[offset:offset + c], count, shape, dtype,
-                                 device)
+                                 device, k)
         scales.append(s)
         shifts.append(t)
         offset += c
@@ -94,25 +124,24 @@ def affine(bns: Sequence[nn.modules.batchnorm._BatchNorm], ch_sum, ch_sumsq, cou
     return torch.cat(scales), torch.cat(shifts)
 
 
-def _batch_affine(bn, s, ss, count, shape, dtype, device) -> Stats:
+def _batch_affine(bn, s, ss, count, shape, dtype, device, center) -> Stats:
     group = _sync_group(bn)
     if group is not None:
         packed = _all_reduce(torch.cat([s, ss, s.new_full((1,), float(count))]), group)
         c = bn.num_features
         s, ss, count = packed[:c], packed[c:2 * c], int(packed[2 * c].item())
-    else:
-        _check_batch(count, tuple(shape))
+    _check_batch(count, tuple(shape))  # SyncBatchNorm checks the global count
     factor = _momentum_factor(bn)
     n = max(count, 1)
-    mean = s / n
-    # E[z^2] - E[z]^2 from the kernels' fp32 (fp64 for fp64 input) sums; clamp the
-    # rounding-level negatives of a constant channel.
-    var = torch.clamp(ss / n - mean * mean, min=0.0)
+    mean_z = s / n
+    # Clamp the rounding-level negatives of a constant channel.
+    var = torch.clamp(ss / n - mean_z * mean_z, min=0.0)
     if bn.training and bn.track_running_stats and bn.running_mean is not None and count > 0:
         with torch.no_grad():
+            mean = mean_z if center is None else mean_z + center.to(mean_z.dtype)
             unbiased = var * (count / (count - 1)) if count > 1 else var
             bn.running_mean.mul_(1.0 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
             bn.running_var.mul_(1.0 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
     w, b = _affine_params(bn, dtype, device)
     scale = w * torch.rsqrt(var.to(dtype) + bn.eps)
-    return scale, b - mean.to(dtype) * scale
+    return scale, b - mean_z.to(dtype) * scale

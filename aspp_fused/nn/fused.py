@@ -12,7 +12,7 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
-from aspp_fused.nn._batchnorm import affine, uses_batch_stats
+from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 
 __all__ = ["FusedModule", "FusedAtrousConvBNReLU", "FusedSeparableAtrousConv", "conv_bn_act"]
 
@@ -153,11 +153,12 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
                                for b, w in zip(biases, weights)])
     n, _, h, w_ = x.shape
     if any(uses_batch_stats(bn) for bn in bns):
-        ones = torch.ones(o, dtype=dt, device=x.device)
-        shift0 = conv_bias if conv_bias is not None else torch.zeros(o, dtype=dt, device=x.device)
-        raw, s, ss = AF.atrous_conv(x, weights, dilations, ones, shift0, sample_bias, act="none",
+        # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers).
+        k = centers(bns, dt, x.device)
+        shift0 = -k if conv_bias is None else conv_bias - k
+        raw, s, ss = AF.atrous_conv(x, weights, dilations, None, shift0, sample_bias, act="none",
                                     compute_stats=True, backend=backend)
-        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device)
+        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device, center=k)
         y = raw.to(dt) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         if AF.act_code(act) == 1:
             y = torch.relu(y)
@@ -239,9 +240,11 @@ def separable_bn_act(x, branches, bns, backend):
                 if mid is not None:
                     n, _, h, w = y.shape
                     yd = y.to(dt)
-                    s, ss = yd.sum((0, 2, 3)), (yd * yd).sum((0, 2, 3))
-                    ms, msh = affine([mid], s, ss, n * h * w, tuple(y.shape), dt, x.device)
-                    y = torch.relu(yd * ms.view(1, -1, 1, 1) + msh.view(1, -1, 1, 1)).to(x.dtype)
+                    k = centers([mid], dt, x.device, estimate=yd.mean((0, 2, 3)) if yd.numel() else None)
+                    zd = yd - k.view(1, -1, 1, 1)
+                    s, ss = zd.sum((0, 2, 3)), (zd * zd).sum((0, 2, 3))
+                    ms, msh = affine([mid], s, ss, n * h * w, tuple(y.shape), dt, x.device, center=k)
+                    y = torch.relu(zd * ms.view(1, -1, 1, 1) + msh.view(1, -1, 1, 1)).to(x.dtype)
             outs.append(conv_bn_act(y, [pw], [bn], backend))
         return torch.cat(outs, dim=1)
     dws = [dw.weight if dw is not None else None for dw, _, _ in branches]
@@ -254,11 +257,10 @@ def separable_bn_act(x, branches, bns, backend):
     ms = [a[0] for a in mid_affines]
     msh = [a[1] for a in mid_affines]
     if any(uses_batch_stats(bn) for bn in bns):
-        ones = torch.ones(o, dtype=dt, device=x.device)
-        zeros = torch.zeros(o, dtype=dt, device=x.device)
-        raw, s, ss = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, ones, zeros, None, act="none",
+        k = centers(bns, dt, x.device)  # see _batchnorm.centers
+        raw, s, ss = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, None, -k, None, act="none",
                                        compute_stats=True, backend=backend)
-        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device)
+        scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device, center=k)
         return torch.relu(raw.to(dt) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
     scale, shift = affine(bns, None, None, 0, None, dt, x.device)
     out, _, _ = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, scale, shift, None, act="relu", backend=backend)

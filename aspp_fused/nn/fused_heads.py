@@ -12,6 +12,7 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
+from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 from aspp_fused.nn.fused import (
     FusedModule, _fail, acc_dtype, check_bn, check_cbr, check_conv, check_input, check_type, conv_bn_act,
     like_input_format, separable_branch_args, separable_bn_act,
@@ -60,12 +61,26 @@ def _check_pool_and_project(owner, module, branch_channels):
 
 
 def _pool_vector(pool, x):
-    """The image-pooling branch before its broadcast: [N, O] (runs the original modules, so
-    a training BN updates its stats and raises its batch-of-1 error exactly as before)."""
-    y = x
-    for mod in pool:
-        y = mod(y)
-    return y.flatten(1)
+    """The image-pooling branch before its broadcast: [N, O].
+
+    GAP -> 1x1 conv -> BN -> ReLU on [N, C, 1, 1]: tiny, so plain ATen, with the BN through
+    the same helper as the fused branches (batch statistics, running-stat updates, the
+    batch-of-1 error, and SyncBatchNorm's cross-process statistics, on any device).
+    """
+    conv, bn = pool[1], pool[2]
+    dt = acc_dtype(x)
+    g = x.mean(dim=(2, 3), dtype=dt)
+    y = g @ conv.weight.flatten(1).to(dt).t()
+    if conv.bias is not None:
+        y = y + conv.bias.to(dt)
+    n, o = y.shape
+    if uses_batch_stats(bn):
+        k = centers([bn], dt, x.device, estimate=y.mean(0) if n > 0 else None)
+        z = y - k
+        scale, shift = affine([bn], z.sum(0), (z * z).sum(0), n, (n, o, 1, 1), dt, x.device, center=k)
+        return torch.relu(z * scale + shift)
+    scale, shift = affine([bn], None, None, 0, None, dt, x.device)
+    return torch.relu(y * scale + shift)
 
 
 def _project(self, x, h, p):
