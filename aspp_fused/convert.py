@@ -12,6 +12,7 @@ from torch import nn
 from aspp_fused.functional import check_backend
 from aspp_fused.nn import fused_heads, reference
 from aspp_fused.nn.fused import FusedAtrousConvBNReLU, FusedModule, FusedSeparableAtrousConv
+from aspp_fused.nn.fused_sequential import FusedSequential, fusable_runs
 
 __all__ = ["convert", "revert", "list_fused"]
 
@@ -38,6 +39,9 @@ _THIRD_PARTY = {
 def _candidates(module: nn.Module) -> List[Type[FusedModule]]:
     if isinstance(module, FusedModule):
         return []
+    if type(module) is nn.Sequential:
+        # Quietly: most Sequentials have nothing to fuse, which is no reason to warn.
+        return [FusedSequential] if fusable_runs(module) else []
     for twin, fused in _OURS:
         if isinstance(module, twin):  # subclasses too, e.g. ASPPConv of AtrousConvBNReLU
             return [fused]
@@ -65,7 +69,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replaces every recognised ASPP head / block in ``model`` by its fused module, in place.
 
     Recognised: aspp_fused.nn twins; torchvision ``ASPP``, ``DeepLabHead``, ``LRASPPHead``;
-    segmentation_models_pytorch ``ASPP`` (plain and separable). A recognised module whose
+    segmentation_models_pytorch ``ASPP`` (plain and separable); and, inside any plain
+    ``nn.Sequential``, runs of dilated 3x3 conv + BN + ReLU or separable (depthwise +
+    pointwise) conv + BN + ReLU (the Sequential becomes a FusedSequential with the same
+    children, e.g. smp's DeepLabV3+ decoder blocks). A recognised module whose
     configuration the fused ops cannot run (stride, groups, ...) is left alone with a
     warning that says why. Parameters and buffers are shared, not copied: state_dict keys
     and optimizers are unaffected. Returns ``model`` (or, when ``model`` itself is a
@@ -75,10 +82,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError("convert: model must be an nn.Module, got %s" % type(model).__name__)
     root = _fuse(model, backend, "")
-    if root is not None:
+    if root is not None and not isinstance(root, FusedSequential):
         return root
-    _convert_children(model, backend, "")
-    return model
+    _convert_children(root if root is not None else model, backend, "")
+    return root if root is not None else model
 
 
 def _convert_children(module: nn.Module, backend: str, prefix: str):
@@ -87,8 +94,9 @@ def _convert_children(module: nn.Module, backend: str, prefix: str):
         fused = _fuse(child, backend, path)
         if fused is not None:
             module._modules[name] = fused  # direct: keeps the child's position and key
-        else:
-            _convert_children(child, backend, path + ".")
+        if fused is None or isinstance(fused, FusedSequential):
+            # A FusedSequential fuses only its runs; its other children may hold heads too.
+            _convert_children(module._modules[name], backend, path + ".")
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -67,3 +67,15 @@ def torchvision_models():
     except Exception as exc:  # not installed, or an incompatible build
         pytest.skip("torchvision not usable: %s" % exc)
     return seg
+
+
+@pytest.fixture(scope="session")
+def smp():
+    """segmentation_models_pytorch, or skip. It imports torchvision (through timm): same
+    stand-in for torchvision's compiled-op registrations as in ``torchvision_models``."""
+    try:
+        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+        import segmentation_models_pytorch
+    except Exception as exc:
+        pytest.skip("segmentation_models_pytorch not usable: %s" % exc)
+    return segmentation_models_pytorch

@@ -145,3 +145,72 @@ def test_torchvision_lraspp_mobilenet_end_to_end(torchvision_models):
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         assert_close_rel(model(x)["out"], ref(x)["out"], 1e-5, "logits")
+
+
+# --------------------------------------------------------------------------- generic runs, smp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_generic_sequential_runs_fused_with_same_keys(backend, train):
+    seq = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1),            # plain 3x3: left alone
+        # dilated run; a conv bias before a training BN has an exactly-zero gradient (BN
+        # removes the mean), whose fp32 value is noise: bias only where it means something
+        nn.Conv2d(8, 6, 3, padding=4, dilation=4, bias=not train), nn.BatchNorm2d(6), nn.ReLU(),
+        ann.SeparableConv2d(6, 5, dilation=2), nn.BatchNorm2d(5), nn.ReLU(inplace=True),     # separable run
+        nn.Conv2d(5, 3, 1),
+    )
+    randomize_bn(seq).train(train)
+    ref = copy.deepcopy(seq)
+    keys = list(seq.state_dict())
+    fused = aspp_fused.convert(seq, backend=backend)
+    assert isinstance(fused, ann.FusedSequential) and list(fused.state_dict()) == keys
+    from aspp_fused.nn.fused_sequential import fusable_runs
+
+    assert fusable_runs(fused) == {1: "cbr", 4: "sep"}
+    _compare(ref, fused, torch.randn(3, 8, 7, 9, requires_grad=train), train)
+    assert aspp_fused.revert(fused) is seq
+
+
+def _smp_compare(model, ref, x, train):
+    model.train(train)
+    ref.train(train)
+    for m in list(model.modules()) + list(ref.modules()):
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # smp models drop out after ASPP; masks are compared elsewhere
+    torch.manual_seed(0)
+    y_ref = ref(x)
+    torch.manual_seed(0)
+    y = model(x.clone())
+    assert_close_rel(y, y_ref, 1e-4, "logits")
+    if train:
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g)
+        y.backward(g)
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert_close_rel(p.grad, ref_params[name].grad, 1e-3, "grad of " + name)
+        ref_buffers = dict(ref.named_buffers())
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                assert_close_rel(b, ref_buffers[name], 1e-3, name)
+
+
+@pytest.mark.parametrize("arch", ["DeepLabV3", "DeepLabV3Plus"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_smp_models_convert_and_match(smp, arch, train):
+    model = getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=3)
+    randomize_bn(model)
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    aspp_fused.convert(model, backend="torch")
+    fused = {n: f for n, _, f in aspp_fused.list_fused(model)}
+    assert any(f in ("FusedASPP", "FusedSeparableASPP") for f in fused.values()), fused
+    if arch == "DeepLabV3Plus":
+        assert fused["decoder.aspp.0"] == "FusedSeparableASPP"
+        assert fused["decoder.aspp"] == "FusedSequential" and fused["decoder.block2"] == "FusedSequential"
+    assert list(model.state_dict()) == keys
+    _smp_compare(model, ref, torch.randn(2, 3, 64, 64), train)
+    aspp_fused.revert(model)
+    assert aspp_fused.list_fused(model) == []
