@@ -167,6 +167,21 @@ def check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_we
 # --------------------------------------------------------------------------- ops
 
 
+def _autocast(x, weight_lists):
+    """Under torch.autocast the compiled / Triton ops see the autocast dtype, as F.conv2d
+    would (the ``torch`` backend gets that from ATen). The BN epilogue vectors stay fp32."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return x, weight_lists  # the argument checks will say what is wrong
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight_lists
+    dt = torch.get_autocast_dtype(dev)
+    if x.dtype == torch.float64:  # autocast leaves float64 alone
+        return x, weight_lists
+    cast = [[None if w is None else w.to(dt) for w in ws] for ws in weight_lists]
+    return x.to(dt), cast
+
+
 def _materialize(scale, shift, o, x):
     """The compiled ops take explicit vectors: None -> ones / zeros."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -184,6 +199,7 @@ def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, 
     ``scale=None`` means 1 and ``shift=None`` means 0. Returns (out, ch_sum, ch_sumsq);
     the stats are empty unless ``compute_stats``.
     """
+    x, (weights,) = _autocast(x, [list(weights)])
     check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
     a = act_code(act)
     dilations = [int(d) for d in dilations]
@@ -202,6 +218,7 @@ def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw
 
     ``scale=None`` means 1 and ``shift=None`` means 0.
     """
+    x, (dw_weights, pw_weights) = _autocast(x, [list(dw_weights), list(pw_weights)])
     check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
     a, ma = act_code(act), act_code(mid_act)
     dilations = [int(d) for d in dilations]
