@@ -9,7 +9,6 @@ Every backend computes the same thing (csrc/aspp_fused.cpp documents the semanti
                    scale, shift, bias=None, act="relu", compute_stats=False) -> (out, ...)
 """
 import numbers
-from typing import Optional, Sequence
 
 import torch
 

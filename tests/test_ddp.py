@@ -1,7 +1,6 @@
 """SyncBatchNorm across 2 processes (gloo, CPU): fused modules in SyncBN mode match one
 process running plain BatchNorm on the whole batch (which is what SyncBatchNorm computes):
 outputs, input gradients, DDP-averaged weight gradients and running statistics."""
-import copy
 import os
 
 import pytest

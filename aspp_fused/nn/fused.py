@@ -5,7 +5,7 @@ objects), so it has exactly the same parameters, buffers and state_dict keys, an
 built before conversion keeps training the same tensors, and reverting just hands the
 original back. Only ``forward`` differs: it calls the fused ops (aspp_fused.functional).
 """
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
