@@ -77,7 +77,7 @@ def _extension():
 
 
 setup(
-    packages=["aspp_fused", "aspp_fused.nn", "aspp_fused.kernels"],
+    packages=["aspp_fused", "aspp_fused.nn", "aspp_fused.models", "aspp_fused.kernels"],
     package_dir={"aspp_fused.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
