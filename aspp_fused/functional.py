@@ -24,10 +24,13 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError("backend must be one of %s, got %r" % (", ".join(map(repr, BACKENDS)), backend))
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton': the Triton kernels are not part of this version of aspp_fused yet; "
-            "use backend='torch' (ATen composition) or 'cpp' (compiled kernels)"
-        )
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # not installed, or broken
+            raise RuntimeError(
+                "backend='triton' needs the triton package, which failed to import (%s: %s); install it with "
+                "`pip install 'aspp_fused[triton]'` or use backend='torch' / 'cpp'" % (type(exc).__name__, exc)
+            ) from exc
     return backend
 
 
@@ -50,6 +53,24 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             raise RuntimeError(
                 "backend='cpp' got a CUDA tensor, but aspp_fused._C was built without CUDA kernels; "
                 "rebuild with a CUDA build of torch (see README, build knobs) or use backend='torch'"
+            )
+    if backend == "triton":
+        from aspp_fused import kernels  # imports triton; TRITON_INTERPRET is read here, once
+
+        if x.device.type == "cpu":
+            if not kernels.INTERPRET:
+                raise RuntimeError(
+                    "backend='triton' got a CPU tensor: the Triton kernels run on CUDA tensors, and on CPU only "
+                    "under the Triton interpreter, which must be on (TRITON_INTERPRET=1) before "
+                    "aspp_fused.kernels is first imported; use backend='torch' or 'cpp' on CPU"
+                )
+        elif x.device.type != "cuda":
+            raise RuntimeError("backend='triton' runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got a "
+                               "tensor on %s" % x.device)
+        if x.dtype not in kernels.SUPPORTED_DTYPES:
+            raise TypeError(
+                "backend='triton' supports float32, bfloat16 and float16 inputs, got %s; use backend='cpp' or "
+                "'torch' for float64 (tl.dot has no float64 tensor-core path)" % x.dtype
             )
     return backend
 
@@ -202,11 +223,16 @@ def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, 
     check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
     a = act_code(act)
     dilations = [int(d) for d in dilations]
-    if resolve_backend(backend, x) == "cpp":
-        from aspp_fused import ops
-
+    chosen = resolve_backend(backend, x)
+    if chosen in ("cpp", "triton"):
         o = weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
         scale, shift = _materialize(scale, shift, o, x)
+        if chosen == "triton":
+            from aspp_fused import kernels
+
+            return kernels.ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, a, compute_stats)
+        from aspp_fused import ops
+
         return ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, a, compute_stats)
     return torch_backend.atrous_conv(x, list(weights), dilations, scale, shift, bias, sum_mode, a, compute_stats)
 
@@ -221,10 +247,16 @@ def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw
     check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
     a, ma = act_code(act), act_code(mid_act)
     dilations = [int(d) for d in dilations]
-    if resolve_backend(backend, x) == "cpp":
+    chosen = resolve_backend(backend, x)
+    if chosen in ("cpp", "triton"):
+        scale, shift = _materialize(scale, shift, sum(w.shape[0] for w in pw_weights), x)
+        if chosen == "triton":
+            from aspp_fused import kernels
+
+            return kernels.ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, ma, pw_weights,
+                                              scale, shift, bias, a, compute_stats)
         from aspp_fused import ops
 
-        scale, shift = _materialize(scale, shift, sum(w.shape[0] for w in pw_weights), x)
         return ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, ma, pw_weights, scale, shift,
                                   bias, a, compute_stats)
     return torch_backend.separable_conv(x, list(dw_weights), dilations, list(mid_scales), list(mid_shifts), ma,

@@ -11,7 +11,14 @@ def _triton_status():
         import triton
     except Exception as exc:  # not installed or broken
         return None, "triton not importable (%s)" % type(exc).__name__
-    return triton.__version__, "Triton kernels are not implemented in this version (backend='triton' raises)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if torch.cuda.is_available():
+        why = "Triton kernels on CUDA tensors" + (" (TRITON_INTERPRET=1: interpreted, slow)" if interpret else "")
+    elif interpret:
+        why = "no CUDA device; TRITON_INTERPRET=1: the kernels run interpreted on CPU tensors (slow, for tests)"
+    else:
+        why = "no CUDA device (set TRITON_INTERPRET=1 before import to run the kernels on CPU, for tests)"
+    return triton.__version__, why
 
 
 def collect() -> dict:
@@ -31,7 +38,8 @@ def collect() -> dict:
                        "compiled CUDA kernels" if _extension.cuda_kernels_built()
                        else "extension built without CUDA kernels" if _extension.cpp_available()
                        else _extension.LOAD_ERROR),
-        "triton": (False, triton_why),
+        "triton": (triton_version is not None and (torch.cuda.is_available()
+                                                    or os.environ.get("TRITON_INTERPRET", "0") == "1"), triton_why),
     }
     return {
         "aspp_fused": aspp_fused.__version__,

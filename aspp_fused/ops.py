@@ -152,7 +152,7 @@ def _atrous_backward(ctx, grad_out, grad_sum, grad_sumsq):
     )
     return (
         gx if mask[0] else None,
-        list(gws) if mask[1] else None,
+        list(gws) if mask[1] else [None] * len(weights),  # a list input needs a list of grads
         None,
         gscale if mask[2] else None,
         gshift if mask[2] else None,
@@ -189,7 +189,7 @@ def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
 
     def per_branch(grads, present):
         # Entries whose forward input was absent come back as empty placeholders.
-        return [g if p else None for g, p in zip(grads, present)] if mask[1] else None
+        return [g if p else None for g, p in zip(grads, present)] if mask[1] else [None] * nb
 
     return (
         gx if mask[0] else None,

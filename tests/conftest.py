@@ -1,6 +1,13 @@
+# Triton reads TRITON_INTERPRET when a kernel is defined, so without a GPU it must be set before
+# aspp_fused.kernels is first imported: the Triton backend's tests then run interpreted on CPU.
 import os
 import sys
 import types
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -102,10 +102,11 @@ class TestAtrousConvErrors:
                                       backend=backend)
 
 
-def test_triton_backend_says_it_is_not_there_yet():
-    x, ws, d, s, t = _args()
-    with pytest.raises(NotImplementedError, match="Triton kernels are not part of this version"):
-        aspp_fused.atrous_conv(x, ws, d, s, t, backend="triton")
+def test_triton_backend_refuses_float64():
+    pytest.importorskip("triton")
+    x, ws, d, s, t = _args(dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' supports float32, bfloat16 and float16 inputs"):
+        aspp_fused.atrous_conv(x, ws, d, s.double(), t.double(), backend="triton")
 
 
 def test_modules_reject_bad_rates():

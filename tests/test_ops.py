@@ -288,3 +288,17 @@ def test_fuzz_atrous_conv(n, c, h, w, branches, sum_mode, act, stats, bias):
 def test_fuzz_separable_conv(n, c, h, w, branches, mid_act, act, stats):
     args = separable_problem(n=n, c=c, h=h, w=w, branches=tuple(branches))
     _run_both(_sep_cpp(mid_act, act, stats), _sep_ref(mid_act, act, stats), args, 1e-10, stats)
+
+
+def test_frozen_weights_input_grad_only():
+    """Only the input needs a gradient (frozen conv weights and BN): list inputs get lists of Nones."""
+    x, w, d, s, t, b, sm = atrous_problem()
+    x.requires_grad_(True)
+    out, _, _ = ops.atrous_conv(x, w, d, s, t, b, sm, 1, False)
+    out.sum().backward()
+    assert x.grad is not None and all(wi.grad is None for wi in w)
+    x, dw, d, ms, msh, pw, s, t, b = separable_problem()
+    x.requires_grad_(True)
+    out, _, _ = ops.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, False)
+    out.sum().backward()
+    assert x.grad is not None

@@ -45,12 +45,32 @@ def _sync_group(bn):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _all_reduce(t, group):
-    # torch.distributed.nn's all_reduce is differentiable: the gradient of the global sum
-    # flows back to every process, as in nn.SyncBatchNorm's backward.
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the processes of ``group``: the gradient of a global sum is
+    the global sum of the gradients, as in nn.SyncBatchNorm's backward. (Written out rather
+    than torch.distributed.nn.functional.all_reduce, which is deprecated and was seen to
+    abort gloo processes at exit.)"""
 
-    return all_reduce(t, group=group)
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _all_reduce(t, group):
+    return _AllReduceSum.apply(t, group)
 
 
 def _check_batch(count: int, shape):

@@ -1,0 +1,157 @@
+"""Shared pieces of the Triton kernels: interpreter detection, launch helper, tap ranges, epilogue.
+
+TRITON_INTERPRET is read once, when this package is imported, because Triton itself reads it
+when a kernel is defined (``@triton.jit`` returns an interpreted function under it).
+"""
+import contextlib
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Layouts shared by all kernels: activations are [N, H, W, C] row-major (NHWC) views; a pixel
+# index is ((n * H + h) * W + w) and is promoted to int64 before it is multiplied by a channel
+# stride, so N * H * W * C may pass 2^31.
+
+# Columns of the per-branch metadata rows (int32) of the tap-conv kernels.
+META_COLS = 8
+
+_skip = threading.local()
+
+
+@contextlib.contextmanager
+def skip_launches():
+    """Fake-tensor tracing of the interpreter-mode ops: allocate outputs, launch nothing."""
+    prev = getattr(_skip, "on", False)
+    _skip.on = True
+    try:
+        yield
+    finally:
+        _skip.on = prev
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args) through torch.library.wrap_triton (so torch.compile sees it)."""
+    if getattr(_skip, "on", False):
+        return
+    from torch.library import wrap_triton
+
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not on the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows PyTorch's conv TF32 switch (DESIGN.md, precision); bf16/fp16 ignore it."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(op: str, x: torch.Tensor):
+    # tl.dot has no float64 tensor-core path (and the interpreter's fp64 dot would not be the
+    # GPU's), so float64 stays with the cpp / torch backends rather than silently rounding.
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            "%s: backend='triton' supports float32, bfloat16 and float16 inputs, got %s; use "
+            "backend='cpp' or 'torch' for float64" % (op, x.dtype)
+        )
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] (any strides) -> dense [N, H, W, C] (a no-op for channels_last input)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def empty_nchw_cl(n, c, h, w, dtype, device) -> torch.Tensor:
+    """[N, C, H, W] in channels_last memory, plus its dense NHWC view for the kernels."""
+    t = torch.empty((n, h, w, c), dtype=dtype, device=device)
+    return t.permute(0, 3, 1, 2), t
+
+
+def max_tiles(configs, n, h, w) -> int:
+    """The most pixel tiles any config can use: rows of the per-tile partial buffers."""
+    return max(n * triton.cdiv(h, c.kwargs["TH"]) * triton.cdiv(w, c.kwargs["TW"]) for c in configs)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so that the split-K paths are exercised by the CPU tests
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def tap_range(lo, hi, size, k, d):
+    """Taps t in [t0, t1] of a k-tap axis at (signed) step d, tap t reading row h + (t - k//2) * d,
+    that read at least one in-image row for output rows [lo, hi) (hi > lo, inside the image).
+
+    Only the two outer taps can fall outside; the centre tap always reads the row itself.
+    Tap t0 = 0 reads rows [lo - k//2 * d, hi - k//2 * d) and is kept when that range meets
+    [0, size); likewise t1 = k - 1.
+    """
+    half = k // 2
+    off = half * d
+    first_ok = (lo - off < size) & (hi - 1 - off >= 0)
+    last_ok = (lo + off < size) & (hi - 1 + off >= 0)
+    t0 = tl.where(first_ok, 0, half)
+    t1 = tl.where(last_ok, k - 1, half)
+    return t0, t1
+
+
+@triton.jit
+def pixel_tile(pid_t, H, W, TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr):
+    """Program pid_t's TH x TW tile of one image: (n, h0, h1, w0, w1, row, col, valid).
+
+    BM is the power of two >= TH * TW that the pixel vectors have; TH, TW need not be powers
+    of two (11 x 11 covers a 33 x 33 map in 9 tiles at 94% of 128 rows)."""
+    tiles_w = tl.cdiv(W, TW)
+    per_img = tl.cdiv(H, TH) * tiles_w
+    n = pid_t // per_img
+    r = pid_t % per_img
+    h0 = (r // tiles_w) * TH
+    w0 = (r % tiles_w) * TW
+    h1 = tl.minimum(h0 + TH, H)
+    w1 = tl.minimum(w0 + TW, W)
+    i = tl.arange(0, BM)
+    ph = h0 + i // TW
+    pw = w0 + i % TW
+    valid = (i < TH * TW) & (ph < H) & (pw < W)
+    return n, h0, h1, w0, w1, ph, pw, valid
+
+
+@triton.jit
+def epilogue_store(acc, n, pid_t, pix, valid, oc, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr, bias_ptr,
+                   psum_ptr, psumsq_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   STATS: tl.constexpr):
+    """z = acc * scale[o] + shift[o] (+ bias[n, o]); per-tile channel sums of z and z^2 into
+    row pid_t of the partial buffers (STATS); out = act(z) cast to out's dtype."""
+    z = acc
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + oc, mask=omask, other=0.0)
+        t = tl.load(shift_ptr + oc, mask=omask, other=0.0)
+        z = z * s[None, :] + t[None, :]
+    if HAS_BIAS:
+        bb = tl.load(bias_ptr + n.to(tl.int64) * OUT_STRIDE + oc, mask=omask, other=0.0)
+        z = z + bb[None, :]
+    m2 = valid[:, None] & omask[None, :]
+    if STATS:
+        zm = tl.where(m2, z, 0.0)
+        row = pid_t.to(tl.int64) * OUT_STRIDE
+        tl.store(psum_ptr + row + oc, tl.sum(zm, axis=0), mask=omask)
+        tl.store(psumsq_ptr + row + oc, tl.sum(zm * zm, axis=0), mask=omask)
+    if ACT == 1:
+        z = tl.where(z < 0.0, 0.0, z)  # `z < 0` lets NaN through, as torch.relu does
+    tl.store(out_ptr + pix[:, None] * OUT_STRIDE + oc[None, :], z.to(out_ptr.dtype.element_ty), mask=m2)

@@ -1,0 +1,428 @@
+"""Multi-branch atrous conv as a tap-list implicit GEMM (DESIGN.md, "The one primitive").
+
+Kernels
+  tap_conv_kernel   forward of every branch in one launch (concat or sum mode) with the fused
+                    epilogue and per-tile batch statistics; with negated taps and transposed
+                    weights it is also the dgrad (sum mode over the branches).
+  tap_wgrad_kernel  grad of the packed weights: per (branch, tap) a GEMM over the pixels whose
+                    source is inside the image, split over pixels for parallelism.
+
+Layouts
+  input    [N, H, W, CIN_STRIDE] dense; branch b reads channels [in_off, in_off + K_b)
+  weights  one flat buffer; branch b at w_off as [k*k][K_b][N_b] (tap = ky * k + kx)
+  out      [N, H, W, OUT_STRIDE] dense; branch b writes [out_off, out_off + N_b) (0 in sum mode)
+  meta     int32 rows (w_off, step, k, K_b, in_off, N_b, out_off, 0): tap (ky, kx) reads pixel
+           (h + (ky - k//2) * step, w + (kx - k//2) * step); step = +dilation forward, -dilation dgrad
+
+Each program owns a TH x TW tile of one image and BN output channels of one branch (concat) or
+of the shared accumulator (sum mode). The taps that can touch the tile form a rectangle
+[ky0, ky1] x [kx0, kx1] (tap_range, once per program and branch); the K loop runs over exactly
+those taps x channel blocks of BK, a single flattened loop with computed bounds and no branch
+inside, loads masked only where the tap leaves the image or the channel block is ragged.
+"""
+import functools
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, META_COLS, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch,
+                      max_tiles, nhwc, pixel_tile, sm_count, tap_range)
+from .bn_act import epilogue_backward
+
+
+def _cfg(th, tw, bm, bn, bk, warps, stages):
+    return triton.Config({"TH": th, "TW": tw, "BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    # The interpreter runs each program in numpy: one small config (autotuning would run every
+    # config on every call) whose 4 x 4 tiles still give several tiles per test image.
+    FWD_CONFIGS = [_cfg(4, 4, 16, 16, 16, 4, 1)]
+    WGRAD_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
+else:
+    # Candidates for H100/H200 at the DESIGN cases (C = 2048, O_b = 256; 33 x 33 and 65 x 65).
+    # 11 x 11 tiles cover 33 x 33 in 3 x 3 tiles at 121/128 rows; 13 x 9 covers 65 rows
+    # exactly. Not measured yet: no GPU was available when these were written.
+    FWD_CONFIGS = [
+        _cfg(8, 16, 128, 128, 64, 8, 3),
+        _cfg(8, 16, 128, 128, 32, 4, 4),
+        _cfg(11, 11, 128, 128, 64, 8, 3),
+        _cfg(11, 11, 128, 256, 64, 8, 3),
+        _cfg(13, 9, 128, 128, 64, 8, 3),
+        _cfg(8, 8, 64, 128, 64, 4, 4),
+        _cfg(16, 16, 256, 128, 64, 8, 3),
+        _cfg(8, 32, 256, 128, 32, 8, 4),
+    ]
+    WGRAD_CONFIGS = [
+        triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 256, "BK": 32}, num_warps=8, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"])
+@triton.jit
+def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr, psumsq_ptr,
+                    N, H, W, CIN_STRIDE, OUT_STRIDE, NB,
+                    SUM_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                    STATS: tl.constexpr, DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+                    TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # A_ALIGN / W_ALIGN: powers of two dividing every input-side (in_off, K_b, CIN_STRIDE) and
+    # weight/output-side (w_off, N_b, out_off, OUT_STRIDE) value of the meta table. Values loaded
+    # from memory carry no divisibility facts: without the hints the masks `c < K_b` and
+    # `o < N_b` are not known constant over a 16-byte vector, the loads cannot become cp.async
+    # and the K loop is not software-pipelined (sm_90 build, bf16, 128x128x64, 3 stages: 32 KB
+    # of shared memory = one stage without them, 96 KB with them).
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    n, h0, h1, w0, w1, ph, pw, valid = pixel_tile(pid_t, H, W, TH, TW, BM)
+
+    # Which branch (concat) and which BN channels of it this program owns.
+    if SUM_MODE:
+        b_lo = 0
+        b_hi = NB
+        o0 = pid_o * BN
+        n_sel = OUT_STRIDE
+        out_off = 0
+    else:
+        b_lo = 0
+        o0 = 0
+        start = 0
+        for b in range(NB):
+            nb_b = tl.load(meta_ptr + b * 8 + 5)
+            nblk = tl.cdiv(nb_b, BN)
+            hit = (pid_o >= start) & (pid_o < start + nblk)
+            b_lo = tl.where(hit, b, b_lo)
+            o0 = tl.where(hit, (pid_o - start) * BN, o0)
+            start += nblk
+        b_hi = b_lo + 1
+        n_sel = tl.multiple_of(tl.load(meta_ptr + b_lo * 8 + 5), W_ALIGN)
+        out_off = tl.multiple_of(tl.load(meta_ptr + b_lo * 8 + 6), W_ALIGN)
+
+    ocols = tl.multiple_of(o0, BN) + tl.arange(0, BN)
+    omask = ocols < n_sel
+    img = n.to(tl.int64) * H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        row = meta_ptr + b * 8
+        w_off = tl.multiple_of(tl.load(row + 0), W_ALIGN)
+        step = tl.load(row + 1)
+        k = tl.load(row + 2)
+        kb = tl.multiple_of(tl.load(row + 3), A_ALIGN)
+        in_off = tl.multiple_of(tl.load(row + 4), A_ALIGN)
+        nb = tl.multiple_of(tl.load(row + 5), W_ALIGN)
+        half = k // 2
+        ky0, ky1 = tap_range(h0, h1, H, k, step)
+        kx0, kx1 = tap_range(w0, w1, W, k, step)
+        nkx = kx1 - kx0 + 1
+        n_cb = tl.cdiv(kb, BK)
+        n_iter = (ky1 - ky0 + 1) * nkx * n_cb
+        for it in range(0, n_iter):
+            t = it // n_cb
+            cb = it - t * n_cb
+            ky = ky0 + t // nkx
+            kx = kx0 + t % nkx
+            sh = ph + (ky - half) * step
+            sw = pw + (kx - half) * step
+            m = valid & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
+            c = cb * BK + tl.arange(0, BK)
+            cm = c < kb
+            src = ((img + sh) * W + sw) * CIN_STRIDE + in_off
+            a = tl.load(in_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
+            wrow = w_off + ((ky * k + kx) * kb + c) * nb
+            wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
+            acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
+
+    pix = (img + ph) * W + pw
+    epilogue_store(acc, n, pid_t, pix, valid, out_off + ocols, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr,
+                   bias_ptr, psum_ptr, psumsq_ptr, HAS_SCALE, HAS_BIAS, ACT, STATS)
+
+
+@triton.autotune(configs=WGRAD_CONFIGS, key=["N", "H", "W", "KC", "OMAX", "NE", "SPLIT"])
+@triton.jit
+def tap_wgrad_kernel(x_ptr, g_ptr, ent_ptr, part_ptr, N, H, W, CX, GO, KC, OMAX, NE, TOTAL, SPLIT,
+                     DOT_PREC: tl.constexpr, X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+    """part[split][w_off + c * N_e + o] = sum over this split's pixels p of the tap's valid region
+    of x[p + tap][x_off + c] * g[p][g_off + o]; entry rows (w_off, dy, dx, N_e, g_off, x_off)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_cblk = tl.cdiv(KC, BM)
+    n_oblk = tl.cdiv(OMAX, BN)
+    e = pid // (n_cblk * n_oblk)
+    rem = pid % (n_cblk * n_oblk)
+    cblk = rem // n_oblk
+    oblk = rem % n_oblk
+    row = ent_ptr + e * 8
+    w_off = tl.multiple_of(tl.load(row + 0), G_ALIGN).to(tl.int64)
+    dy = tl.load(row + 1)
+    dx = tl.load(row + 2)
+    no = tl.multiple_of(tl.load(row + 3), G_ALIGN)
+    g_off = tl.multiple_of(tl.load(row + 4), G_ALIGN)
+    x_off = tl.multiple_of(tl.load(row + 5), X_ALIGN)  # hints: see tap_conv_kernel
+    # Output pixels whose source pixel (h + dy, w + dx) is inside the image.
+    h_lo = tl.maximum(0, -dy)
+    h_hi = tl.minimum(H, H - dy)
+    w_lo = tl.maximum(0, -dx)
+    w_hi = tl.minimum(W, W - dx)
+    hv = tl.maximum(h_hi - h_lo, 0)
+    wv = tl.maximum(w_hi - w_lo, 0)
+    hw = hv * wv
+    count = N * hw
+    steps = tl.cdiv(tl.cdiv(count, BK), SPLIT)
+    k_begin = split * steps * BK
+    k_end = tl.minimum(count, k_begin + steps * BK)
+    hw1 = tl.maximum(hw, 1)
+    wv1 = tl.maximum(wv, 1)
+
+    c = cblk * BM + tl.arange(0, BM)
+    cm = c < KC
+    o = oblk * BN + tl.arange(0, BN)
+    om = o < no
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kk in range(k_begin, k_end, BK):
+        idx = kk + tl.arange(0, BK)
+        v = idx < k_end
+        nn = idx // hw1
+        r = idx % hw1
+        h = h_lo + r // wv1
+        w = w_lo + r % wv1
+        pix = (nn.to(tl.int64) * H + h) * W + w
+        src = pix + dy * W + dx
+        xa = tl.load(x_ptr + src[None, :] * CX + x_off + c[:, None], mask=cm[:, None] & v[None, :], other=0.0)
+        ga = tl.load(g_ptr + pix[:, None] * GO + g_off + o[None, :], mask=v[:, None] & om[None, :], other=0.0)
+        acc = tl.dot(xa, ga, acc, input_precision=DOT_PREC)
+    dst = part_ptr + split.to(tl.int64) * TOTAL + w_off + c[:, None] * no + o[None, :]
+    tl.store(dst, acc, mask=cm[:, None] & om[None, :])
+
+
+# --------------------------------------------------------------------------- host side
+
+_META_CACHE = {}
+
+
+def meta_tensor(rows, device) -> torch.Tensor:
+    """int32 [len(rows), 8] table on device. Eager calls reuse one tensor per (device, rows), so a
+    CUDA-graph capture after a warm-up copies nothing from the host; under tracing it is a
+    fresh constant of the graph."""
+    rows = tuple(tuple(int(v) for v in r) + (0,) * (META_COLS - len(r)) for r in rows)
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), META_COLS)
+    key = (str(device), rows)
+    t = _META_CACHE.get(key)
+    if t is None:
+        if len(_META_CACHE) > 512:
+            _META_CACHE.clear()
+        t = torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), META_COLS)
+        _META_CACHE[key] = t
+    return t
+
+
+def pow2_align(*values) -> int:
+    """The largest power of two <= 16 dividing every value (alignment hint of the kernels)."""
+    a = 16
+    for v in values:
+        while a > 1 and int(v) % a:
+            a //= 2
+    return a
+
+
+def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor, n_oblocks, *, sum_mode: bool,
+             scale=None, shift=None, bias=None, act: int = 0, stats: bool = False, prec: str = "ieee"):
+    """Launches tap_conv_kernel. inp [N, H, W, Cin] and out [N, H, W, O] dense NHWC; rows as the
+    module docstring; n_oblocks(BN) is the grid's channel-block count. Returns the partial
+    (sum, sumsq) buffers [tiles, O] (fp32) when stats, else None."""
+    N, H, W, cin = inp.shape
+    o_stride = out.shape[3]
+    psum = psumsq = None
+    if stats:
+        r = max_tiles(tap_conv_kernel.configs, N, H, W)
+        psum = torch.zeros((r, o_stride), dtype=torch.float32, device=inp.device)
+        psumsq = torch.zeros((r, o_stride), dtype=torch.float32, device=inp.device)
+    if N * H * W == 0 or o_stride == 0:
+        return (psum, psumsq) if stats else None
+    meta = meta_tensor(rows, inp.device)
+    # Unused pointer arguments get a never-written scratch tensor, not `out`: an output passed
+    # twice would look like aliased mutated arguments to torch.compile's kernel analysis.
+    dummy = inp.new_empty((1,), dtype=torch.float32)
+    grid = lambda META: (N * triton.cdiv(H, META["TH"]) * triton.cdiv(W, META["TW"]), n_oblocks(META["BN"]))  # noqa
+    with device_guard(inp):
+        launch(tap_conv_kernel, grid, inp, w_packed, meta, out,
+               scale if scale is not None else dummy, shift if shift is not None else dummy,
+               bias if bias is not None else dummy, psum if stats else dummy, psumsq if stats else dummy,
+               N, H, W, cin, o_stride, len(rows),
+               SUM_MODE=bool(sum_mode), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=int(act),
+               STATS=bool(stats), DOT_PREC=prec, A_ALIGN=pow2_align(cin, *(v for r in rows for v in (r[3], r[4]))),
+               W_ALIGN=pow2_align(o_stride, *(v for r in rows for v in (r[0], r[5], r[6]))))
+    return (psum, psumsq) if stats else None
+
+
+def tap_wgrad(x: torch.Tensor, g: torch.Tensor, entries, total: int, kc: int, omax: int, prec: str) -> torch.Tensor:
+    """Launches tap_wgrad_kernel; returns the fp32 flat buffer [total] of packed weight grads.
+    x [N, H, W, CX] and g [N, H, W, GO] dense NHWC of the same dtype; entries: rows
+    (w_off, dy, dx, N_e, g_off, x_off), every element of the result written by exactly one."""
+    N, H, W, cx = x.shape
+    go = g.shape[3]
+    if N * H * W == 0 or total == 0 or not entries:
+        return torch.zeros((total,), dtype=torch.float32, device=x.device)
+    # Split the pixel range when (branch, tap, C-block, O-block) programs cannot fill the GPU.
+    progs = len(entries) * triton.cdiv(kc, 128 if not INTERPRET else 16) * triton.cdiv(omax, 128 if not INTERPRET
+                                                                                          else 16)
+    want = 2 * sm_count(x.device)
+    max_split = max(1, triton.cdiv(N * H * W, 1024 if not INTERPRET else 16))
+    split = int(min(max(1, triton.cdiv(want, progs)), max_split, 64))
+    part = torch.empty((split, total), dtype=torch.float32, device=x.device)
+    ent = meta_tensor(entries, x.device)
+    grid = lambda META: (len(entries) * triton.cdiv(kc, META["BM"]) * triton.cdiv(omax, META["BN"]), split)  # noqa
+    with device_guard(x):
+        launch(tap_wgrad_kernel, grid, x, g, ent, part, N, H, W, cx, go, kc, omax, len(entries), total, split,
+               DOT_PREC=prec, X_ALIGN=pow2_align(cx, *(e[5] for e in entries)),
+               G_ALIGN=pow2_align(go, *(v for e in entries for v in (e[0], e[3], e[4]))))
+    return part[0] if split == 1 else part.sum(0)
+
+
+# --------------------------------------------------------------------------- the op's algebra
+
+
+def _branch_layout(weights: Sequence[torch.Tensor], sum_mode: bool):
+    """(O, out channel offset per branch)."""
+    offs, off = [], 0
+    for w in weights:
+        offs.append(0 if sum_mode else off)
+        off += w.shape[0]
+    return (weights[0].shape[0] if sum_mode else off), offs
+
+
+def _blocks(sizes):
+    sizes = tuple(int(s) for s in sizes)
+    return lambda bn: sum(triton.cdiv(s, bn) for s in sizes)
+
+
+def pack_forward(weights: Sequence[torch.Tensor], dilations: Sequence[int], offs, dtype):
+    """[O_b, C, k, k] -> one flat [tap][C][O_b] buffer in dtype, and its meta rows."""
+    parts, rows, w_off = [], [], 0
+    for w, d, off in zip(weights, dilations, offs):
+        ob, c, k, _ = w.shape
+        parts.append(w.to(dtype).permute(2, 3, 1, 0).reshape(-1))
+        rows.append((w_off, d, k, c, 0, ob, off))
+        w_off += w.numel()
+    return torch.cat(parts), rows
+
+
+def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats, out_dtype=None):
+    """(out [N, O, H, W] channels_last, ch_sum, ch_sumsq); scale None = raw acc (no epilogue)."""
+    N, C, H, W = x.shape
+    O, offs = _branch_layout(weights, sum_mode)
+    xn = nhwc(x)
+    packed, rows = pack_forward(weights, dilations, offs, x.dtype)
+    out, out_n = empty_nchw_cl(N, O, H, W, out_dtype or x.dtype, x.device)
+    f32 = torch.float32
+    n_oblocks = (lambda bn: triton.cdiv(O, bn)) if sum_mode else _blocks(w.shape[0] for w in weights)
+    parts = tap_conv(xn, packed, rows, out_n, n_oblocks, sum_mode=sum_mode,
+                     scale=None if scale is None else scale.to(f32).contiguous(),
+                     shift=None if scale is None else shift.to(f32).contiguous(),
+                     bias=None if bias is None else bias.to(f32).contiguous(), act=act, stats=compute_stats,
+                     prec=dot_precision(x.dtype))
+    if compute_stats:
+        return out, parts[0].sum(0), parts[1].sum(0)
+    e = x.new_empty((0,), dtype=f32)
+    return out, e, e.clone()
+
+
+def atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift, bias, sum_mode, act,
+                    mask):
+    need_in, need_w, need_ep = bool(mask[0]), bool(mask[1]), bool(mask[2])
+    N, C, H, W = x.shape
+    O, offs = _branch_layout(weights, sum_mode)
+    grad_x = x.new_empty((0,))
+    grad_ws: List[torch.Tensor] = []
+    g_scale, g_shift = scale.new_empty((0,)), shift.new_empty((0,))
+    g_bias = (bias if bias is not None else scale).new_empty((0,))
+    if need_in:
+        grad_x = empty_nchw_cl(N, C, H, W, x.dtype, x.device)[0]
+    if N * H * W == 0:
+        if need_in:
+            grad_x.zero_()
+        if need_w:
+            grad_ws = [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights]
+        if need_ep:
+            g_scale, g_shift = torch.zeros_like(scale), torch.zeros_like(shift)
+            if bias is not None:
+                g_bias = torch.zeros_like(bias)
+        return grad_x, grad_ws, g_scale, g_shift, g_bias
+    if not (need_in or need_w or need_ep):
+        return grad_x, grad_ws, g_scale, g_shift, g_bias
+
+    # acc is needed for grad_scale, and z when relu hides the negative z that 2 z grad_sumsq needs;
+    # otherwise `out` stands in for z (act none) or gives the relu mask (out > 0).
+    recompute = need_ep or (act == 1 and grad_sumsq is not None)
+    if recompute:
+        zsrc = atrous_forward(x, weights, dilations, None, None, None, sum_mode, 0, False, torch.float32)[0]
+    else:
+        zsrc = out
+    g_acc, p_scale, p_shift = epilogue_backward(grad_out, zsrc, recompute, scale, shift, bias, grad_sum, grad_sumsq,
+                                                act, need_in or need_w, need_ep, x.dtype)
+    if need_ep:
+        g_scale = p_scale.to(scale.dtype)
+        g_shift = p_shift.sum((0, 1)).to(shift.dtype)
+        if bias is not None:
+            g_bias = p_shift.sum(1).to(bias.dtype)
+    prec = dot_precision(x.dtype)
+    if need_in:
+        # dgrad: the forward kernel in sum mode over the branches with negated taps and
+        # transposed weights: grad_x[p, c] = sum_{b, tap, o} g_acc[p - tap, off_b + o] W_b[o, c, tap].
+        parts, rows, w_off = [], [], 0
+        for w, d, off in zip(weights, dilations, offs):
+            ob, _, k, _ = w.shape
+            parts.append(w.to(x.dtype).permute(2, 3, 0, 1).reshape(-1))
+            rows.append((w_off, -d, k, ob, off, C, 0))
+            w_off += w.numel()
+        gx_n = grad_x.permute(0, 2, 3, 1)
+        tap_conv(g_acc, torch.cat(parts), rows, gx_n, lambda bn: triton.cdiv(C, bn), sum_mode=True, prec=prec)
+    if need_w:
+        entries, w_off = [], 0
+        for w, d, off in zip(weights, dilations, offs):
+            ob, _, k, _ = w.shape
+            half = k // 2
+            for t in range(k * k):
+                entries.append((w_off + t * C * ob, (t // k - half) * d, (t % k - half) * d, ob, off, 0))
+            w_off += w.numel()
+        flat = tap_wgrad(nhwc(x), g_acc, entries, w_off, C, max(w.shape[0] for w in weights), prec)
+        w_off = 0
+        for w in weights:
+            ob, _, k, _ = w.shape
+            gw = flat[w_off:w_off + w.numel()].view(k, k, C, ob).permute(3, 2, 0, 1)
+            # clone: a custom op's outputs may not alias each other (a view of `flat` could)
+            grad_ws.append(gw.to(w.dtype).clone(memory_format=torch.contiguous_format))
+            w_off += w.numel()
+    return grad_x, grad_ws, g_scale, g_shift, g_bias
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def atrous_conv_ref(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act=0, compute_stats=False):
+    """Pure-torch statement of what the kernels compute (schema of aspp_fused::atrous_conv),
+    in the input's dtype with float accumulation as F.conv2d does it."""
+    acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = []
+    for w, d in zip(weights, dilations):
+        k = w.shape[-1]
+        parts.append(F.conv2d(x.to(acc_dt), w.to(acc_dt), padding=(k // 2) * d, dilation=d))
+    acc = functools.reduce(torch.add, parts) if sum_mode else torch.cat(parts, 1)
+    z = acc * scale.to(acc_dt).view(1, -1, 1, 1) + shift.to(acc_dt).view(1, -1, 1, 1)
+    if bias is not None:
+        z = z + bias.to(acc_dt)[:, :, None, None]
+    if compute_stats:
+        s, ss = z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))
+    else:
+        s = ss = z.new_empty(0)
+    out = torch.relu(z) if act == 1 else z
+    return out.to(x.dtype).contiguous(memory_format=torch.channels_last), s, ss

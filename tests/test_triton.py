@@ -1,0 +1,544 @@
+"""The Triton backend (aspp_fused.kernels) against the torch backend run in float64.
+
+Without a GPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+which executes every program in numpy: the shapes here are tiny on purpose (C <= 20, H, W <= 9,
+O_b <= 4), yet they cover several 4 x 4 tiles per image with ragged edges, rates at and beyond
+the map size (tap rectangles of 1, 2 and 3 taps per axis), C not a multiple of the channel
+block, batch 0 and 1, concat and sum mode, separable with and without the mid BN, stats on and
+off, and every gradient. With a GPU the same tests run compiled on CUDA tensors, and the
+`gpu`-marked tests check the DESIGN standard cases in bf16 / fp16 / fp32.
+
+Tolerance (DESIGN.md): fp32 against the float64 reference 1e-5 relative (TF32 off); bf16 /
+fp16 at most 2x the error of PyTorch's own path in that dtype.
+"""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import aspp_fused
+import aspp_fused.nn as ann
+from aspp_fused import functional as AF
+from aspp_fused import torch_backend
+from conftest import assert_close_rel, randomize_bn, rel_err
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    TRITON_ERROR = "%s: %s" % (type(exc).__name__, exc)
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEV = "cuda" if CUDA else "cpu"
+F64 = torch.float64
+TOL = 1e-5
+
+pytestmark = pytest.mark.skipif(
+    TRITON_ERROR is not None or not (CUDA or INTERPRET),
+    reason="triton not importable (%s) or neither CUDA nor TRITON_INTERPRET=1" % TRITON_ERROR,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 parity is to 1e-5: the kernels follow cudnn.allow_tf32, so switch it off."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+# --------------------------------------------------------------------------- problem builders
+
+
+def atrous_problem(n, c, h, w, branches, sum_mode, bias, dtype=torch.float32, layout="nchw", device=DEV):
+    """branches: (k, O_b, dilation). Returns the functional's positional args after x."""
+    if layout == "noncontiguous":
+        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
+    else:
+        x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    if sum_mode:
+        branches = [(k, branches[0][1], d) for k, _, d in branches]
+    weights = [torch.randn(o, c, k, k, dtype=dtype, device=device) / (c * k * k) ** 0.5 for k, o, _ in branches]
+    o = branches[0][1] if sum_mode else sum(b[1] for b in branches)
+    sd = F64 if dtype == F64 else torch.float32
+    scale = torch.rand(o, dtype=sd, device=device) + 0.5
+    shift = torch.randn(o, dtype=sd, device=device)
+    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
+    return [x, weights, [d for _, _, d in branches], scale, shift, b]
+
+
+def separable_problem(n, c, h, w, branches, bias, dtype=torch.float32, layout="nchw", device=DEV):
+    """branches: (kind in plain / dw / mid, O_b, dilation)."""
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+    if layout == "noncontiguous":
+        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
+    sd = F64 if dtype == F64 else torch.float32
+    dw, ms, msh, pw, dil = [], [], [], [], []
+    for kind, o, d in branches:
+        dw.append(None if kind == "plain" else torch.randn(c, 1, 3, 3, dtype=dtype, device=device) / 3)
+        ms.append(torch.rand(c, dtype=sd, device=device) + 0.5 if kind == "mid" else None)
+        msh.append(torch.randn(c, dtype=sd, device=device) if kind == "mid" else None)
+        pw.append(torch.randn(o, c, 1, 1, dtype=dtype, device=device) / c ** 0.5)
+        dil.append(d)
+    o = sum(b[1] for b in branches)
+    scale = torch.rand(o, dtype=sd, device=device) + 0.5
+    shift = torch.randn(o, dtype=sd, device=device)
+    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
+    return [x, dw, dil, ms, msh, pw, scale, shift, b]
+
+
+def _map(args, fn):
+    def one(t):
+        return fn(t) if isinstance(t, torch.Tensor) else t
+
+    return [[one(t) for t in a] if isinstance(a, list) else one(a) for a in args]
+
+
+def _leaves(args):
+    out = []
+    for a in args:
+        out.extend(t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
+    return out
+
+
+def _atrous(backend, sum_mode, act, stats):
+    return lambda x, ws, d, s, t, b: AF.atrous_conv(x, ws, d, s, t, b, sum_mode=sum_mode, act=act,
+                                                    compute_stats=stats, backend=backend)
+
+
+def _separable(backend, mid_act, act, stats):
+    return lambda x, dw, d, ms, msh, pw, s, t, b: AF.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act=act,
+                                                                     compute_stats=stats, backend=backend)
+
+
+def _parity(make_fn, args, stats, tol=TOL):
+    """Triton (fp32) against the torch backend in float64: outputs, stats, every gradient."""
+    a_t = _map(args, lambda t: t.detach().clone().requires_grad_(True))
+    a_r = _map(args, lambda t: t.detach().double().requires_grad_(True))
+    out_t = make_fn("triton")(*a_t)
+    out_r = make_fn("torch")(*a_r)
+    assert out_t[0].dtype == args[0].dtype and out_t[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, r in zip(("out", "ch_sum", "ch_sumsq"), out_t, out_r):
+        assert a.shape == r.shape, name
+        assert_close_rel(a, r, tol, name)
+    if stats:
+        assert out_t[1].dtype == torch.float32 and out_t[2].dtype == torch.float32
+    g0 = torch.rand(out_t[0].shape, dtype=F64, device=DEV) + 0.5  # not summing to ~0 (grad_shift)
+    loss_t, loss_r = (out_t[0].double() * g0).sum(), (out_r[0] * g0).sum()
+    if stats:
+        g1 = torch.randn(out_t[1].shape, dtype=F64, device=DEV)
+        g2 = torch.randn(out_t[2].shape, dtype=F64, device=DEV) / max(out_t[0].numel(), 1)
+        loss_t = loss_t + (out_t[1].double() * g1).sum() + (out_t[2].double() * g2).sum()
+        loss_r = loss_r + (out_r[1] * g1).sum() + (out_r[2] * g2).sum()
+    leaves_t, leaves_r = _leaves(a_t), _leaves(a_r)
+    grads_t = torch.autograd.grad(loss_t, leaves_t, allow_unused=True)
+    grads_r = torch.autograd.grad(loss_r, leaves_r, allow_unused=True)
+    for i, (gt, gr, leaf) in enumerate(zip(grads_t, grads_r, leaves_t)):
+        assert gt is not None and gt.dtype == leaf.dtype and gt.shape == leaf.shape, i
+        if gr is None:
+            assert gt.abs().max() == 0, i
+        else:
+            assert_close_rel(gt, gr, tol, "grad of input %d" % i)
+
+
+# --------------------------------------------------------------------------- atrous_conv
+
+ASPP_BRANCHES = ((1, 3, 1), (3, 4, 2), (3, 4, 12))
+
+ATROUS_CASES = {
+    # name: (n, c, h, w, branches, sum_mode, act, stats, bias)
+    "concat_relu_stats_7x9": (2, 5, 7, 9, ASPP_BRANCHES, False, 1, True, True),
+    "sum_none_stats_b1_5x5": (1, 5, 5, 5, ASPP_BRANCHES, True, 0, True, True),
+    # C = 20: two channel blocks, the second ragged; a 1-row map.
+    "concat_c20_1x9": (3, 20, 1, 9, ((1, 3, 1), (3, 4, 2), (3, 4, 5)), False, 0, False, False),
+    # Rates at / beyond both sides: only the centre tap (or centre row / column) survives.
+    "sum_relu_rates_ge_hw": (2, 3, 9, 4, ((3, 4, 9), (3, 4, 4)), True, 1, False, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATROUS_CASES))
+def test_atrous_conv_matches_reference(case):
+    n, c, h, w, branches, sum_mode, act, stats, bias = ATROUS_CASES[case]
+    args = atrous_problem(n, c, h, w, branches, sum_mode, bias)
+    _parity(lambda be: _atrous(be, sum_mode, act, stats), args, stats)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+def test_atrous_conv_input_layouts(layout):
+    args = atrous_problem(2, 4, 6, 7, ((1, 2, 1), (3, 3, 2)), False, True, layout=layout)
+    _parity(lambda be: _atrous(be, False, 1, True), args, True)
+
+
+def test_atrous_conv_output_only_grads():
+    """Only x needs a grad (weights frozen): the backward skips the epilogue grads and wgrad."""
+    x, ws, d, s, t, b = atrous_problem(2, 4, 5, 6, ((1, 2, 1), (3, 3, 2)), False, False)
+    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    yt = AF.atrous_conv(xt, ws, d, s, t, act="relu", backend="triton")[0]
+    yr = AF.atrous_conv(xr, [w.double() for w in ws], d, s.double(), t.double(), act="relu", backend="torch")[0]
+    g = torch.randn(yt.shape, dtype=F64, device=DEV)
+    (gt,), (gr,) = torch.autograd.grad((yt.double() * g).sum(), [xt]), torch.autograd.grad((yr * g).sum(), [xr])
+    assert gt.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(gt, gr, TOL, "grad x")
+
+
+# --------------------------------------------------------------------------- separable_conv
+
+SEP_CASES = {
+    # name: (n, c, h, w, branches, mid_act, act, stats, bias, layout)
+    "mixed_midrelu_relu_stats": (2, 5, 7, 9, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), 1, 1, True, True,
+                                 "nchw"),
+    "mixed_none_b1_noncontig": (1, 5, 5, 5, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), 0, 0, False, False,
+                                "noncontiguous"),
+    "c20_dw_mid": (2, 20, 6, 5, (("dw", 4, 2), ("mid", 3, 3)), 1, 1, True, False, "nchw"),
+    "all_plain": (2, 5, 4, 7, (("plain", 3, 1), ("plain", 2, 1)), 1, 1, True, True, "nchw"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEP_CASES))
+def test_separable_conv_matches_reference(case):
+    n, c, h, w, branches, mid_act, act, stats, bias, layout = SEP_CASES[case]
+    args = separable_problem(n, c, h, w, branches, bias, layout=layout)
+    _parity(lambda be: _separable(be, mid_act, act, stats), args, stats)
+
+
+# --------------------------------------------------------------------------- batch 0
+
+
+def test_batch_zero_gives_empty_outputs_zero_stats_and_zero_grads():
+    x, ws, d, s, t, _ = atrous_problem(0, 5, 7, 9, ASPP_BRANCHES, False, False)
+    ws = [w.requires_grad_() for w in ws]
+    out, cs, css = AF.atrous_conv(x, ws, d, s, t, act="none", compute_stats=True, backend="triton")
+    assert out.shape == (0, 11, 7, 9) and cs.shape == (11,) and torch.all(cs == 0) and torch.all(css == 0)
+    gw = torch.autograd.grad(out.sum() + cs.sum() + css.sum(), ws)
+    assert all(g.shape == w.shape and torch.all(g == 0) for g, w in zip(gw, ws))
+    sx, dw, dd, ms, msh, pw, s2, t2, _ = separable_problem(0, 5, 7, 9, (("plain", 3, 1), ("mid", 4, 2)), False)
+    out, cs, _ = AF.separable_conv(sx, dw, dd, ms, msh, "relu", pw, s2, t2, None, act="relu", compute_stats=True,
+                                   backend="triton")
+    assert out.shape == (0, 7, 7, 9) and torch.all(cs == 0)
+
+
+# --------------------------------------------------------------------------- modules and convert()
+
+
+def _module_inputs(n, h, w, train):
+    return torch.randn(n, 8, h, w, device=DEV).requires_grad_(train)
+
+
+def _compare_modules(ref, fused, x, train, tol):
+    """The converted module (fp32, Triton) against its twin run in float64 (test_modules._compare)."""
+    ref64 = copy.deepcopy(ref).double()
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    xf = x.detach().clone().requires_grad_(x.requires_grad)
+    fused.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    y_ref = ref64(x64)
+    torch.manual_seed(123)
+    y = fused(xf)
+    assert y.shape == y_ref.shape and y.dtype == x.dtype
+    assert_close_rel(y, y_ref, tol, "output")
+    if train:
+        g = torch.randn(y.shape, dtype=F64, device=DEV)
+        y_ref.backward(g)
+        y.backward(g.float())
+        assert_close_rel(xf.grad, x64.grad, tol, "input grad")
+        ref_params = dict(ref64.named_parameters())
+        for name, p in fused.named_parameters():
+            assert_close_rel(p.grad, ref_params[name].grad, tol, "grad of " + name)
+    ref_buffers = dict(ref64.named_buffers())
+    for name, b in fused.named_buffers():
+        if b.is_floating_point():
+            assert_close_rel(b, ref_buffers[name], tol, name)
+        else:
+            assert torch.equal(b, ref_buffers[name]), name
+    ref.load_state_dict(ref64.float().state_dict())  # keep the fp32 twin's running stats in step
+
+
+def _aspp_v2():
+    m = ann.ASPPv2(8, 5, [1, 6, 12])
+    with torch.no_grad():  # the DeepLab v2 init (std 0.01, zero bias) makes outputs tiny
+        for c in m.convs:
+            c.weight.normal_()
+            c.bias.normal_()
+    return m
+
+
+MODULES = {
+    "aspp": lambda: ann.ASPP(8, [2, 3, 12], out_channels=6),
+    "sep_aspp": lambda: ann.SeparableASPP(8, 6, [2, 5, 12]),
+    # Rates below the map size: see test_modules._sep_aspp_mid (a training mid BN makes the
+    # output invariant to a centre-tap-only depthwise weight; its exact grad is 0).
+    "sep_aspp_mid": lambda: ann.SeparableASPP(8, 6, [1, 2, 3], mid_norm=True),
+    "aspp_v2": _aspp_v2,
+}
+MODULE_TYPES = {"aspp": ann.FusedASPP, "sep_aspp": ann.FusedSeparableASPP, "sep_aspp_mid": ann.FusedSeparableASPP,
+                "aspp_v2": ann.FusedASPPv2}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", sorted(MODULES))
+def test_convert_to_triton_matches_twin(case, train):
+    # N >= 3 in training: see test_modules.SHAPES (the pooling BN of N = 2 normalises to +-1).
+    n, h, w = (3, 7, 9) if train else (2, 7, 5)
+    twin = randomize_bn(MODULES[case]()).to(DEV).train(train)
+    if hasattr(twin, "project"):
+        twin.project[3].p = 0.0  # dropout masks would differ between the fp64 twin and fp32 kernels' order
+    ref = copy.deepcopy(twin)
+    fused = aspp_fused.convert(twin, backend="triton")
+    assert isinstance(fused, MODULE_TYPES[case]) and fused.backend == "triton"
+    _compare_modules(ref, fused, _module_inputs(n, h, w, train), train, TOL)
+
+
+def test_convert_several_train_steps_then_eval():
+    """Running stats accumulate over training steps on the Triton backend, then eval uses them."""
+    twin = randomize_bn(ann.ASPP(8, [2, 12], out_channels=6)).to(DEV)
+    twin.project[3].p = 0.0
+    ref = copy.deepcopy(twin)
+    fused = aspp_fused.convert(twin, backend="triton")
+    for _ in range(2):
+        x = torch.randn(3, 8, 6, 7, device=DEV) * 2 + 0.5
+        _compare_modules(ref.train(), fused.train(), x.requires_grad_(), True, TOL)
+    _compare_modules(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7, device=DEV), False, TOL)
+
+
+# --------------------------------------------------------------------------- torch.compile, opcheck
+
+
+def test_compile_fullgraph_eval_and_train():
+    torch._dynamo.reset()
+    m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6, backend="triton")).to(DEV).eval()
+    x = torch.randn(2, 8, 7, 9, device=DEV)
+    with torch.no_grad():
+        assert_close_rel(torch.compile(m, fullgraph=True)(x), m(x), 1e-5, "compiled eval output")
+    torch._dynamo.reset()
+    m = randomize_bn(ann.FusedSeparableASPP(8, 6, [2, 12], backend="triton")).to(DEV).train()
+    m.project[3].p = 0.0
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 8, 7, 9, device=DEV, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_c, y_e = compiled(x), eager(x2)
+    assert_close_rel(y_c, y_e, 1e-5, "compiled train output")
+    g = torch.randn_like(y_e)
+    y_c.backward(g)
+    y_e.backward(g)
+    assert_close_rel(x.grad, x2.grad, 1e-5, "input grad")
+    for (name, p), p_e in zip(m.named_parameters(), eager.parameters()):
+        assert_close_rel(p.grad, p_e.grad, 1e-5, "grad of " + name)
+
+
+def test_opcheck_triton_ops():
+    x, ws, d, s, t, b = atrous_problem(2, 3, 5, 4, ((1, 2, 1), (3, 2, 3)), False, True)
+    ws = [w.requires_grad_() for w in ws]
+    torch.library.opcheck(torch.ops.aspp_fused.triton_atrous_conv.default, (x, ws, d, s, t, b, False, 1, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    sx, dw, dd, ms, msh, pw, s2, t2, _ = separable_problem(2, 3, 5, 4, (("plain", 2, 1), ("mid", 2, 2)), False)
+    e = sx.new_empty(0)
+    absent = lambda lst: [e if v is None else v for v in lst]  # noqa: E731  (the schema's "absent")
+    torch.library.opcheck(torch.ops.aspp_fused.triton_separable_conv.default,
+                          (sx, absent(dw), dd, absent(ms), absent(msh), 1, pw, s2, t2, None, 1, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------- dispatch and errors
+
+
+def test_backend_errors_are_clear(monkeypatch):
+    from aspp_fused import kernels
+
+    x, ws, d, s, t, _ = atrous_problem(1, 3, 4, 4, ((1, 2, 1),), False, False, device="cpu")
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16.*float64"):
+        AF.atrous_conv(x.double(), [w.double() for w in ws], d, s, t, backend="triton")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="CPU tensor.*TRITON_INTERPRET=1"):
+        AF.atrous_conv(x, ws, d, s, t, backend="triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        ann.FusedASPP(8, [2], backend="triton")
+    assert AF.resolve_backend("auto", x) == "torch"
+
+
+def test_tf32_follows_cudnn_switch():
+    from aspp_fused.kernels._common import dot_precision
+
+    assert dot_precision(torch.float32) == "ieee"  # the autouse fixture turned TF32 off
+    torch.backends.cudnn.allow_tf32 = True
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_refs_match_torch_backend():
+    """The pure-torch *_ref beside each kernel states the same semantics as the torch backend."""
+    from aspp_fused.kernels.atrous_conv import atrous_conv_ref
+    from aspp_fused.kernels.separable_conv import separable_conv_ref
+
+    args = atrous_problem(2, 5, 7, 9, ASPP_BRANCHES, False, True, dtype=F64, device="cpu")
+    for a, r in zip(atrous_conv_ref(*args, False, 1, True), torch_backend.atrous_conv(*args, False, 1, True)):
+        assert_close_rel(a, r, 1e-12, "atrous_conv_ref")
+    sargs = separable_problem(2, 5, 7, 9, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), True, dtype=F64,
+                              device="cpu")
+    x, dw, d, ms, msh, pw, s, t, b = sargs
+    for a, r in zip(separable_conv_ref(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True),
+                    torch_backend.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True)):
+        assert_close_rel(a, r, 1e-12, "separable_conv_ref")
+
+
+# --------------------------------------------------------------------------- sm_90 build without a GPU
+
+_SM90_SCRIPT = r"""
+import json, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from aspp_fused.kernels import atrous_conv as A, bn_act as B, separable_conv as S
+
+DIV16 = {"CIN_STRIDE", "OUT_STRIDE", "C", "CX", "GO", "KC", "OMAX", "TOTAL", "IN_STRIDE", "HW", "O"}
+
+def build(kernel, ptrs, consts, cfg=None):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    c = dict(consts, **(cfg.kwargs if cfg else {}))
+    sig = {n: "constexpr" if n in c else ptrs.get(n, "i32") for n in fn.arg_names}
+    # as the launcher specialises them: 16-byte aligned pointers, ints divisible by 16 (C = 2048, ...)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and (sig[n].startswith("*") or n in DIV16)}
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else {}
+    k = triton.compile(ASTSource(fn, sig, c, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    return k.metadata.shared
+
+bf = "*bf16"
+out = {}
+cfg = A.FWD_CONFIGS[0]
+out["tap_conv"] = (build(A.tap_conv_kernel, dict(in_ptr=bf, w_ptr=bf, meta_ptr="*i32", out_ptr=bf, scale_ptr="*fp32",
+                   shift_ptr="*fp32", bias_ptr="*fp32", psum_ptr="*fp32", psumsq_ptr="*fp32"),
+                   dict(SUM_MODE=False, HAS_SCALE=True, HAS_BIAS=True, ACT=1, STATS=True, DOT_PREC="tf32",
+                        A_ALIGN=16, W_ALIGN=16), cfg),
+                   (cfg.kwargs["BM"] + cfg.kwargs["BN"]) * cfg.kwargs["BK"] * 2, cfg.num_stages)
+wc = A.WGRAD_CONFIGS[0]
+out["tap_wgrad"] = (build(A.tap_wgrad_kernel, dict(x_ptr=bf, g_ptr=bf, ent_ptr="*i32", part_ptr="*fp32"),
+                    dict(DOT_PREC="tf32", X_ALIGN=16, G_ALIGN=16), wc),
+                    (wc.kwargs["BM"] + wc.kwargs["BN"]) * wc.kwargs["BK"] * 2, wc.num_stages)
+build(S.sep_conv_kernel, dict(x_ptr=bf, dw_ptr="*fp32", mid_ptr="*fp32", pw_ptr=bf, meta_ptr="*i32", out_ptr=bf,
+      scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*fp32", psum_ptr="*fp32", psumsq_ptr="*fp32"),
+      dict(MID_ACT=1, HAS_SCALE=True, HAS_BIAS=True, ACT=1, STATS=True, DOT_PREC="tf32", W_ALIGN=16, D_ALIGN=16),
+      S.SEP_CONFIGS[0])
+build(S.dw_kernel, dict(in_ptr="*fp32", dw_ptr="*fp32", mid_ptr="*fp32", meta_ptr="*i32", d_ptr="*fp32", m_ptr=bf,
+      add_ptr="*fp32"), dict(SUM_MODE=False, STORE_D=True, STORE_M=True, HAS_ADD=False, MID_ACT=1, **S.DW_TILE))
+build(S.dw_bwd_kernel, dict(g_ptr="*fp32", d_ptr="*fp32", x_ptr=bf, dw_meta_ptr="*i32", mid_ptr="*fp32",
+      pms_ptr="*fp32", pmsh_ptr="*fp32", pdw_ptr="*fp32"), dict(MID_ACT=1, BP=S.DWB_BP, BC=S.DWB_BC))
+build(B.epilogue_bwd_kernel, dict(go_ptr=bf, z_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*fp32",
+      gsum_ptr="*fp32", gsumsq_ptr="*fp32", gacc_ptr=bf, pscale_ptr="*fp32", pshift_ptr="*fp32"),
+      dict(RECOMPUTE=True, HAS_BIAS=True, HAS_GSUM=True, HAS_GSUMSQ=True, ACT=1, STORE_GACC=True, NEED_EP=True,
+           BP=B.BP, BO=B.BO))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_kernels_build_for_sm90_with_pipelined_k_loops():
+    """Every kernel compiles to an sm_90 cubin (Triton's bundled ptxas; no GPU needed), and the
+    GEMM K loops keep their multi-stage software pipeline: the divisibility hints on values read
+    from the meta tables are what lets the masked bf16 loads become cp.async (one stage without)."""
+    import json
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip("no ptxas for an offline sm_90 build")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    for name, (shared, one_stage, stages) in result.items():
+        assert shared >= 2 * one_stage, "%s: %d B of shared memory, one stage is %d B: K loop not pipelined" % (
+            name, shared, one_stage)
+
+
+# --------------------------------------------------------------------------- GPU: DESIGN standard cases
+
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _low_precision_limit(ours, pytorch, exact, dtype):
+    return TOL if dtype == torch.float32 else 2 * rel_err(pytorch, exact)
+
+
+STANDARD_ATROUS = {
+    # name: (H = W, rates, O_b, sum_mode, act, bias)
+    "aspp_v3_os16": (33, (6, 12, 18), 256, False, 1, True),
+    "aspp_v3_os8": (65, (12, 24, 36), 256, False, 1, True),
+    "aspp_v2_os8": (65, (6, 12, 18, 24), 21, True, 0, False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(STANDARD_ATROUS))
+def test_gpu_standard_atrous(case, dtype):
+    hw, rates, ob, sum_mode, act, bias = STANDARD_ATROUS[case]
+    branches = ([] if sum_mode else [(1, ob, 1)]) + [(3, ob, r) for r in rates]
+    args = atrous_problem(16, 2048, hw, hw, branches, sum_mode, bias, dtype=dtype)
+    exact = AF.atrous_conv(*_map(args, lambda t: t.double()), sum_mode=sum_mode, act=act, backend="torch")[0]
+    ours = AF.atrous_conv(*args, sum_mode=sum_mode, act=act, backend="triton")[0]
+    pytorch = AF.atrous_conv(*args, sum_mode=sum_mode, act=act, backend="torch")[0]
+    assert ours.dtype == dtype
+    assert rel_err(ours, exact) <= _low_precision_limit(ours, pytorch, exact, dtype)
+    # Stats (training) on the same problem.
+    _, s, ss = AF.atrous_conv(*args, sum_mode=sum_mode, act="none", compute_stats=True, backend="triton")
+    _, s_e, ss_e = AF.atrous_conv(*_map(args, lambda t: t.double()), sum_mode=sum_mode, act="none",
+                                  compute_stats=True, backend="torch")
+    _, s_p, ss_p = AF.atrous_conv(*args, sum_mode=sum_mode, act="none", compute_stats=True, backend="torch")
+    assert rel_err(ss, ss_e) <= max(_low_precision_limit(ss, ss_p, ss_e, dtype), 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("mid", [False, True], ids=["smp", "midbn"])
+def test_gpu_standard_separable(mid, dtype):
+    kind = "mid" if mid else "dw"
+    args = separable_problem(16, 2048, 33, 33, (("plain", 256, 1),) + tuple((kind, 256, r) for r in (6, 12, 18)),
+                             True, dtype=dtype)
+    x, dw, d, ms, msh, pw, s, t, b = args
+
+    def run(a, backend):
+        return AF.separable_conv(*a[:5], "relu", *a[5:], act="relu", backend=backend)[0]
+
+    exact = run(_map(args, lambda v: v.double()), "torch")
+    ours = run(args, "triton")
+    pytorch = run(args, "torch")
+    assert ours.dtype == dtype
+    assert rel_err(ours, exact) <= _low_precision_limit(ours, pytorch, exact, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_standard_backward(dtype):
+    """Every grad of the OS16 ASPP conv (batch 4 to bound the float64 reference's cost)."""
+    branches = [(1, 256, 1)] + [(3, 256, r) for r in (6, 12, 18)]
+    args = atrous_problem(4, 2048, 33, 33, branches, False, True, dtype=dtype)
+
+    def grads(a, backend):
+        a = _map(a, lambda v: v.detach().clone().requires_grad_(True))
+        out, cs, css = AF.atrous_conv(*a, act="relu", compute_stats=True, backend=backend)
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        g0 = torch.rand(out.shape, generator=gen, device=DEV, dtype=F64) + 0.5
+        g2 = torch.randn(css.shape, generator=gen, device=DEV, dtype=F64) / out.numel()
+        loss = (out.double() * g0).sum() + (css.double() * g2).sum()
+        return torch.autograd.grad(loss, _leaves(a))
+
+    exact = grads(_map(args, lambda v: v.double()), "torch")
+    ours = grads(args, "triton")
+    pytorch = grads(args, "torch")
+    for i, (o, p, e) in enumerate(zip(ours, pytorch, exact)):
+        limit = 1e-4 if dtype == torch.float32 else 2 * rel_err(p, e)
+        assert rel_err(o, e) <= limit, (i, rel_err(o, e), limit)
