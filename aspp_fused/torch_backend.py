@@ -44,7 +44,7 @@ def _finish(z: torch.Tensor, bias, act: int, compute_stats: bool):
     return z.contiguous(memory_format=torch.channels_last), ch_sum, ch_sumsq
 
 
-def _fold(w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+def fold(w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """w * scale[o], written straight into channels_last (the layout oneDNN wants for a
     channels_last input, so the conv does not copy the weight again)."""
     if scale is None:
@@ -108,10 +108,10 @@ def atrous_conv(
         o = w.shape[0]
         w, padding = _valid_taps(w, d, x.shape[-2], x.shape[-1])
         if sum_mode:
-            w_folded = _fold(w, scale)
+            w_folded = fold(w, scale)
             b_folded = shift if i == 0 else None
         else:
-            w_folded = _fold(w, _slice(scale, offset, offset + o))
+            w_folded = fold(w, _slice(scale, offset, offset + o))
             b_folded = _slice(shift, offset, offset + o)
             offset += o
         parts.append(F.conv2d(x, w_folded, b_folded, padding=padding, dilation=d))
@@ -154,7 +154,7 @@ def separable_conv(
             if ms is not None:
                 m = _act(m * ms.to(m.dtype).view(1, c, 1, 1) + msh.to(m.dtype).view(1, c, 1, 1), mid_act)
         o = pw.shape[0]
-        parts.append(F.conv2d(m, _fold(pw, _slice(scale, offset, offset + o)), _slice(shift, offset, offset + o)))
+        parts.append(F.conv2d(m, fold(pw, _slice(scale, offset, offset + o)), _slice(shift, offset, offset + o)))
         offset += o
     z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return _finish(z, bias, act, compute_stats)

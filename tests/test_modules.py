@@ -279,3 +279,24 @@ def test_from_module_explains_unsupported_layouts():
         ann.FusedASPP(8, [2], backend="cuda")
     with pytest.raises(ValueError, match="atrous_rates must be positive"):
         ann.FusedASPP(8, [0, 2])
+
+
+def test_eval_fold_cache_follows_parameter_changes():
+    """Inference reuses the BN-folded weights until a parameter or running stat changes."""
+    twin = randomize_bn(ann.ASPP(8, [2, 3], out_channels=6)).eval()
+    fused = ann.FusedASPP.from_module(copy.deepcopy(twin), backend="torch").eval()
+    x = torch.randn(2, 8, 7, 9)
+    with torch.no_grad():
+        assert_close_rel(fused(x), twin(x), TOL, "first call")
+        assert_close_rel(fused(x), twin(x), TOL, "cached call")
+        for m in (twin, fused):  # an in-place update, as an optimizer or load_state_dict does
+            m.convs[1][0].weight.mul_(1.5)
+            m.convs[1][1].running_var.add_(0.3)
+        assert_close_rel(fused(x), twin(x), TOL, "after in-place updates")
+        fused.load_state_dict(randomize_bn(copy.deepcopy(twin)).state_dict())
+        twin.load_state_dict(fused.state_dict())
+        assert_close_rel(fused(x), twin(x), TOL, "after load_state_dict")
+    clone = copy.deepcopy(fused)
+    with torch.no_grad():
+        clone.convs[0][0].weight.zero_()
+        assert_close_rel(fused(x), twin(x), TOL, "a deepcopy does not share the cache")

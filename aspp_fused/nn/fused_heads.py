@@ -14,7 +14,7 @@ from aspp_fused import functional as AF
 from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 from aspp_fused.nn.fused import (
-    FusedModule, _fail, acc_dtype, check_bn, check_cbr, check_conv, check_input, check_type, conv_bn_act,
+    FusedModule, _fail, acc_dtype, fold_cache, check_bn, check_cbr, check_conv, check_input, check_type, conv_bn_act,
     like_input_format, separable_branch_args, separable_bn_act,
 )
 
@@ -90,7 +90,8 @@ def _project(self, x, h, p):
     w_main = conv.weight[:, :split]
     w_pool = conv.weight[:, split:, 0, 0]
     bias = (p.to(acc_dtype(x)) @ w_pool.to(acc_dtype(x)).t())
-    out = conv_bn_act(h, [conv], [bn], self.backend, weights=[w_main], sample_bias=bias)
+    out = conv_bn_act(h, [conv], [bn], self.backend, weights=[w_main], sample_bias=bias, cache=fold_cache(self),
+                      cache_key="project")
     if len(self.project) == 4:
         dropout = self.project[3]
         if dropout.training and dropout.p > 0:
@@ -120,7 +121,8 @@ class FusedASPP(FusedModule):
     def forward(self, x):
         branches = list(self.convs)[:-1]
         check_input(type(self).__name__, x, branches[0][0].in_channels)
-        h = conv_bn_act(x, [b[0] for b in branches], [b[1] for b in branches], self.backend)
+        h = conv_bn_act(x, [b[0] for b in branches], [b[1] for b in branches], self.backend, cache=fold_cache(self),
+                        cache_key="branches")
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
 
 
@@ -226,7 +228,7 @@ class FusedLRASPPHead(FusedModule):
         low, high = input["low"], input["high"]
         check_input(owner + " (input['high'])", high, self.cbr[0].in_channels)
         check_input(owner + " (input['low'])", low, self.low_classifier.in_channels)
-        x = conv_bn_act(high, [self.cbr[0]], [self.cbr[1]], self.backend)
+        x = conv_bn_act(high, [self.cbr[0]], [self.cbr[1]], self.backend, cache=fold_cache(self), cache_key="cbr")
         s = self.scale(high)
         x = x * s
         hc = self.high_classifier
@@ -275,5 +277,5 @@ class FusedDeepLabHead(FusedModule, nn.Sequential):
 
     def forward(self, x):
         y = self[0](x)
-        y = conv_bn_act(y, [self[1]], [self[2]], self.backend)
+        y = conv_bn_act(y, [self[1]], [self[2]], self.backend, cache=fold_cache(self), cache_key="conv")
         return like_input_format(conv_bn_act_free(y, self[4], self.backend), x)

@@ -11,7 +11,7 @@ from typing import Dict
 from torch import nn
 
 from aspp_fused.nn.fused import (
-    FusedModule, _fail, check_bn, check_conv, conv_bn_act, like_input_format, separable_branch_args,
+    FusedModule, _fail, check_bn, check_conv, conv_bn_act, fold_cache, like_input_format, separable_branch_args,
     separable_bn_act,
 )
 
@@ -73,7 +73,8 @@ class FusedSequential(FusedModule, nn.Sequential):
         while i < len(mods):
             kind = runs.get(i)
             if kind == "cbr":
-                x = like_input_format(conv_bn_act(x, [mods[i]], [mods[i + 1]], self.backend), x)
+                x = like_input_format(conv_bn_act(x, [mods[i]], [mods[i + 1]], self.backend,
+                                                  cache=fold_cache(self), cache_key=i), x)
                 i += 3
             elif kind == "sep":
                 branch = separable_branch_args(type(self).__name__, mods[i], "[%d]" % i)
