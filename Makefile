@@ -11,8 +11,8 @@ install:            ## build the extension in place (CPU kernels; CUDA kernels w
 test: install       ## the test suite (CPU; `gpu` tests run too when CUDA is present)
 	$(PYTHON) -m pytest -q
 
-bench: install      ## throughput benchmarks
-	@echo "benchmarks not yet available: the benchmark suite is a later milestone (see README, Status)"
+bench: install      ## throughput benchmarks -> benchmarks/results/<date>_<device>.{json,md,png}; BENCH_ARGS="--quick ..."
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a)
 	@if ls csrc/cuda/*.cu csrc/cuda/*.cuh >/dev/null 2>&1; then \

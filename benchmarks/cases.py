@@ -1,0 +1,302 @@
+"""What is measured: the standard cases, and how each provider runs them.
+
+A case builds its reference twin (plain PyTorch, aspp_fused.nn or torchvision) in one of two
+size profiles: ``gpu`` (DESIGN.md's sizes: batch 16, C=2048, 256 out) and ``cpu`` (scaled down
+so that the whole suite runs in a few minutes on a small CPU machine: batch 2, C=512, same
+spatial sizes and rates, so the padding geometry is the same as on the GPU). Every provider
+starts from a deep copy of the same twin, with the same randomised weights and BN statistics.
+"""
+import copy
+import sys
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+import aspp_fused
+from aspp_fused import _extension
+from aspp_fused import nn as ann
+
+PROVIDERS = ("eager", "eager_cl", "compile", "fused_torch", "fused_triton", "fused_cpp")
+BASELINE = "eager_cl"  # speedups are reported against channels_last eager PyTorch (cudnn.benchmark on GPU)
+
+Shape = Tuple[int, int, int]  # (C, H, W) of one sample
+InputSpec = Union[Shape, Dict[str, Shape]]
+
+
+class Skip(Exception):
+    """A provider (or case) that cannot run here; the message says why."""
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    build: Callable[[str], Tuple[nn.Module, InputSpec]]  # size profile -> (twin, per-sample input shape)
+    batch: Dict[str, int]
+    fused: Optional[type] = None  # fused head class; None: aspp_fused.convert (whole models)
+    standard: bool = True  # in the default suite
+    notes: Dict[str, str] = field(default_factory=dict)  # size profile -> remark for the report
+
+
+def _channels(size: str) -> int:
+    return 2048 if size == "gpu" else 512
+
+
+def _aspp_v3(rates, hw):
+    def build(size):
+        c = _channels(size)
+        return ann.ASPP(c, rates, 256), (c, hw, hw)
+    return build
+
+
+def _aspp_v2(size):
+    c = _channels(size)
+    return ann.ASPPv2(c, 21, (6, 12, 18, 24)), (c, 65, 65)
+
+
+def _sep_aspp(size):
+    c = _channels(size)
+    return ann.SeparableASPP(c, 256, (6, 12, 18)), (c, 33, 33)
+
+
+def _lraspp(size):
+    # MobileNetV3-Large's LR-ASPP: 960 channels at OS16 (33x33 for a 513 input), 40 at OS8.
+    return ann.LRASPPHead(40, 960, 21, 128), {"low": (40, 65, 65), "high": (960, 33, 33)}
+
+
+def import_torchvision_segmentation():
+    """torchvision's segmentation models, or raise Skip with the reason."""
+    if "torchvision" not in sys.modules and not torch.version.cuda:
+        # torchvision publishes CUDA builds only; on a CPU build of torch its compiled ops do not
+        # load, and `import torchvision` dies registering their meta kernels
+        # (torchvision/_meta_registrations.py: "operator torchvision::nms does not exist").
+        # The segmentation models are pure Python and never call those ops, so an empty
+        # stand-in for that module is enough (as in tests/conftest.py).
+        sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    try:
+        import torchvision.models.segmentation as seg
+    except Exception as exc:  # not installed, or a build that does not match this torch
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise Skip("torchvision not usable: %s: %s" % (type(exc).__name__, first))
+    return seg
+
+
+def _deeplabv3_resnet101(size):
+    seg = import_torchvision_segmentation()
+    # OS8 (torchvision dilates layer3 and layer4), DeepLabHead with rates 12/24/36. A 513 input
+    # gives 65x65 features (the head of aspp_v3_os8). On CPU 193 -> 25x25 features, where rate 36
+    # reaches past the map (its 3x3 degenerates to the centre tap, as the fused path exploits):
+    # ~0.6 s per forward of 2 images on 2 cores, so the suite stays within a few minutes.
+    model = seg.deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21)
+    hw = 513 if size == "gpu" else 193
+    return model, (3, hw, hw)
+
+
+def _tiny(size):
+    return ann.ASPP(16, (2, 4, 6), 8), (16, 9, 9)
+
+
+CASES: Dict[str, Case] = {c.name: c for c in [
+    Case("aspp_v3_os16", "ASPP v3, OS16: 33x33, rates 6/12/18, 256 out", _aspp_v3((6, 12, 18), 33),
+         {"gpu": 16, "cpu": 2}, ann.FusedASPP),
+    Case("aspp_v3_os8", "ASPP v3, OS8: 65x65, rates 12/24/36, 256 out", _aspp_v3((12, 24, 36), 65),
+         {"gpu": 16, "cpu": 2}, ann.FusedASPP),
+    Case("aspp_v2_os8", "ASPP v2, OS8: 65x65, rates 6/12/18/24, 21 classes, sum", _aspp_v2,
+         {"gpu": 16, "cpu": 2}, ann.FusedASPPv2),
+    Case("sep_aspp_os16", "ASPP v3+ (separable), OS16: 33x33, rates 6/12/18, 256 out", _sep_aspp,
+         {"gpu": 16, "cpu": 2}, ann.FusedSeparableASPP),
+    Case("lraspp", "LR-ASPP: high 960 ch at 33x33, low 40 ch at 65x65, inter 128, 21 classes", _lraspp,
+         {"gpu": 16, "cpu": 2}, ann.FusedLRASPPHead),
+    Case("deeplabv3_resnet101_os8", "torchvision deeplabv3_resnet101 (OS8, 21 classes), end to end; "
+         "converted with aspp_fused.convert", _deeplabv3_resnet101, {"gpu": 16, "cpu": 2},
+         notes={"gpu": "513x513 images", "cpu": "193x193 images (25x25 features)"}),
+    Case("tiny", "smoke test: ASPP 16 -> 8 ch, 9x9, rates 2/4/6", _tiny, {"gpu": 2, "cpu": 2}, ann.FusedASPP,
+         standard=False),
+]}
+
+STANDARD = [name for name, c in CASES.items() if c.standard]
+
+
+def channel_count(spec: InputSpec) -> str:
+    """'2048x33x33' or 'high 960x33x33, low 40x65x65' (for the report)."""
+    if isinstance(spec, dict):
+        return ", ".join("%s %s" % (k, "x".join(map(str, v))) for k, v in spec.items())
+    return "x".join(map(str, spec))
+
+
+# --------------------------------------------------------------------------- the twin and its inputs
+
+
+def randomize_bn(module: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters: fresh ones (0 / 1) would make the
+    folded BN an identity, and a ReLU after a zero-mean conv would let half the work vanish."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+def build_twin(case: Case, size: str, device, dtype) -> Tuple[nn.Module, InputSpec]:
+    """The reference module, seeded, BN randomised, on ``device`` in ``dtype`` (NCHW)."""
+    torch.manual_seed(0)
+    twin, spec = case.build(size)
+    randomize_bn(twin)
+    return twin.to(device=device, dtype=dtype), spec
+
+
+def make_inputs(spec: InputSpec, batch: int, count: int, device, dtype, channels_last: bool,
+                requires_grad: bool = False) -> List:
+    """``count`` distinct inputs (same seeds for every provider), NCHW or channels_last."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def one(shape, seed):
+        full = (batch,) + tuple(shape)
+        if torch.device(device).type == "meta":  # shapes only (MAC counting)
+            return torch.empty(full, device="meta", dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        t = torch.randn(full, generator=gen, device=device, dtype=dtype)
+        return t.contiguous(memory_format=fmt).requires_grad_(requires_grad)
+
+    out = []
+    for i in range(count):
+        if isinstance(spec, dict):
+            out.append({k: one(s, 1000 * i + j) for j, (k, s) in enumerate(sorted(spec.items()))})
+        else:
+            out.append(one(spec, 1000 * i))
+    return out
+
+
+def input_bytes(spec: InputSpec, batch: int, dtype) -> int:
+    shapes = spec.values() if isinstance(spec, dict) else [spec]
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(batch * c * h * w for c, h, w in shapes) * elem
+
+
+def meta_macs(case: Case, size: str, batch: int):
+    """(dense MACs, executed MACs, output shape, input spec) of one forward, counted on the
+    meta device (shapes only: free even for ResNet-101)."""
+    from benchmarks.harness import count_macs
+
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        twin, spec = case.build(size)
+        inputs = make_inputs(spec, batch, 1, "meta", torch.float32, False)[0]
+    dense, executed, out = count_macs(twin.eval(), inputs)
+    out = out["out"] if isinstance(out, dict) else out
+    return dense, executed, tuple(out.shape), spec
+
+
+# --------------------------------------------------------------------------- providers
+
+
+@dataclass
+class Provider:
+    name: str
+    module: nn.Module
+    channels_last: bool
+    cudnn_benchmark: bool
+    before_step: Optional[Callable[[], None]] = None  # outside the timed region
+    note: str = ""
+
+
+def _compile_note(device) -> str:
+    if device.type == "cuda":
+        return "torch.compile(mode='max-autotune')"
+    return "torch.compile default mode (max-autotune on CPU is far too slow to compile)"
+
+
+def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device) -> Provider:
+    """Provider ``name`` for ``twin`` (already on device, dtype, train/eval). Raises Skip(reason)."""
+    cuda = device.type == "cuda"
+    if name == "eager":
+        # Out-of-the-box PyTorch: NCHW, cudnn.benchmark left at its default (off).
+        return Provider(name, copy.deepcopy(twin), False, False)
+    cl = copy.deepcopy(twin).to(memory_format=torch.channels_last)
+    if name == "eager_cl":
+        return Provider(name, cl, True, True, note="channels_last, cudnn.benchmark" if cuda else "channels_last")
+    if name == "compile":
+        mode = "max-autotune" if cuda else None
+        compiled = torch.compile(cl, mode=mode)
+        # max-autotune captures CUDA graphs; a new step must be announced or the previous
+        # step's outputs (graph-owned memory) count as still in use.
+        before = torch.compiler.cudagraph_mark_step_begin if cuda else None
+        return Provider(name, compiled, True, True, before, note=_compile_note(device))
+    if name.startswith("fused_"):
+        backend = name[len("fused_"):]
+        if backend == "triton" and not cuda:
+            raise Skip("the Triton kernels run on CUDA tensors; on CPU only under the Triton interpreter "
+                       "(TRITON_INTERPRET=1), a correctness tool, not something to time")
+        if backend == "cpp":
+            if not _extension.cpp_available():
+                raise Skip("aspp_fused._C not loaded: %s" % _extension.LOAD_ERROR)
+            if cuda and not _extension.cuda_kernels_built():
+                raise Skip("cpp CUDA kernels not built (aspp_fused._C has its CPU kernels only)")
+        try:
+            if case.fused is not None:
+                fused = case.fused.from_module(cl, backend=backend)
+            else:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fused = aspp_fused.convert(cl, backend=backend)
+                if not aspp_fused.list_fused(fused):
+                    why = "; ".join(str(w.message) for w in caught) or "no recognised head"
+                    raise Skip("aspp_fused.convert found nothing to fuse: %s" % why)
+        except NotImplementedError as exc:  # a backend this version does not have
+            raise Skip(str(exc).split(";")[0])
+        note = "%s.from_module(channels_last twin, backend=%r)" % (type(fused).__name__, backend) \
+            if case.fused is not None else "aspp_fused.convert(channels_last model, backend=%r)" % backend
+        if backend == "cpp" and not cuda:
+            note += "; csrc/cpu reference loops"
+        return Provider(name, fused, True, True, note=note)
+    raise ValueError("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)))
+
+
+def make_step(provider: Provider, mode: str, inputs: List, base_grad: Optional[torch.Tensor]):
+    """(prepare(i), step(i)): prepare runs outside the timed region, step is what is timed.
+
+    infer: eval module under torch.inference_mode. train: forward, then backward of a fixed
+    random gradient of the output (the same values for every provider, in the layout of the
+    provider's own output, so no provider pays a layout copy the others do not). Gradients are
+    reset to None before each step, so every step allocates and writes them afresh.
+    """
+    module = provider.module
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def leaves(x):
+        return list(x.values()) if isinstance(x, dict) else [x]
+
+    def prepare(i):
+        if provider.before_step is not None:
+            provider.before_step()
+        if mode == "train":
+            for p in params:
+                p.grad = None
+            for t in leaves(inputs[i]):
+                t.grad = None
+
+    if mode == "infer":
+        def step(i):
+            with torch.inference_mode():
+                module(inputs[i])
+        return prepare, step
+
+    grads = {}
+
+    def step(i):
+        out = module(inputs[i])
+        out = out["out"] if isinstance(out, dict) else out
+        g = grads.get("g")
+        if g is None:  # first call (warm-up): the fixed gradient in this output's layout
+            g = grads["g"] = torch.empty_like(out).copy_(base_grad)
+        out.backward(g)
+
+    return prepare, step

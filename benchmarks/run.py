@@ -1,0 +1,560 @@
+"""The benchmark CLI: ``python -m benchmarks`` (or ``python benchmarks/run.py``).
+
+For each (case, dtype, mode) it builds every provider from the same twin, warms each up, then
+times them side by side (interleaved round after round), and reports median and p20/p80 ms,
+images/s, peak memory, TFLOP/s on executed and on dense MACs and % of a matmul peak measured
+in the same run. Writes ``<out>/<date>_<device>.json`` (DESIGN.md's schema), a markdown table and
+a PNG chart of speedups over eager_cl beside it. ``--compare OLD.json`` flags regressions.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import cases as C  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+CANONICAL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+MODES = ("infer", "train")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REGRESSION_THRESHOLD = 0.05
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """tqdm when it is installed (it is optional: the [bench] extra), else one stderr line per step."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="group", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+        self.tty = sys.stderr.isatty()
+
+    def status(self, text: str):
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+        elif self.tty:
+            sys.stderr.write("\r\033[K[%d/%d] %s" % (self.done, self.total, text))
+            sys.stderr.flush()
+        else:
+            sys.stderr.write("[%d/%d] %s\n" % (self.done, self.total, text))
+
+    def advance(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tty:
+            sys.stderr.write("\r\033[K[%d/%d] done\n" % (self.done, self.total))
+
+    def log(self, text: str):
+        """A line that must not be overwritten by the bar (skip reasons, warnings)."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            sys.stderr.write(text + "\n")
+
+
+# --------------------------------------------------------------------------- measuring one group
+
+
+def _reason(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ("%s: %s" % (type(exc).__name__, first))[:300]
+
+
+def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progress: Progress):
+    """All providers of one (case, mode, dtype), side by side. Returns (records, skipped)."""
+    device, size, budget = ctx["device"], ctx["size"], ctx["budget"]
+    batch = ctx["batch"] or case.batch[size]
+    dname = CANONICAL[dtype]
+    label = "%s %s %s" % (case.name, mode, dname)
+    records, skipped = [], []
+
+    def skip(provider, reason):
+        skipped.append({"case": case.name, "provider": provider, "mode": mode, "dtype": dname, "batch": batch,
+                        "reason": reason})
+        progress.log("  skip %-13s %s: %s" % (provider, label, reason))
+
+    try:
+        dense, executed, out_shape, _ = C.meta_macs(case, size, batch)
+        twin, spec = C.build_twin(case, size, device, dtype)
+    except C.Skip as exc:
+        for p in ctx["providers"]:
+            skip(p, str(exc))
+        return records, skipped
+    twin.train(mode == "train")
+    # Train mode: 3x the forward MACs (forward, input gradient, weight gradient).
+    work = 3 if mode == "train" else 1
+
+    providers: Dict[str, C.Provider] = {}
+    for name in ctx["providers"]:
+        if (name == "compile" and device.type == "cpu" and case.fused is None and not ctx["providers_explicit"]):
+            skip(name, "not in the default CPU run: inductor took ~40 s to compile ResNet-101 on a 2-core CPU "
+                       "machine; ask for it with --providers")
+            continue
+        try:
+            providers[name] = C.make_provider(name, case, twin, device)
+        except C.Skip as exc:
+            skip(name, str(exc))
+        except Exception as exc:
+            skip(name, "could not be built: " + _reason(exc))
+    del twin
+
+    count = H.rotation_count(C.input_bytes(spec, batch, dtype), device)
+    # A head's input carries a gradient in training (the backbone below it needs one);
+    # a whole model's input images do not.
+    needs_grad = mode == "train" and case.fused is not None
+    inputs = {cl: C.make_inputs(spec, batch, count, device, dtype, cl, needs_grad)
+              for cl in {p.channels_last for p in providers.values()}}
+    base_grad = None
+    if mode == "train":
+        gen = torch.Generator(device=device).manual_seed(1)
+        base_grad = torch.randn(out_shape, generator=gen, device=device, dtype=dtype)
+
+    clock = H.Clock(device)
+    runners, runs, steps, notes = {}, {}, {}, {}
+    for name, prov in list(providers.items()):
+        prepare, step = C.make_step(prov, mode, inputs[prov.channels_last], base_grad)
+
+        def timed(i, prepare=prepare, step=step, prov=prov):
+            j = i % count
+            prepare(j)
+            with H.cudnn_benchmark(prov.cudnn_benchmark):
+                return clock.time_ms(lambda: step(j))
+
+        progress.status("%s: warm-up %s" % (label, name))
+        try:
+            t0 = time.perf_counter()
+            timed(0)  # first call: compilation, autotuning, allocator growth; not counted
+            first_s = time.perf_counter() - t0
+            warm = [timed(i + 1) for i in range(budget.warmup)]
+        except Exception as exc:  # a provider that fails here is reported, not fatal
+            skip(name, "failed in warm-up: " + _reason(exc))
+            del providers[name]
+            _free(device)
+            continue
+        runners[name], steps[name] = timed, (prepare, step)
+        runs[name] = budget.runs_for(H.percentile(warm, 50))
+        notes[name] = prov.note + ("; first call %.1f s" % first_s if name == "compile" else "")
+
+    # The matmul yardstick runs in the same rounds as the providers (see harness.MatmulYardstick).
+    yard = H.MatmulYardstick(device, dtype, ctx["matmul_n"])
+    yard()
+    progress.status("%s: timing %s" % (label, ", ".join("%s x%d" % (n, runs[n]) for n in runners)))
+    times, errors = H.interleaved(dict(runners, matmul=lambda i: clock.time_ms(yard)),
+                                  dict(runs, matmul=min(10, max(list(runs.values()) + [3]))))
+    if "matmul" in errors:
+        raise errors["matmul"]
+    peak_tflops = yard.tflops(H.percentile(times.pop("matmul"), 50))
+    ctx["peaks"].setdefault(dname, []).append(peak_tflops)
+    for name, exc in errors.items():
+        skip(name, "failed while timing: " + _reason(exc))
+        del runners[name]
+
+    for name in runners:
+        prepare, step = steps[name]
+        progress.status("%s: peak memory %s" % (label, name))
+        prepare(0)
+        with H.cudnn_benchmark(providers[name].cudnn_benchmark):
+            mem = H.step_peak_memory_mb(lambda: step(0), device)
+        ms = times[name]
+        med = H.percentile(ms, 50)
+        tf_exec = 2.0 * executed * work / (med * 1e-3) / 1e12
+        tf_dense = 2.0 * dense * work / (med * 1e-3) / 1e12
+        records.append({
+            "case": case.name, "provider": name, "mode": mode, "dtype": dname, "batch": batch,
+            "ms_median": round(med, 4), "ms_p20": round(H.percentile(ms, 20), 4),
+            "ms_p80": round(H.percentile(ms, 80), 4),
+            "peak_mem_mb": None if mem is None else round(mem, 2),
+            "tflops_executed": _sig(tf_exec), "tflops_dense": _sig(tf_dense),
+            "device": ctx["device_name"], "torch": torch.__version__, "triton": ctx["triton"],
+            "commit": ctx["commit"],
+            # extra fields
+            "images_per_s": round(batch / (med * 1e-3), 3),
+            "pct_of_matmul_peak_executed": _sig(100 * tf_exec / peak_tflops),
+            "pct_of_matmul_peak_dense": _sig(100 * tf_dense / peak_tflops),
+            "matmul_peak_tflops": _sig(peak_tflops), "runs": len(ms), "size": size,
+            "gmacs_dense": round(dense * work / 1e9, 3),
+            "gmacs_executed": round(executed * work / 1e9, 3), "note": notes[name],
+        })
+    base = next((r["ms_median"] for r in records if r["provider"] == C.BASELINE), None)
+    for r in records:
+        r["speedup_vs_eager_cl"] = None if base is None else round(base / r["ms_median"], 3)
+
+    del providers, runners, steps, inputs
+    _free(device)
+    return records, skipped
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Rounded to significant digits (a tiny case's TFLOP/s must not round to 0)."""
+    return float("%.*g" % (digits, x))
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "%.*g" % (nd, v) if abs(v) < 10 ** nd else "%.0f" % v
+    return str(v)
+
+
+COLUMNS = [("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
+           ("ms_median", "ms median"), ("range", "p20-p80"), ("images_per_s", "img/s"),
+           ("tflops_executed", "TFLOP/s exec"), ("tflops_dense", "TFLOP/s dense"),
+           ("pct_of_matmul_peak_dense", "% peak (dense)"), ("peak_mem_mb", "peak MB"),
+           ("speedup_vs_eager_cl", "x eager_cl")]
+
+
+def table_rows(records: List[dict]) -> List[List[str]]:
+    rows = []
+    for r in records:
+        row = []
+        for key, _ in COLUMNS:
+            if key == "range":
+                row.append("%s-%s" % (_fmt(r["ms_p20"]), _fmt(r["ms_p80"])))
+            elif key in ("tflops_executed", "tflops_dense"):
+                row.append("%.3g" % r[key])
+            else:
+                row.append(_fmt(r[key]))
+        rows.append(row)
+    return rows
+
+
+def text_table(records: List[dict]) -> str:
+    heads = [h for _, h in COLUMNS]
+    rows = table_rows(records)
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)),
+             "  ".join("-" * w for w in widths)]
+    prev = None
+    for r, row in zip(records, rows):
+        group = (r["case"], r["mode"], r["dtype"])
+        if prev is not None and group != prev:
+            lines.append("")
+        prev = group
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+    meta = doc["meta"]
+    out = ["# aspp_fused benchmarks: %s" % meta["device"], "",
+           "Measured %s with `%s` at commit `%s`; torch %s, triton %s, Python %s." % (
+               meta["date"], meta["command"], meta["commit"], meta["torch"], meta["triton"], meta["python"]),
+           ""]
+    out += ["- %s" % n for n in meta["notes"]]
+    out += ["", "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(row) + " |" for row in table_rows(doc["records"])]
+    if doc["skipped"]:
+        out += ["", "Skipped:", ""]
+        seen = set()
+        for s in doc["skipped"]:
+            key = (s["provider"], s["reason"])
+            cases_ = sorted({t["case"] for t in doc["skipped"] if (t["provider"], t["reason"]) == key})
+            if key not in seen:
+                seen.add(key)
+                out.append("- `%s` (%s): %s" % (s["provider"], ", ".join(cases_), s["reason"]))
+    out += ["", "Cases (per-sample input; MACs of one forward of the whole batch, conv layers only; executed = "
+            "(pixel, tap) pairs whose tap lands inside the image):", "",
+            "| case | what | batch | input | GMAC dense | GMAC executed | executed / dense |",
+            "|---|---|---|---|---|---|---|"]
+    for c in meta["cases"]:
+        out.append("| %s | %s | %d | %s | %.2f | %.2f | %.1f%% |" % (
+            c["case"], c["title"], c["batch"], c["input"], c["gmacs_dense"], c["gmacs_executed"],
+            100 * c["gmacs_executed"] / max(c["gmacs_dense"], 1e-12)))
+    if doc.get("regressions") is not None:
+        out += ["", "Compared with `%s`: %d regression(s) > %.0f%%." % (
+            meta.get("compared_with"), len(doc["regressions"]), 100 * meta["regression_threshold"])]
+        out += ["- %s %s %s %s: %.3f ms -> %.3f ms (%+.1f%%)" % (
+            g["case"], g["provider"], g["mode"], g["dtype"], g["old_ms"], g["new_ms"], 100 * (g["ratio"] - 1))
+            for g in doc["regressions"]]
+    return "\n".join(out) + "\n"
+
+
+def chart(doc: dict, path: str) -> Optional[str]:
+    """PNG of speedups over eager_cl, one panel per (mode, dtype). Returns None or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or the [bench] extra): no PNG chart"
+    recs = [r for r in doc["records"] if r.get("speedup_vs_eager_cl") is not None]
+    if not recs:
+        return "no record has an eager_cl baseline to compare with: no PNG chart"
+    panels = sorted({(r["mode"], r["dtype"]) for r in recs})
+    providers = [p for p in C.PROVIDERS if any(r["provider"] == p for r in recs)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4 * len(panels)), squeeze=False)
+    for ax, (mode, dt) in zip(axes[:, 0], panels):
+        sub = [r for r in recs if (r["mode"], r["dtype"]) == (mode, dt)]
+        names = [c for c in dict.fromkeys(r["case"] for r in sub)]
+        width = 0.8 / len(providers)
+        for k, prov in enumerate(providers):
+            ys = [next((r["speedup_vs_eager_cl"] for r in sub if r["case"] == c and r["provider"] == prov), None)
+                  for c in names]
+            xs = [i + (k - (len(providers) - 1) / 2) * width for i in range(len(names))]
+            xs, ys = [x for x, y in zip(xs, ys) if y], [y for y in ys if y]  # skipped: no bar
+            bars = ax.bar(xs, ys, width, label=prov)
+            for b, y in zip(bars, ys):
+                ax.annotate("%.2f" % y, (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")  # speedups are ratios: 0.5x and 2x sit equally far from 1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: "%gx" % v))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=15, fontsize=8)
+        ax.set_ylabel("speedup vs eager_cl (median)")
+        ax.set_title("%s, %s, %s" % (doc["meta"]["device"], mode, dt), fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def record_key(r: dict) -> Tuple:
+    return (r["case"], r["provider"], r["mode"], r["dtype"], r["batch"])
+
+
+def compare(old_records: List[dict], new_records: List[dict], threshold: float = REGRESSION_THRESHOLD):
+    """(rows, regressions): every matching record's old and new median; a regression is a
+    record more than ``threshold`` (5%) slower than before."""
+    old = {record_key(r): r for r in old_records}
+    rows, regressions = [], []
+    for r in new_records:
+        o = old.get(record_key(r))
+        if o is None:
+            continue
+        ratio = r["ms_median"] / o["ms_median"] if o["ms_median"] > 0 else float("inf")
+        row = {"case": r["case"], "provider": r["provider"], "mode": r["mode"], "dtype": r["dtype"],
+               "batch": r["batch"], "old_ms": o["ms_median"], "new_ms": r["ms_median"], "ratio": round(ratio, 4),
+               "regression": ratio > 1 + threshold}
+        rows.append(row)
+        if row["regression"]:
+            regressions.append(row)
+    return rows, regressions
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="standard",
+                   help="comma list of cases, 'standard' (default) or 'all'; see --list")
+    p.add_argument("--providers", default=None, help="comma list (default: all of %s)" % ", ".join(C.PROVIDERS))
+    p.add_argument("--modes", default=None, help="comma list of infer, train (default: both on CUDA, infer on CPU)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every case (default: the case's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--size", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="case sizes: gpu = DESIGN.md's (batch 16, C=2048), cpu = scaled down (batch 2, C=512); "
+                        "auto: by device")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for CPU runs (default: PyTorch's, one per core)")
+    p.add_argument("--quick", action="store_true", help="few runs per provider (smoke test, noisy figures)")
+    p.add_argument("--min-runs", type=int, default=None)
+    p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--budget-s", type=float, default=None, help="seconds of timed runs per provider and group")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for <date>_<device>.json/.md/.png (default: %(default)s)")
+    p.add_argument("--compare", metavar="OLD.json", default=None,
+                   help="flag records more than --threshold slower than in OLD.json (exit status 1)")
+    p.add_argument("--threshold", type=float, default=REGRESSION_THRESHOLD, help="regression threshold (0.05 = 5%%)")
+    p.add_argument("--list", action="store_true", help="list cases and providers, then exit")
+    return p.parse_args(argv)
+
+
+def _split(text: str, known, what: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in known]
+    if bad or not items:
+        raise SystemExit("unknown %s %s (known: %s)" % (what, ", ".join(bad) or "(none)", ", ".join(known)))
+    return items
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, case in C.CASES.items():
+            print("%-24s %s%s" % (name, case.title, "" if case.standard else "  [not in the standard set]"))
+        print("\nproviders: %s (baseline for speedups: %s)" % (", ".join(C.PROVIDERS), C.BASELINE))
+        return 0
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    cuda = device.type == "cuda"
+    size = args.size if args.size != "auto" else ("gpu" if cuda else "cpu")
+    case_names = (C.STANDARD if args.cases == "standard" else list(C.CASES) if args.cases == "all"
+                  else _split(args.cases, list(C.CASES), "case"))
+    providers = _split(args.providers, C.PROVIDERS, "provider") if args.providers else list(C.PROVIDERS)
+    modes = _split(args.modes or ("infer,train" if cuda else "infer"), MODES, "mode")
+    dtypes = [DTYPES[d] for d in _split(args.dtypes or ("bf16" if cuda else "fp32"), list(DTYPES), "dtype")]
+    dtypes = list(dict.fromkeys(dtypes))
+    budget = H.BUDGETS["quick" if args.quick else device.type]
+    for attr, val in (("min_runs", args.min_runs), ("max_runs", args.max_runs), ("budget_s", args.budget_s)):
+        if val is not None:
+            setattr(budget, attr, val)
+    old_doc = None
+    if args.compare:
+        with open(args.compare) as f:
+            old_doc = json.load(f)
+
+    t_start = time.perf_counter()
+    date = datetime.date.today().isoformat()
+    ctx = {"device": device, "size": size, "budget": budget, "batch": args.batch, "providers": providers,
+           "providers_explicit": args.providers is not None, "device_name": H.device_name(device),
+           "triton": H.triton_version(), "commit": H.git_commit(), "peaks": {}}
+    load_start = H.load_average()
+    progress = Progress(len(case_names) * len(dtypes) * len(modes))
+    if load_start and not cuda and load_start[0] > 0.5 * (os.cpu_count() or 1):
+        progress.log("warning: load average %s on %d CPUs: other processes share this machine; CPU figures "
+                     "are skewed (interleaving keeps the comparison fair)" % (load_start, os.cpu_count() or 0))
+    ctx["matmul_n"] = 1024 if args.quick and not cuda else None
+
+    records, skipped, case_info = [], [], []
+    for name in case_names:
+        case = C.CASES[name]
+        batch = args.batch or case.batch[size]
+        try:
+            dense, executed, _, spec = C.meta_macs(case, size, batch)
+            case_info.append({"case": name, "title": case.title + ("; %s" % case.notes[size] if size in case.notes
+                                                                   else ""),
+                              "batch": batch, "input": C.channel_count(spec), "gmacs_dense": dense / 1e9,
+                              "gmacs_executed": executed / 1e9})
+        except C.Skip:
+            pass
+        for dt in dtypes:
+            for mode in modes:
+                recs, skips = measure_group(case, mode, dt, ctx, progress)
+                records += recs
+                skipped += skips
+                progress.advance()
+    progress.close()
+    wall = time.perf_counter() - t_start
+
+    notes = ["device: %s; %s-sized cases; %s" % (ctx["device_name"], size,
+             "CUDA events after warm-up" if cuda else "time.perf_counter after warm-up"),
+             "median and p20/p80 over the runs of each provider; providers interleaved round by round; "
+             "inputs rotated among preallocated copies so caches do not flatter",
+             "%% of peak: against a square torch.matmul (%s, same dtype and device) timed interleaved with the "
+             "providers of each group; its median over the groups: %s TFLOP/s" % (
+                 "8192^3" if cuda else ("1024^3" if args.quick else "2048^3"),
+                 ", ".join("%s %.3g" % (k, H.percentile(v, 50)) for k, v in ctx["peaks"].items())),
+             "TFLOP/s: 2 x conv MACs / median time; train = 3 x forward MACs (forward, input grad, weight grad); "
+             "executed counts only (pixel, tap) pairs that touch the image",
+             "peak_mem_mb: " + (H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE),
+             "speedups are eager_cl median / provider median"]
+    if "compile" in providers:
+        notes.append("compile: " + C._compile_note(device))
+    if cuda:
+        notes.append("eager: cudnn.benchmark off (PyTorch's default); every other provider: on")
+    else:
+        notes.append("CPU: oneDNN's direct convolutions skip kernel rows that fall in the zero padding, so TFLOP/s "
+                     "on dense MACs (and its % of peak) can exceed what the CPU does; the executed figure is the "
+                     "honest one")
+    load_end = H.load_average()
+    if not cuda:
+        notes.append("load average at start %s, at end %s (%d CPUs): other tenants of the machine slow every "
+                     "provider alike" % (load_start, load_end, os.cpu_count() or 0))
+    notes.append("wall time %.0f s" % wall)
+
+    doc = {
+        "meta": {"date": date, "device": ctx["device_name"], "device_type": device.type, "torch": torch.__version__,
+                 "triton": ctx["triton"], "commit": ctx["commit"], "python": sys.version.split()[0],
+                 "command": " ".join(["python -m benchmarks"] + list(sys.argv[1:] if argv is None else argv)),
+                 "size": size, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                 "load_average_start": load_start, "load_average_end": load_end,
+                 "matmul_peak_tflops": {k: round(H.percentile(v, 50), 4) for k, v in ctx["peaks"].items()},
+                 "peak_mem_source": H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE,
+                 "budget": vars(budget), "wall_s": round(wall, 1), "cases": case_info,
+                 "notes": notes},
+        "records": records,
+        "skipped": skipped,
+    }
+
+    status = 0
+    if old_doc is not None:
+        rows, regressions = compare(old_doc.get("records", []), records, args.threshold)
+        doc["regressions"] = regressions
+        doc["meta"]["compared_with"] = args.compare
+        doc["meta"]["regression_threshold"] = args.threshold
+        status = 1 if regressions else 0
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "%s_%s" % (date, H.device_slug(device)))
+    with open(stem + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(doc))
+    why_no_png = chart(doc, stem + ".png")
+
+    print(text_table(records))
+    if skipped:
+        print("\nskipped:")
+        for s in skipped:
+            print("  %-13s %-24s %-5s %-4s %s" % (s["provider"], s["case"], s["mode"], s["dtype"], s["reason"]))
+    print()
+    for n in notes:
+        print("note: " + n)
+    if old_doc is not None:
+        old_dev = (old_doc.get("meta") or {}).get("device")
+        if old_dev and old_dev != ctx["device_name"]:
+            print("\nwarning: %s was measured on %s, not %s: the comparison says little" % (
+                args.compare, old_dev, ctx["device_name"]))
+        print("\ncompared with %s (%d matching records, threshold %.0f%%):" % (args.compare, len(rows),
+                                                                              100 * args.threshold))
+        for r in rows:
+            print("  %-6s %-24s %-13s %-5s %-4s %9.3f ms -> %9.3f ms  %+6.1f%%" % (
+                "REGRESSION" if r["regression"] else "ok", r["case"], r["provider"], r["mode"], r["dtype"],
+                r["old_ms"], r["new_ms"], 100 * (r["ratio"] - 1)))
+        print("%d regression(s)" % len(doc["regressions"]))
+    print("\nwrote %s.json, %s.md%s" % (stem, stem, "" if why_no_png else ", %s.png" % stem))
+    if why_no_png:
+        print(why_no_png)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
