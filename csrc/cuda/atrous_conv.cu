@@ -1,0 +1,296 @@
+// CUDA kernels of aspp_fused::atrous_conv and aspp_fused::atrous_conv_backward (semantics: the
+// schema comments in csrc/aspp_fused.cpp; the CPU reference is csrc/cpu/atrous_conv.cpp, whose
+// checks, output dtypes, memory formats and empty placeholders this file mirrors).
+//
+//   forward   one tap-list GEMM launch over all branches (concat or sum mode), epilogue and
+//             batch statistics fused (tap_gemm.cu / conv_gemm.cuh)
+//   backward  1. (when acc or z is needed) the forward GEMM again, raw, into an fp32 buffer
+//             2. epilogue backward: g_z, g_acc = g_z * scale (x dtype), grad_scale/shift/bias
+//             3. dgrad: the same GEMM in sum mode over g_acc with negated taps and transposed
+//                weights [tap][O_b][C] (tensor cores, like the forward)
+//             4. wgrad: per (branch, tap) GEMM over the tap's valid pixel region, split over
+//                pixels with atomic reduction (FFMA, see reduce_kernels.cuh)
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "glue.h"
+
+namespace aspp_fused {
+namespace cuda {
+namespace {
+
+using cuda_checks::AtrousShape;
+const auto kCL = at::MemoryFormat::ChannelsLast;
+
+// Weights [O_b, C, k, k] -> one buffer of [k*k][C][ldb_b] slabs (transpose=false, forward) or
+// [k*k][O_b][ldb_b] (transpose=true, dgrad), ldb rounded up to 16 bytes and zero padded, so
+// every weight copy of the GEMM is an aligned 16-byte cp.async. Returns the slab offsets.
+at::Tensor pack_weights(at::TensorList weights, bool transpose, std::vector<int64_t>* offsets,
+                        std::vector<int>* ldbs) {
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (const at::Tensor& w : weights) {
+    const int vec = vec_elems(w.scalar_type());
+    at::Tensor t = transpose ? w.permute({2, 3, 0, 1}) : w.permute({2, 3, 1, 0});  // [k, k, rows, cols]
+    const int64_t cols = t.size(3), ldb = round_up(cols, vec);
+    if (ldb > cols) t = at::constant_pad_nd(t, {0, ldb - cols}, 0);
+    parts.push_back(t.contiguous().reshape({-1}));
+    offsets->push_back(off);
+    ldbs->push_back(static_cast<int>(ldb));
+    off += parts.back().numel();
+  }
+  return at::cat(parts);
+}
+
+at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+at::Tensor acc_vector(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+}
+
+// The forward GEMM of the op (branches over x) writing `out` ([N*H*W][O]).
+TapGemmCall forward_call(const AtrousShape& s, const at::Tensor& xc, at::IntArrayRef dilations,
+                         const at::Tensor& packed, const std::vector<int64_t>& offs, const std::vector<int>& ldbs,
+                         bool sum_mode, void* out, bool out_acc) {
+  TapGemmCall call{};
+  call.dtype = xc.scalar_type();
+  call.in = xc.data_ptr();
+  call.in_stride = s.C;
+  call.w = packed.data_ptr();
+  for (size_t b = 0; b < s.out_ch.size(); ++b) {
+    GemmBranch br{};
+    br.w_off = offs[b];
+    br.k = s.ksize[b];
+    br.step = clamp_dilation(dilations[b], s.H, s.W);
+    br.in_off = 0;
+    br.cin = static_cast<int>(s.C);
+    br.cout = static_cast<int>(s.out_ch[b]);
+    br.ldb = ldbs[b];
+    br.out_off = static_cast<int>(s.ch_off[b]);
+    call.branches.push_back(br);
+  }
+  call.sum_mode = sum_mode;
+  call.out = out;
+  call.out_stride = s.O;
+  call.out_acc = out_acc;
+  call.out_channels = s.O;
+  call.N = s.N;
+  call.H = s.H;
+  call.W = s.W;
+  return call;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cuda(const at::Tensor& x, at::TensorList weights,
+                                                                at::IntArrayRef dilations, const at::Tensor& scale,
+                                                                const at::Tensor& shift,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                bool sum_mode, int64_t act, bool compute_stats) {
+  const AtrousShape s =
+      cuda_checks::check_atrous_args("atrous_conv", x, weights, dilations, scale, shift, bias, sum_mode, act);
+  DeviceGuard guard(x.device());
+  check_device("atrous_conv");
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const at::Tensor xc = x.contiguous(kCL);
+  at::Tensor out = at::empty({s.N, s.O, s.H, s.W}, x.options().memory_format(kCL));
+  at::Tensor ch_sum, ch_sumsq;
+  if (compute_stats) {
+    ch_sum = at::zeros({s.O}, x.options().dtype(at::kDouble));
+    ch_sumsq = at::zeros({s.O}, x.options().dtype(at::kDouble));
+  }
+  if (s.N * s.H * s.W > 0 && s.O > 0) {
+    std::vector<int64_t> offs;
+    std::vector<int> ldbs;
+    const at::Tensor packed = pack_weights(weights, /*transpose=*/false, &offs, &ldbs);
+    const at::Tensor sc = acc_vector(scale, acc), sh = acc_vector(shift, acc), bi = acc_vector(bias, acc);
+    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, out.data_ptr(), false);
+    call.ep.scale = sc.data_ptr();
+    call.ep.shift = sh.data_ptr();
+    call.ep.bias = ptr<void>(bi);
+    call.ep.ch_sum = compute_stats ? ch_sum.data_ptr<double>() : nullptr;
+    call.ep.ch_sumsq = compute_stats ? ch_sumsq.data_ptr<double>() : nullptr;
+    call.ep.o_total = static_cast<int>(s.O);
+    call.ep.act = static_cast<int>(act);
+    run_tap_gemm(call);
+  }
+  if (!compute_stats) {
+    return {out, at::empty({0}, x.options().dtype(acc)), at::empty({0}, x.options().dtype(acc))};
+  }
+  return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
+}
+
+using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
+                                         const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
+                                         const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                                         const at::Tensor& scale, const at::Tensor& shift,
+                                         const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act,
+                                         c10::List<bool> output_mask) {
+  const char* op = "atrous_conv_backward";
+  const AtrousShape s = cuda_checks::check_atrous_args(op, x, weights, dilations, scale, shift, bias, sum_mode, act);
+  cuda_checks::check_atrous_backward_args(op, s, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
+  const bool need_input = output_mask.get(0), need_weights = output_mask.get(1), need_epilogue = output_mask.get(2);
+  DeviceGuard guard(x.device());
+  check_device(op);
+  const bool has_bias = bias.has_value();
+  const int64_t N = s.N, C = s.C, H = s.H, W = s.W, O = s.O, P = N * H * W;
+
+  // Ungranted grads come back empty, with the dtype of the tensor they belong to.
+  at::Tensor grad_x = at::empty({0}, x.options());
+  std::vector<at::Tensor> grad_weights;
+  at::Tensor grad_scale = at::empty({0}, scale.options());
+  at::Tensor grad_shift = at::empty({0}, shift.options());
+  at::Tensor grad_bias = at::empty({0}, has_bias ? bias->options() : scale.options());
+  if (!need_input && !need_weights && !need_epilogue) {
+    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
+  }
+  if (P == 0) {  // no pixels: every grad is zero (grad_x has no elements)
+    if (need_input) grad_x = at::empty(x.sizes(), x.options().memory_format(kCL));
+    if (need_weights)
+      for (const at::Tensor& w : weights) grad_weights.push_back(at::zeros(w.sizes(), w.options()));
+    if (need_epilogue) {
+      grad_scale = at::zeros({O}, scale.options());
+      grad_shift = at::zeros({O}, shift.options());
+      if (has_bias) grad_bias = at::zeros({N, O}, bias->options());
+    }
+    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
+  }
+
+  const at::ScalarType dtype = x.scalar_type(), acc = acc_dtype(dtype);
+  const at::Tensor xc = x.contiguous(kCL);
+  const at::Tensor sc = acc_vector(scale, acc), sh = acc_vector(shift, acc), bi = acc_vector(bias, acc);
+  const at::Tensor gs = acc_vector(grad_sum, acc), gss = acc_vector(grad_sumsq, acc);
+
+  // z (or acc) is recomputed exactly when out cannot stand in for it (as the CPU kernel):
+  // grad_scale needs acc, and relu hides the negative z that 2 z grad_sumsq needs.
+  const bool recompute = need_epilogue || (act == 1 && grad_sumsq.has_value());
+  at::Tensor acc_buf, out_c;
+  if (recompute) {
+    std::vector<int64_t> offs;
+    std::vector<int> ldbs;
+    const at::Tensor packed = pack_weights(weights, /*transpose=*/false, &offs, &ldbs);
+    acc_buf = at::empty({P, O}, x.options().dtype(acc));
+    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, acc_buf.data_ptr(), true);
+    call.ep.raw = 1;
+    call.ep.o_total = static_cast<int>(O);
+    run_tap_gemm(call);
+  } else {
+    out_c = out.to(dtype).contiguous(kCL);
+  }
+
+  const at::Tensor go = grad_out.to(dtype).contiguous(kCL);
+  const bool store_g_acc = need_input || need_weights;
+  at::Tensor g_acc = store_g_acc ? at::empty({P, O}, x.options()) : at::Tensor();
+  at::Tensor ep_ws = need_epilogue ? at::zeros({2 * O + N * O}, x.options().dtype(at::kDouble)) : at::Tensor();
+  {
+    EpilogueBwdParams p{};
+    p.cg = channel_grid(N, H * W, O);
+    p.grad_out = go.data_ptr();
+    p.acc = ptr<void>(acc_buf);
+    p.out = ptr<void>(out_c);
+    p.scale = sc.data_ptr();
+    p.shift = sh.data_ptr();
+    p.bias = ptr<void>(bi);
+    p.grad_sum = ptr<void>(gs);
+    p.grad_sumsq = ptr<void>(gss);
+    p.act = static_cast<int>(act);
+    p.g_acc = ptr<void>(g_acc);
+    if (need_epilogue) {
+      double* ws = ep_ws.data_ptr<double>();
+      p.g_scale = ws;
+      p.g_shift = ws + O;
+      p.g_bias = has_bias ? ws + 2 * O : nullptr;
+    }
+    run_epilogue_backward(dtype, p);
+  }
+  if (need_epilogue) {
+    grad_scale = ep_ws.narrow(0, 0, O).to(scale.scalar_type(), false, /*copy=*/true);
+    grad_shift = ep_ws.narrow(0, O, O).to(shift.scalar_type(), false, /*copy=*/true);
+    if (has_bias) grad_bias = ep_ws.narrow(0, 2 * O, N * O).view({N, O}).to(bias->scalar_type(), false, true);
+  }
+
+  // dgrad: grad_x[p, c] = sum_{b, tap, o} g_acc_b[p - tap, o] W_b[o, c, tap], the sum mode of
+  // the same GEMM with negated taps and transposed weights.
+  if (need_input) {
+    grad_x = at::empty(x.sizes(), x.options().memory_format(kCL));
+    std::vector<int64_t> offs;
+    std::vector<int> ldbs;
+    const at::Tensor packed_t = pack_weights(weights, /*transpose=*/true, &offs, &ldbs);
+    TapGemmCall call{};
+    call.dtype = dtype;
+    call.in = g_acc.data_ptr();
+    call.in_stride = O;
+    call.w = packed_t.data_ptr();
+    for (size_t b = 0; b < weights.size(); ++b) {
+      GemmBranch br{};
+      br.w_off = offs[b];
+      br.k = s.ksize[b];
+      br.step = -clamp_dilation(dilations[b], H, W);
+      br.in_off = static_cast<int>(s.ch_off[b]);
+      br.cin = static_cast<int>(s.out_ch[b]);
+      br.cout = static_cast<int>(C);
+      br.ldb = ldbs[b];
+      br.out_off = 0;
+      call.branches.push_back(br);
+    }
+    call.sum_mode = true;
+    call.out = grad_x.data_ptr();
+    call.out_stride = C;
+    call.out_acc = false;
+    call.out_channels = C;
+    call.ep.raw = 1;
+    call.ep.o_total = static_cast<int>(C);
+    call.N = N;
+    call.H = H;
+    call.W = W;
+    if (C > 0) run_tap_gemm(call);
+  }
+
+  // wgrad: per (branch, tap) over the tap's valid pixel region.
+  if (need_weights) {
+    std::vector<WgradJob> jobs;
+    std::vector<int64_t> ws_off;
+    int64_t total = 0;
+    for (size_t b = 0; b < weights.size(); ++b) {
+      const int k = s.ksize[b];
+      const int d = clamp_dilation(dilations[b], H, W);
+      ws_off.push_back(total);
+      for (int tap = 0; tap < k * k; ++tap) {
+        WgradJob j{};
+        j.dy = (tap / k - k / 2) * d;
+        j.dx = (tap % k - k / 2) * d;
+        j.g_off = static_cast<int>(s.ch_off[b]);
+        j.cout = static_cast<int>(s.out_ch[b]);
+        j.ws_off = total + static_cast<int64_t>(tap) * C * s.out_ch[b];
+        jobs.push_back(j);
+      }
+      total += static_cast<int64_t>(k) * k * C * s.out_ch[b];
+    }
+    at::Tensor ws = at::zeros({total}, x.options().dtype(acc));
+    run_wgrad(dtype, xc.data_ptr(), C, C, g_acc.data_ptr(), O, ws.data_ptr(), N, H, W, jobs);
+    for (size_t b = 0; b < weights.size(); ++b) {
+      const int64_t k = s.ksize[b], Ob = s.out_ch[b];
+      // [k, k, C, O_b] -> [O_b, C, k, k]
+      at::Tensor g = ws.narrow(0, ws_off[b], k * k * C * Ob).view({k, k, C, Ob}).permute({3, 2, 0, 1});
+      grad_weights.push_back(g.to(weights[b].scalar_type(), false, /*copy=*/true).contiguous());
+    }
+  }
+  return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace aspp_fused
+
+#if !defined(ASPP_CUDA_EMULATE)
+TORCH_LIBRARY_IMPL(aspp_fused, CUDA, m) {
+#else
+TORCH_LIBRARY_IMPL(aspp_fused_emu, CPU, m) {
+#endif
+  m.impl("atrous_conv", &aspp_fused::cuda::atrous_conv_cuda);
+  m.impl("atrous_conv_backward", &aspp_fused::cuda::atrous_conv_backward_cuda);
+}

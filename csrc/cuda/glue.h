@@ -1,0 +1,190 @@
+// Host side shared by the CUDA launch glue (csrc/cuda/*.cu): the launch helper (current
+// stream, dynamic shared memory opt-in, C10_CUDA_KERNEL_LAUNCH_CHECK after every launch),
+// dtype mapping, and the runners of the kernels that more than one op uses.
+//
+// With ASPP_CUDA_EMULATE (tools/cuda_emu) the same glue runs on CPU tensors: launches go to
+// the SIMT emulator and the ops register as aspp_fused_emu::* for CPU, so the whole CUDA path
+// (packing, tiling, kernels) can be checked against the CPU reference without a GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>  // TORCH_VERSION_MAJOR / MINOR
+#else
+#include <torch/version.h>
+#endif
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common.cuh"
+#include "params.cuh"
+
+#if !defined(ASPP_CUDA_EMULATE)
+// The light c10 headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS / cuSPARSE headers):
+// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace aspp_fused {
+namespace cuda {
+
+// c10 scalar types -> CUDA element types.
+template <typename scalar_t>
+struct DevType {
+  using type = scalar_t;
+};
+template <>
+struct DevType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DevType<at::Half> {
+  using type = __half;
+};
+
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+#if !defined(ASPP_CUDA_EMULATE)
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+inline int num_sms() {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return n;
+}
+inline at::Device current_device() { return at::Device(at::kCUDA, c10::cuda::current_device()); }
+
+// The kernels use cp.async and bf16 / tf32 mma.sync: compute capability 8.0 or newer.
+inline void check_device(const char* op) {
+  int major = 0, minor = 0;
+  const int dev = c10::cuda::current_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  TORCH_CHECK(major >= 8, op, ": the aspp_fused CUDA kernels need compute capability 8.0 or newer, cuda:", dev,
+              " is ", major, ".", minor, "; use backend='torch' or backend='triton' on this GPU");
+}
+
+// Launches kernel<<<grid, block, smem, current stream>>>(args...) and checks the launch.
+// A zero grid launches nothing (CUDA rejects it).
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t grid, dim3 block, size_t smem, const Args&... args) {
+  if (grid <= 0) return;
+  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "aspp_fused: grid of ", grid, " blocks is too large");
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(grid), block, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#else  // ASPP_CUDA_EMULATE
+
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+
+inline int num_sms() { return 4; }
+inline at::Device current_device() { return at::Device(at::kCPU); }
+inline void check_device(const char*) {}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t grid, dim3 block, size_t smem, const Args&... args) {
+  if (grid <= 0) return;
+  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "aspp_fused: grid of ", grid, " blocks is too large");
+  ::emu::launch(dim3(static_cast<unsigned>(grid)), block, smem, [&]() { kernel(args...); });
+}
+
+#endif
+
+// The TF32 decision for float32 inputs, as PyTorch's convolutions make it (the per-operator
+// query of the fp32_precision API where torch has it: the bare query raises once conv and
+// rnn precisions were set apart).
+inline bool allow_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
+
+// A tensor's data as a typed pointer (nullptr for an undefined tensor).
+template <typename P>
+inline P* ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<P*>(t.data_ptr()) : nullptr;
+}
+
+// Dilations beyond the map only ever hit padding with their outer taps: clamp them so the
+// kernels' int offsets cannot overflow (the result is the same).
+inline int clamp_dilation(int64_t d, int64_t H, int64_t W) {
+  const int64_t m = std::max<int64_t>(std::max<int64_t>(H, W), 1);
+  return static_cast<int>(std::min<int64_t>(d, m));
+}
+
+// Elements per 16-byte copy, and whether a [pixels][stride] tensor read from channel offsets
+// `offs` allows 16-byte copies.
+inline int vec_elems(at::ScalarType t) { return 16 / static_cast<int>(c10::elementSize(t)); }
+inline bool vec_ok(const void* base, int64_t stride, const std::vector<int64_t>& offs, int vec) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || stride % vec != 0) return false;
+  for (int64_t o : offs)
+    if (o % vec != 0) return false;
+  return true;
+}
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Pixel chunks per image for the channel-reduction kernels: enough blocks for the GPU.
+inline ChannelGrid channel_grid(int64_t N, int64_t HW, int64_t C) {
+  ChannelGrid cg;
+  cg.N = static_cast<int>(N);
+  cg.HW = static_cast<int>(HW);
+  cg.C = static_cast<int>(C);
+  cg.cblocks = static_cast<int>((C + kRedChannels - 1) / kRedChannels);
+  const int64_t base = std::max<int64_t>(1, N * cg.cblocks);
+  const int64_t want = (4 * static_cast<int64_t>(num_sms()) + base - 1) / base;
+  cg.chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, (HW + 63) / 64)));
+  return cg;
+}
+inline int64_t channel_grid_blocks(const ChannelGrid& cg) {
+  return static_cast<int64_t>(cg.cblocks) * cg.N * cg.chunks;
+}
+
+// ------------------------------------------------------------------------------------------
+// Runners shared by the ops (defined in tap_gemm.cu and reduce_kernels.cu).
+
+// The tap-list implicit GEMM. `in` and `out` are NHWC storage ([N*H*W][stride]); `out` is of
+// the input dtype or (out_acc) of its accumulation type. Any number of branches: concat mode
+// splits them over launches of <= kMaxBranches; sum mode with more accumulates raw partial
+// sums in an acc-type buffer and applies the epilogue after.
+struct TapGemmCall {
+  at::ScalarType dtype;  // element type of `in` and `w`
+  const void* in;
+  int64_t in_stride;
+  const void* w;
+  std::vector<GemmBranch> branches;
+  bool sum_mode;
+  void* out;
+  int64_t out_stride;
+  bool out_acc;
+  int64_t out_channels;  // channels of out written by this call (sum mode: the common cout)
+  Epilogue ep;
+  int64_t N, H, W;
+};
+void run_tap_gemm(const TapGemmCall& call);
+
+// out[p][c] of the epilogue backward (see EpilogueBwdParams); pointers may be null.
+void run_epilogue_backward(at::ScalarType dtype, const EpilogueBwdParams& p);
+void run_depthwise(at::ScalarType dtype, bool in_is_acc, const DepthwiseParams& p);
+void run_mid_backward(at::ScalarType dtype, const MidBwdParams& p);
+void run_dw_wgrad(at::ScalarType dtype, const DwWgradParams& p);
+// wgrad over jobs (any number: split over launches); ws is the acc-type workspace.
+void run_wgrad(at::ScalarType dtype, const void* x, int64_t x_stride, int64_t C, const void* g, int64_t g_stride,
+               void* ws, int64_t N, int64_t H, int64_t W, const std::vector<WgradJob>& jobs);
+
+}  // namespace cuda
+}  // namespace aspp_fused

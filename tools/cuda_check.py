@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""`make cuda-check`: compile every CUDA kernel of csrc/cuda with nvcc, report its resources.
+
+Each translation unit in csrc/cuda/check/ instantiates the kernel templates the launch glue can
+launch (pure CUDA, no torch headers), and is compiled to a cubin for every target architecture
+with `-Xptxas -v`. Prints registers, shared memory, stack frame and spills per kernel and arch,
+and fails on a compile error or on any register spill. Exits 0 (after saying so) when nvcc is
+not installed, so CPU-only CI machines without the CUDA toolkit pass.
+
+Optional: with a CUDA build of torch's headers (CUDA_CHECK_TORCH_INCLUDE=<.../torch/include>,
+or automatically when the installed torch has CUDA) the launch glue csrc/cuda/*.cu is compiled
+too (host + device code against ATen/c10 CUDA headers; slow, one object per file).
+"""
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_DIR = os.path.join(ROOT, "csrc", "cuda", "check")
+ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
+COMMON = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-I" + os.path.join(ROOT, "csrc")]
+
+ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+
+
+def run(cmd):
+    start = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr, time.time() - start
+
+
+def demangle(names):
+    if not names or not shutil.which("c++filt"):
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    if len(out) != len(names):
+        return {n: n for n in names}
+    return dict(zip(names, out))
+
+
+def short(name):
+    name = name.replace("aspp_fused::cuda::", "").replace("__nv_bfloat16", "bf16").replace("__half", "f16")
+    name = re.sub(r"\((const )?\w+Params\)$", "", name)
+    name = re.sub(r"\(Math\)(\d)", lambda m: ["mma16", "tf32", "ffma"][int(m.group(1))], name)
+    return name.replace("void ", "")
+
+
+def parse(text):
+    """[(mangled, arch, stack, spill_st, spill_ld, regs, smem)] from ptxas -v output."""
+    rows, cur = [], None
+    for line in text.splitlines():
+        m = ENTRY.search(line)
+        if m:
+            cur = {"name": m.group(1), "arch": m.group(2)}
+            continue
+        if cur is None:
+            continue
+        m = PROPS.search(line)
+        if m:
+            cur["stack"], cur["st"], cur["ld"] = map(int, m.groups())
+            continue
+        m = USED.search(line)
+        if m:
+            cur["regs"] = int(m.group(1))
+            cur["smem"] = int(m.group(3) or 0)
+            rows.append(cur)
+            cur = None
+    return rows
+
+
+def torch_cuda_include():
+    inc = os.environ.get("CUDA_CHECK_TORCH_INCLUDE")
+    if inc:
+        return inc if os.path.exists(os.path.join(inc, "ATen", "cuda", "CUDAContext.h")) else None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception:
+        return None
+    if torch.version.cuda is None:
+        return None
+    inc = cpp_extension.include_paths()[0]
+    return inc if os.path.exists(os.path.join(inc, "ATen", "cuda", "CUDAContext.h")) else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--extra", action="append", default=[], help="extra nvcc flag for the kernel units (testing)")
+    args = ap.parse_args()
+
+    nvcc = shutil.which(args.nvcc)
+    if nvcc is None:
+        print("cuda-check: nvcc not found (%s); skipping the CUDA compile check. Install the CUDA toolkit "
+              "(or set NVCC=/path/to/nvcc) to run it." % args.nvcc)
+        return 0
+    t0 = time.time()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    print("cuda-check: %s (%s)" % (nvcc, version[-1] if version else "?"))
+
+    units = sorted(f for f in os.listdir(CHECK_DIR) if f.endswith(".cu") and f != "print_config.cu")
+    tmp = tempfile.mkdtemp(prefix="cuda-check-")
+    jobs = []
+    for unit in units:
+        for arch, gencode in ARCHS:
+            out = os.path.join(tmp, "%s.%s.cubin" % (unit, arch))
+            jobs.append(((unit, arch), [nvcc] + COMMON + args.extra + ["-cubin", gencode, "-Xptxas", "-v",
+                                                           os.path.join(CHECK_DIR, unit), "-o", out]))
+    cfg_exe = os.path.join(tmp, "print_config")
+    jobs.append((("print_config.cu", "host"), [nvcc] + COMMON + [os.path.join(CHECK_DIR, "print_config.cu"),
+                                                                   "-o", cfg_exe]))
+    glue_inc = torch_cuda_include()
+    if glue_inc:
+        import sysconfig
+        glue_flags = ["-I" + glue_inc, "-I" + os.path.join(glue_inc, "torch", "csrc", "api", "include"),
+                      "-I" + sysconfig.get_paths()["include"], "-D_GLIBCXX_USE_CXX11_ABI=1",
+                      "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC",
+                      "-U__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+        for f in sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))):
+            if f.endswith(".cu"):
+                jobs.append(((f, "glue sm_90a"), [nvcc] + COMMON + glue_flags + [
+                    "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(ROOT, "csrc", "cuda", f),
+                    "-o", os.path.join(tmp, f + ".o")]))
+
+    failed, rows = [], []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        futures = {ex.submit(run, cmd): key for key, cmd in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            key = futures[fut]
+            rc, text, secs = fut.result()
+            print("cuda-check: compiled %-24s %-12s %5.1fs%s" % (key[0], key[1], secs, "" if rc == 0 else "  FAILED"))
+            if rc != 0:
+                failed.append(key)
+                sys.stdout.write(text)
+            elif key[1] not in ("host",) and not key[1].startswith("glue"):
+                rows += parse(text)
+
+    if os.path.exists(cfg_exe):
+        print("\ncuda-check: GEMM tile configurations")
+        res = subprocess.run([cfg_exe], capture_output=True, text=True)
+        sys.stdout.write(res.stdout)
+
+    names = demangle(sorted({r["name"] for r in rows}))
+    print("\n%-7s %4s %8s %6s %6s  %s   (smem: static bytes; dynamic: the tile table above)" % (
+        "arch", "regs", "smem", "stack", "spill", "kernel"))
+    spills = []
+    for r in sorted(rows, key=lambda r: (short(names[r["name"]]), r["arch"])):
+        spill = r.get("st", 0) + r.get("ld", 0)
+        print("%-7s %4d %8d %6d %6s  %s" % (r["arch"], r["regs"], r["smem"], r.get("stack", 0),
+                                           "%d/%d" % (r.get("st", 0), r.get("ld", 0)), short(names[r["name"]])))
+        if spill:
+            spills.append((r["arch"], short(names[r["name"]])))
+    if not glue_inc:
+        print("\ncuda-check: launch glue (csrc/cuda/*.cu) not compiled: needs a CUDA build of torch's headers "
+              "(set CUDA_CHECK_TORCH_INCLUDE=<torch/include of a CUDA torch>)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print("\ncuda-check: %d kernels x %d archs in %.0fs" % (len(names), len(ARCHS), time.time() - t0))
+    if failed:
+        print("cuda-check: FAILED: compile errors in %s" % ", ".join("%s (%s)" % k for k in failed))
+        return 1
+    if spills:
+        print("cuda-check: FAILED: register spills in %s" % "; ".join("%s %s" % s for s in spills))
+        return 1
+    if not rows:
+        print("cuda-check: FAILED: no kernels found in the ptxas output")
+        return 1
+    print("cuda-check: OK (no compile errors, no register spills)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
