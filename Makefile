@@ -4,7 +4,7 @@ SHELL := /bin/bash
 GPU_CHECK_OUT ?= gpu-check-out
 NVCC ?= nvcc
 
-.PHONY: install test test-fast bench cuda-check gpu-check info clean
+.PHONY: install test bench cuda-check gpu-check info clean
 
 install:            ## build the extension in place (CPU kernels; CUDA kernels when torch has CUDA)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
