@@ -4,6 +4,8 @@ The schemas and their exact semantics are in csrc/aspp_fused.cpp. Registering th
 kernels and autograd formulas here, through torch.library, is what lets torch.compile
 (fullgraph), AMP, CUDA graphs and opcheck see the ops like any ATen op.
 """
+import functools
+
 import torch
 
 from aspp_fused._extension import cpp_available
@@ -132,21 +134,31 @@ def _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out):
     return grad_out, grad_sum, grad_sumsq
 
 
-def _atrous_setup(ctx, inputs, output):
+def atrous_setup(ctx, inputs, output):
     x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats = inputs
     ctx.set_materialize_grads(False)
-    ctx.n_weights = len(weights)
     ctx.dilations, ctx.sum_mode, ctx.act, ctx.compute_stats = list(dilations), sum_mode, act, compute_stats
     ctx.has_bias = bias is not None
     ctx.save_for_backward(output[0], x, scale, shift, bias, *weights)
 
 
-def _atrous_backward(ctx, grad_out, grad_sum, grad_sumsq):
+def make_atrous_backward(backward_op):
+    """The autograd formula of an atrous_conv op whose backward op is ``backward_op`` (the
+    compiled op here, the Triton one in aspp_fused.kernels: same schema, same glue)."""
+    return functools.partial(_atrous_backward, backward_op)
+
+
+def make_separable_backward(backward_op):
+    """As make_atrous_backward, for separable_conv."""
+    return functools.partial(_separable_backward, backward_op)
+
+
+def _atrous_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
     out, x, scale, shift, bias, *weights = ctx.saved_tensors
     grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
     need = ctx.needs_input_grad
     mask = [_any(need[0]), _any(need[1]), _any(need[3:6])]
-    gx, gws, gscale, gshift, gbias = torch.ops.aspp_fused.atrous_conv_backward(
+    gx, gws, gscale, gshift, gbias = backward_op(
         grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode,
         ctx.act, mask,
     )
@@ -163,7 +175,7 @@ def _atrous_backward(ctx, grad_out, grad_sum, grad_sumsq):
     )
 
 
-def _separable_setup(ctx, inputs, output):
+def separable_setup(ctx, inputs, output):
     x, dw, dilations, mid_scales, mid_shifts, mid_act, pw, scale, shift, bias, act, compute_stats = inputs
     ctx.set_materialize_grads(False)
     nb = len(pw)
@@ -175,14 +187,14 @@ def _separable_setup(ctx, inputs, output):
     ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *dw, *mid_scales, *mid_shifts)
 
 
-def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
+def _separable_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
     out, x, scale, shift, bias, *rest = ctx.saved_tensors
     nb = ctx.nb
     pw, dw, mid_scales, mid_shifts = rest[:nb], rest[nb:2 * nb], rest[2 * nb:3 * nb], rest[3 * nb:]
     grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
     need = ctx.needs_input_grad
     mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
-    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = torch.ops.aspp_fused.separable_conv_backward(
+    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = backward_op(
         grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw,
         scale, shift, bias, ctx.act, mask,
     )
@@ -209,7 +221,7 @@ def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
 
 if cpp_available():
     _register_fakes()
-    torch.library.register_autograd("aspp_fused::atrous_conv", _atrous_backward, setup_context=_atrous_setup)
-    torch.library.register_autograd(
-        "aspp_fused::separable_conv", _separable_backward, setup_context=_separable_setup
-    )
+    torch.library.register_autograd("aspp_fused::atrous_conv", make_atrous_backward(atrous_conv_backward),
+                                    setup_context=atrous_setup)
+    torch.library.register_autograd("aspp_fused::separable_conv", make_separable_backward(separable_conv_backward),
+                                    setup_context=separable_setup)

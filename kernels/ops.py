@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from aspp_fused.ops import atrous_setup, make_atrous_backward, make_separable_backward, separable_setup
+
 from ._common import INTERPRET, check_dtype, skip_launches
 from .atrous_conv import atrous_backward, atrous_forward
 from .separable_conv import separable_backward, separable_forward
@@ -79,83 +81,12 @@ triton_separable_conv_backward = _define("aspp_fused::triton_separable_conv_back
 
 
 # --------------------------------------------------------------------------- autograd
-# Mirrors aspp_fused/ops.py (the compiled ops' autograd), calling the Triton backward ops.
+# The same formulas as the compiled ops (aspp_fused/ops.py), calling the Triton backward ops.
 
-
-def _any(flags) -> bool:
-    if isinstance(flags, (list, tuple)):
-        return any(_any(f) for f in flags)
-    return bool(flags)
-
-
-def _present(t) -> bool:
-    return not (t.dim() == 1 and t.numel() == 0)
-
-
-def _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out):
-    if grad_out is None:  # materialize_grads is off: None for outputs that took no part in the loss
-        grad_out = torch.zeros_like(out)
-    if not ctx.compute_stats:
-        grad_sum = grad_sumsq = None
-    return grad_out, grad_sum, grad_sumsq
-
-
-def _atrous_setup(ctx, inputs, output):
-    x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats = inputs
-    ctx.set_materialize_grads(False)
-    ctx.dilations, ctx.sum_mode, ctx.act, ctx.compute_stats = list(dilations), sum_mode, act, compute_stats
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(output[0], x, scale, shift, bias, *weights)
-
-
-def _atrous_backward(ctx, grad_out, grad_sum, grad_sumsq):
-    out, x, scale, shift, bias, *weights = ctx.saved_tensors
-    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
-    need = ctx.needs_input_grad
-    mask = [_any(need[0]), _any(need[1]), _any(need[3:6])]
-    gx, gws, gscale, gshift, gbias = triton_atrous_conv_backward(
-        grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode, ctx.act,
-        mask)
-    # A Tensor[] input takes a list back even when none of it needs a grad ([None] * n, not None).
-    return (gx if mask[0] else None, list(gws) if mask[1] else [None] * len(weights), None,
-            gscale if mask[2] else None,
-            gshift if mask[2] else None, gbias if mask[2] and ctx.has_bias else None, None, None, None)
-
-
-def _separable_setup(ctx, inputs, output):
-    x, dw, dilations, mid_scales, mid_shifts, mid_act, pw, scale, shift, bias, act, compute_stats = inputs
-    ctx.set_materialize_grads(False)
-    ctx.nb = len(pw)
-    ctx.dilations, ctx.mid_act, ctx.act, ctx.compute_stats = list(dilations), mid_act, act, compute_stats
-    ctx.has_bias = bias is not None
-    ctx.dw_present = [_present(t) for t in dw]
-    ctx.mid_present = [_present(t) for t in mid_scales]
-    ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *dw, *mid_scales, *mid_shifts)
-
-
-def _separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
-    out, x, scale, shift, bias, *rest = ctx.saved_tensors
-    nb = ctx.nb
-    pw, dw, mid_scales, mid_shifts = rest[:nb], rest[nb:2 * nb], rest[2 * nb:3 * nb], rest[3 * nb:]
-    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
-    need = ctx.needs_input_grad
-    mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
-    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = triton_separable_conv_backward(
-        grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw, scale,
-        shift, bias, ctx.act, mask)
-
-    def per_branch(grads, present):
-        # A Tensor[] input takes a list back even when none of it needs a grad.
-        return [g if p else None for g, p in zip(grads, present)] if mask[1] else [None] * nb
-
-    return (gx if mask[0] else None, per_branch(gdw, ctx.dw_present), None, per_branch(gms, ctx.mid_present),
-            per_branch(gmsh, ctx.mid_present), None, per_branch(gpw, [True] * nb), gscale if mask[2] else None,
-            gshift if mask[2] else None, gbias if mask[2] and ctx.has_bias else None, None, None)
-
-
-torch.library.register_autograd("aspp_fused::triton_atrous_conv", _atrous_backward, setup_context=_atrous_setup)
-torch.library.register_autograd("aspp_fused::triton_separable_conv", _separable_backward,
-                                setup_context=_separable_setup)
+torch.library.register_autograd("aspp_fused::triton_atrous_conv", make_atrous_backward(triton_atrous_conv_backward),
+                                setup_context=atrous_setup)
+torch.library.register_autograd("aspp_fused::triton_separable_conv",
+                                make_separable_backward(triton_separable_conv_backward), setup_context=separable_setup)
 
 
 # --------------------------------------------------------------------------- Python face
