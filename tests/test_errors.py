@@ -156,3 +156,18 @@ def test_mixed_devices_name_the_argument():
     x, ws, d, s, t = _args()
     with pytest.raises(RuntimeError, match=r"scale is on meta but x is on cpu"):
         aspp_fused.atrous_conv(x, ws, d, s.to("meta"), t)
+
+
+def test_auto_backend_choice(monkeypatch):
+    from aspp_fused import functional
+
+    assert functional.resolve_backend("auto", torch.randn(1, 1, 1, 1)) == "torch"
+
+    class FakeCuda:  # stands in for a CUDA tensor on this CPU-only machine
+        is_cuda = True
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(_extension, "cuda_kernels_built", lambda: False)
+    assert functional.resolve_backend("auto", FakeCuda()) == "torch"
+    monkeypatch.setattr(_extension, "cuda_kernels_built", lambda: True)
+    assert functional.resolve_backend("auto", FakeCuda()) == "cpp"
