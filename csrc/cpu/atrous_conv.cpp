@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "tap_range.h"
 
 namespace aspp_fused {
@@ -41,90 +42,10 @@ constexpr int64_t kWgradCBlock = 16;
 
 // --------------------------------------------------------------------------- argument checks
 
-// Sizes derived from (and validated against) the arguments shared by forward and backward.
-struct AtrousShape {
-  int64_t N, C, H, W;
-  int64_t O;                    // output channels: sum O_b (concat) or O_0 (sum mode)
-  std::vector<int64_t> out_ch;  // O_b
-  std::vector<int64_t> ch_off;  // first channel of branch b in out (0 for every branch in sum mode)
-  std::vector<int> ksize;       // k_b in {1, 3}
-};
-
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// scale / shift: 1-D floating of length O on x's device.
-void check_channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t O,
-                          const char* o_meaning) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating point tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == O, op, ": ", name, " has shape ", t.sizes(), ", expected [", O,
-                    "] (", o_meaning, ")");
-}
-
-AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::TensorList weights,
-                              at::IntArrayRef dilations, const at::Tensor& scale, const at::Tensor& shift,
-                              const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op,
-                   ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
-  AtrousShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.H = x.size(2);
-  s.W = x.size(3);
-
-  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights is empty, expected at least one branch");
-  TORCH_CHECK_VALUE(weights.size() == dilations.size(), op, ": got ", weights.size(), " weights but ",
-                    dilations.size(), " dilations, expected one dilation per branch");
-  int64_t off = 0;
-  for (size_t b = 0; b < weights.size(); ++b) {
-    const at::Tensor& w = weights[b];
-    TORCH_CHECK(w.device() == x.device(), op, ": weights[", b, "] is on ", w.device(), " but x is on ",
-                x.device());
-    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, ": weights[", b, "] has dtype ", w.scalar_type(),
-                     ", expected ", x.scalar_type(), " (the dtype of x)");
-    TORCH_CHECK_VALUE(w.dim() == 4, op, ": weights[", b, "] must be 4-D [O_b, C, k, k], got shape ", w.sizes());
-    TORCH_CHECK_VALUE(w.size(1) == s.C, op, ": weights[", b, "] has ", w.size(1), " input channels, expected ",
-                      s.C, " (x.shape[1])");
-    TORCH_CHECK_VALUE(w.size(2) == w.size(3) && (w.size(2) == 1 || w.size(2) == 3), op, ": weights[", b,
-                      "] has kernel size ", w.size(2), "x", w.size(3), ", expected 1x1 or 3x3");
-    TORCH_CHECK_VALUE(dilations[b] >= 1, op, ": dilations[", b, "] is ", dilations[b], ", expected >= 1");
-    if (sum_mode) {
-      TORCH_CHECK_VALUE(w.size(0) == weights[0].size(0), op, ": sum_mode needs the same output channels in "
-                        "every branch, weights[", b, "] has ", w.size(0), " but weights[0] has ",
-                        weights[0].size(0));
-    }
-    s.out_ch.push_back(w.size(0));
-    s.ch_off.push_back(sum_mode ? 0 : off);
-    s.ksize.push_back(static_cast<int>(w.size(2)));
-    off += w.size(0);
-  }
-  s.O = sum_mode ? s.out_ch[0] : off;
-  const char* o_meaning = sum_mode ? "O_0, sum mode" : "sum of O_b, concat mode";
-
-  check_channel_vector(op, "scale", scale, x, s.O, o_meaning);
-  check_channel_vector(op, "shift", shift, x, s.O, o_meaning);
-  if (bias.has_value()) {
-    const at::Tensor& t = *bias;
-    TORCH_CHECK(t.device() == x.device(), op, ": bias is on ", t.device(), " but x is on ", x.device());
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": bias must be a floating point tensor, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.O, op, ": bias has shape ", t.sizes(),
-                      ", expected [", s.N, ", ", s.O, "] ([N, O]) or None");
-  }
-  TORCH_CHECK_VALUE(act == 0 || act == 1, op, ": act is ", act, ", expected 0 (none) or 1 (relu)");
-  return s;
-}
-
-// grad_sum / grad_sumsq of the backward: None or [O].
-void check_optional_stat_grad(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                              const at::Tensor& x, int64_t O) {
-  if (!t.has_value()) return;
-  check_channel_vector(op, name, *t, x, O, "one entry per output channel");
-}
+// In csrc/checks.h, shared with the CUDA kernels.
+using checks::AtrousShape;
+using checks::check_atrous_args;
+using checks::check_optional_stat_grad;
 
 // --------------------------------------------------------------------------- helpers
 

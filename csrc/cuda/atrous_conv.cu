@@ -24,7 +24,7 @@ namespace aspp_fused {
 namespace cuda {
 namespace {
 
-using cuda_checks::AtrousShape;
+using checks::AtrousShape;
 const auto kCL = at::MemoryFormat::ChannelsLast;
 
 // Weights [O_b, C, k, k] -> one buffer of [k*k][C][ldb_b] slabs (transpose=false, forward) or
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cuda(const at::Tensor
                                                                 const std::optional<at::Tensor>& bias,
                                                                 bool sum_mode, int64_t act, bool compute_stats) {
   const AtrousShape s =
-      cuda_checks::check_atrous_args("atrous_conv", x, weights, dilations, scale, shift, bias, sum_mode, act);
+      checks::check_atrous_args("atrous_conv", x, weights, dilations, scale, shift, bias, sum_mode, act);
   DeviceGuard guard(x.device());
   check_device("atrous_conv");
   const at::ScalarType acc = acc_dtype(x.scalar_type());
@@ -131,8 +131,8 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
                                          const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act,
                                          c10::List<bool> output_mask) {
   const char* op = "atrous_conv_backward";
-  const AtrousShape s = cuda_checks::check_atrous_args(op, x, weights, dilations, scale, shift, bias, sum_mode, act);
-  cuda_checks::check_atrous_backward_args(op, s, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
+  const AtrousShape s = checks::check_atrous_args(op, x, weights, dilations, scale, shift, bias, sum_mode, act);
+  checks::check_atrous_backward_args(op, s, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
   const bool need_input = output_mask.get(0), need_weights = output_mask.get(1), need_epilogue = output_mask.get(2);
   DeviceGuard guard(x.device());
   check_device(op);

@@ -31,8 +31,8 @@ namespace aspp_fused {
 namespace cuda {
 namespace {
 
-using cuda_checks::SepBranchSpec;
-using cuda_checks::SepProblem;
+using checks::SepBranchSpec;
+using checks::SepProblem;
 const auto kCL = at::MemoryFormat::ChannelsLast;
 
 // Parameters of the fused kernel, packed once per call.
@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
     const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
     at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
-  const SepProblem pb = cuda_checks::check_separable_args("separable_conv", x, dw_weights, dilations, mid_scales,
+  const SepProblem pb = checks::check_separable_args("separable_conv", x, dw_weights, dilations, mid_scales,
                                                           mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
   DeviceGuard guard(x.device());
   check_device("separable_conv");
@@ -203,9 +203,9 @@ BackwardResult separable_conv_backward_cuda(
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
     c10::List<bool> output_mask) {
   const char* op = "separable_conv_backward";
-  const SepProblem pb = cuda_checks::check_separable_args(op, x, dw_weights, dilations, mid_scales, mid_shifts,
+  const SepProblem pb = checks::check_separable_args(op, x, dw_weights, dilations, mid_scales, mid_shifts,
                                                           mid_act, pw_weights, scale, shift, bias, act);
-  cuda_checks::check_separable_backward_args(op, pb, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
+  checks::check_separable_backward_args(op, pb, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
   const bool f_input = output_mask.get(0), f_weights = output_mask.get(1), f_epilogue = output_mask.get(2);
   const bool has_gsum = grad_sum.has_value() && grad_sum->defined();
   const bool has_gsumsq = grad_sumsq.has_value() && grad_sumsq->defined();

@@ -1,9 +1,7 @@
-// Argument checks of the CUDA ops: the same checks, messages and derived shapes as the CPU
-// reference kernels (csrc/cpu/atrous_conv.cpp check_atrous_args / check_optional_stat_grad,
-// csrc/cpu/separable_conv.cpp check_inputs), so an op fails the same way on either device.
-// They are mirrored rather than shared because the CPU versions live in anonymous namespaces
-// of their .cpp files; moving them to a shared csrc/checks.h would let both backends include
-// one copy (a CPU-side change, left to the owners of csrc/cpu).
+// Argument checks shared by the CPU reference kernels and the CUDA kernels: the same checks,
+// messages and derived shapes on every device, so an op fails the same way on either.
+// (csrc/cpu/atrous_conv.cpp uses the atrous part; csrc/cpu/separable_conv.cpp still has its own
+// copy of the separable part, on its absent-as-nullopt branch lists.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +12,7 @@
 #include <vector>
 
 namespace aspp_fused {
-namespace cuda_checks {
+namespace checks {
 
 inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -263,5 +261,5 @@ inline void check_separable_backward_args(const char* op, const SepProblem& pb, 
                     mask_size);
 }
 
-}  // namespace cuda_checks
+}  // namespace checks
 }  // namespace aspp_fused
