@@ -1,7 +1,5 @@
 // Argument checks shared by the CPU reference kernels and the CUDA kernels: the same checks,
 // messages and derived shapes on every device, so an op fails the same way on either.
-// (csrc/cpu/atrous_conv.cpp uses the atrous part; csrc/cpu/separable_conv.cpp still has its own
-// copy of the separable part, on its absent-as-nullopt branch lists.)
 #pragma once
 
 #include <ATen/ATen.h>

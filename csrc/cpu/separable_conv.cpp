@@ -27,12 +27,12 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/tap_range.h"
 
 namespace aspp_fused {
 namespace {
 
-using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
 constexpr int64_t kTileH = 8;
 constexpr int64_t kTileW = 8;
@@ -46,130 +46,11 @@ constexpr int kActRelu = 1;
 // ------------------------------------------------------------------------------------------
 // Input validation, shared by forward and backward.
 
-struct BranchSpec {
-  int64_t out_channels;  // O_b
-  int64_t offset;        // first channel of this branch in the concat output
-  int64_t dilation;
-  at::Tensor dw;         // [C, 1, 3, 3] or undefined (plain 1x1 branch)
-  at::Tensor mid_scale;  // [C] or undefined (no mid affine)
-  at::Tensor mid_shift;  // [C] or undefined
-  at::Tensor pw;         // [O_b, C, 1, 1]
-};
-
-struct Problem {
-  int64_t N, C, H, W, O;
-  int mid_act, act;
-  std::vector<BranchSpec> branches;
-  at::Tensor bias;  // [N, O] or undefined
-};
-
-at::Tensor optional_at(const OptTensorList& list, int64_t i) {
-  std::optional<at::Tensor> t = list.get(i);
-  return t.has_value() ? *t : at::Tensor();
-}
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t b, int64_t len,
-                  const char* len_what, const at::Tensor& x) {
-  // b < 0: a plain argument; else entry b of a list argument.
-  const std::string what = b < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(b) + "]";
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, op, ": ", what, " must be 1-D of length ", len, " (",
-                    len_what, "), got shape ", t.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", what, " must be a floating tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but x is on ", x.device());
-}
-
-Problem check_inputs(const char* op, const at::Tensor& x, const OptTensorList& dw_weights,
-                     at::IntArrayRef dilations, const OptTensorList& mid_scales, const OptTensorList& mid_shifts,
-                     int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale, const at::Tensor& shift,
-                     const std::optional<at::Tensor>& bias, int64_t act) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op,
-                   ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
-  const int64_t nb = static_cast<int64_t>(dilations.size());
-  TORCH_CHECK_VALUE(nb >= 1, op, ": needs at least one branch (dilations is empty)");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(dw_weights.size()) == nb, op, ": dw_weights has ", dw_weights.size(),
-                    " entries, expected ", nb, " (len(dilations))");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(mid_scales.size()) == nb, op, ": mid_scales has ", mid_scales.size(),
-                    " entries, expected ", nb, " (len(dilations))");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(mid_shifts.size()) == nb, op, ": mid_shifts has ", mid_shifts.size(),
-                    " entries, expected ", nb, " (len(dilations))");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(pw_weights.size()) == nb, op, ": pw_weights has ", pw_weights.size(),
-                    " entries, expected ", nb, " (len(dilations))");
-  TORCH_CHECK_VALUE(mid_act == kActNone || mid_act == kActRelu, op, ": mid_act must be 0 (none) or 1 (relu), got ",
-                    mid_act);
-  TORCH_CHECK_VALUE(act == kActNone || act == kActRelu, op, ": act must be 0 (none) or 1 (relu), got ", act);
-
-  Problem pb;
-  pb.N = x.size(0);
-  pb.C = x.size(1);
-  pb.H = x.size(2);
-  pb.W = x.size(3);
-  pb.mid_act = static_cast<int>(mid_act);
-  pb.act = static_cast<int>(act);
-  const int64_t C = pb.C;
-  int64_t offset = 0;
-  for (int64_t b = 0; b < nb; ++b) {
-    BranchSpec br;
-    br.dilation = dilations[b];
-    TORCH_CHECK_VALUE(br.dilation >= 1, op, ": dilations[", b, "] must be >= 1, got ", br.dilation);
-
-    br.dw = optional_at(dw_weights, b);
-    if (br.dw.defined()) {
-      TORCH_CHECK_VALUE(br.dw.dim() == 4 && br.dw.size(0) == C && br.dw.size(1) == 1 && br.dw.size(2) == kK &&
-                            br.dw.size(3) == kK,
-                        op, ": dw_weights[", b, "] must have shape [", C, ", 1, 3, 3] (C = x.shape[1]), got ",
-                        br.dw.sizes());
-      TORCH_CHECK_TYPE(br.dw.scalar_type() == x.scalar_type(), op, ": dw_weights[", b, "] has dtype ",
-                       br.dw.scalar_type(), ", expected x's dtype ", x.scalar_type());
-      TORCH_CHECK(br.dw.device() == x.device(), op, ": dw_weights[", b, "] is on ", br.dw.device(),
-                  " but x is on ", x.device());
-    }
-
-    br.mid_scale = optional_at(mid_scales, b);
-    br.mid_shift = optional_at(mid_shifts, b);
-    TORCH_CHECK_VALUE(br.mid_scale.defined() == br.mid_shift.defined(), op, ": mid_scales[", b, "] and mid_shifts[",
-                      b, "] must both be given or both be None");
-    if (br.mid_scale.defined()) {
-      TORCH_CHECK_VALUE(br.dw.defined(), op, ": mid_scales[", b, "] is given but dw_weights[", b,
-                        "] is None; a mid affine is only allowed after a depthwise");
-      check_vector(op, br.mid_scale, "mid_scales", b, C, "C = x.shape[1]", x);
-      check_vector(op, br.mid_shift, "mid_shifts", b, C, "C = x.shape[1]", x);
-    }
-
-    br.pw = pw_weights[b];
-    TORCH_CHECK_VALUE(br.pw.dim() == 4 && br.pw.size(2) == 1 && br.pw.size(3) == 1, op, ": pw_weights[", b,
-                      "] must have shape [O_b, C, 1, 1], got ", br.pw.sizes());
-    TORCH_CHECK_VALUE(br.pw.size(1) == C, op, ": pw_weights[", b, "] has ", br.pw.size(1),
-                      " input channels, expected ", C, " (x.shape[1])");
-    TORCH_CHECK_TYPE(br.pw.scalar_type() == x.scalar_type(), op, ": pw_weights[", b, "] has dtype ",
-                     br.pw.scalar_type(), ", expected x's dtype ", x.scalar_type());
-    TORCH_CHECK(br.pw.device() == x.device(), op, ": pw_weights[", b, "] is on ", br.pw.device(), " but x is on ",
-                x.device());
-    br.out_channels = br.pw.size(0);
-    br.offset = offset;
-    offset += br.out_channels;
-    pb.branches.push_back(std::move(br));
-  }
-  pb.O = offset;
-
-  check_vector(op, scale, "scale", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
-  check_vector(op, shift, "shift", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
-  if (bias.has_value() && bias->defined()) {
-    pb.bias = *bias;
-    TORCH_CHECK_VALUE(pb.bias.dim() == 2 && pb.bias.size(0) == pb.N && pb.bias.size(1) == pb.O, op,
-                      ": bias must have shape [N, O] = [", pb.N, ", ", pb.O, "], got ", pb.bias.sizes());
-    TORCH_CHECK_TYPE(is_supported_float(pb.bias.scalar_type()), op, ": bias must be a floating tensor, got ",
-                     pb.bias.scalar_type());
-    TORCH_CHECK(pb.bias.device() == x.device(), op, ": bias is on ", pb.bias.device(), " but x is on ",
-                x.device());
-  }
-  return pb;
-}
+// In csrc/checks.h, shared with the CUDA kernels.
+using BranchSpec = checks::SepBranchSpec;
+using Problem = checks::SepProblem;
+using checks::check_vector;
+using checks::is_supported_dtype;
 
 // ------------------------------------------------------------------------------------------
 // Parameters converted to the accumulation type and packed for the inner loops.
@@ -440,12 +321,12 @@ void forward_kernel(const Problem& pb, const at::Tensor& x_cl, const at::Tensor&
   stats = partials.reduce();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_impl(
-    const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations, const OptTensorList& mid_scales,
-    const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
+    const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
+    at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
-  const Problem pb = check_inputs("separable_conv", x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
-                                  pw_weights, scale, shift, bias, act);
+  const Problem pb = checks::check_separable_args(
+      "separable_conv", x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
   const at::ScalarType stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -650,19 +531,19 @@ BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scal
 using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                                   std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
 
-BackwardResult separable_conv_backward_impl(
+BackwardResult separable_conv_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, const OptTensorList& dw_weights, at::IntArrayRef dilations,
-    const OptTensorList& mid_scales, const OptTensorList& mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
     const c10::List<bool>& output_mask) {
   const char* op = "separable_conv_backward";
-  const Problem pb = check_inputs(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale,
-                                  shift, bias, act);
+  const Problem pb = checks::check_separable_args(
+      op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
   const std::vector<int64_t> out_shape{pb.N, pb.O, pb.H, pb.W};
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have shape ",
                     at::IntArrayRef(out_shape), " ([N, O, H, W]), got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
+  TORCH_CHECK_TYPE(is_supported_dtype(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
                    grad_out.scalar_type());
   TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
               x.device());
@@ -763,39 +644,6 @@ BackwardResult separable_conv_backward_impl(
     if (pb.bias.defined()) g_bias = double_tensor(bi.data(), {pb.N, pb.O}, pb.bias.scalar_type());
   }
   return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
-}
-
-// The schema passes "absent" per-branch tensors as empty [0] tensors (a Tensor?[] with
-// Nones would be one opaque leaf to torch.library's autograd, so no per-branch grads).
-OptTensorList absent_if_empty(at::TensorList list) {
-  OptTensorList out;
-  for (const at::Tensor& t : list) {
-    if (t.dim() == 1 && t.numel() == 0) {
-      out.push_back(std::nullopt);
-    } else {
-      out.push_back(t);
-    }
-  }
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
-    const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
-    at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
-    const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats) {
-  return separable_conv_impl(x, absent_if_empty(dw_weights), dilations, absent_if_empty(mid_scales),
-                             absent_if_empty(mid_shifts), mid_act, pw_weights, scale, shift, bias, act, compute_stats);
-}
-
-BackwardResult separable_conv_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
-    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
-    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
-    const c10::List<bool>& output_mask) {
-  return separable_conv_backward_impl(grad_out, grad_sum, grad_sumsq, out, x, absent_if_empty(dw_weights), dilations,
-                                      absent_if_empty(mid_scales), absent_if_empty(mid_shifts), mid_act, pw_weights,
-                                      scale, shift, bias, act, output_mask);
 }
 
 }  // namespace
