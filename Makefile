@@ -18,13 +18,8 @@ bench: install      ## throughput benchmarks -> benchmarks/results/<date>_<devic
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a): regs / smem / spills; skips without nvcc
 	@$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)"
 
-gpu-check: install  ## on a GPU machine: info, gpu tests, compute-sanitizer, benchmarks; logs + results in $(GPU_CHECK_OUT)/
-	mkdir -p $(GPU_CHECK_OUT)
-	$(PYTHON) -m aspp_fused.info 2>&1 | tee $(GPU_CHECK_OUT)/info.txt
-	$(PYTHON) -m pytest -q -m gpu 2>&1 | tee $(GPU_CHECK_OUT)/pytest-gpu.log; test $${PIPESTATUS[0]} -eq 0 || echo "gpu tests FAILED" | tee -a $(GPU_CHECK_OUT)/summary.txt
-	tools/sanitize_cuda.sh $(GPU_CHECK_OUT)/sanitizer || echo "compute-sanitizer FAILED" | tee -a $(GPU_CHECK_OUT)/summary.txt
-	$(PYTHON) -m benchmarks --out $(GPU_CHECK_OUT)/results $(BENCH_ARGS) 2>&1 | tee $(GPU_CHECK_OUT)/bench.log
-	@echo "gpu-check: done; logs and results in $(GPU_CHECK_OUT)/" | tee -a $(GPU_CHECK_OUT)/summary.txt
+gpu-check:          ## on a GPU machine: build, info, gpu tests, compute-sanitizer, benchmarks in stages; see tools/gpu_check.sh
+	tools/gpu_check.sh $(GPU_CHECK_OUT)
 
 info:
 	$(PYTHON) -m aspp_fused.info

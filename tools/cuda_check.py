@@ -7,6 +7,13 @@ with `-Xptxas -v`. Prints registers, shared memory, stack frame and spills per k
 and fails on a compile error or on any register spill. Exits 0 (after saying so) when nvcc is
 not installed, so CPU-only CI machines without the CUDA toolkit pass.
 
+When a cuobjdump is at hand (the CUDA toolkit's, or the one Triton ships), every cubin is also
+disassembled and each GEMM kernel's instructions are checked against what its template promises,
+so a build that silently fell back to another code path fails here, on a machine without a GPU:
+tensor-core kernels must hold HMMA of their type (.16816 bf16 / f16 with ldmatrix = LDSM, .1688
+TF32), FFMA kernels no HMMA, cp.async variants LDGSTS, and no kernel may hold the pre-sm_80 trap
+(BPT.TRAP) or local-memory traffic (LDL / STL).
+
 Optional: with a CUDA build of torch's headers (CUDA_CHECK_TORCH_INCLUDE=<.../torch/include>,
 or automatically when the installed torch has CUDA) the launch glue csrc/cuda/*.cu is compiled
 too (host + device code against ATen/c10 CUDA headers; slow, one object per file).
@@ -76,6 +83,71 @@ def parse(text):
     return rows
 
 
+def find_cuobjdump(nvcc):
+    """The CUDA toolkit's cuobjdump beside nvcc, else the one bundled with Triton, else None."""
+    cands = [os.environ.get("CUOBJDUMP"), os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"),
+             shutil.which("cuobjdump")]
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except Exception:
+        pass
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+SASS_FUNC = re.compile(r"^\s*Function : (\S+)", re.M)
+SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+COUNTED = ("HMMA", "LDSM", "LDGSTS", "BAR", "LDL", "STL", "BPT")
+
+
+def sass_mix(text):
+    """{mangled kernel name: {opcode: count, 'HMMA kinds': set of full HMMA opcodes}} from cuobjdump -sass."""
+    out = {}
+    parts = SASS_FUNC.split(text)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        mix = {op: 0 for op in COUNTED}
+        kinds = set()
+        for op, suffix in SASS_INSN.findall(body):
+            if op in mix:
+                mix[op] += 1
+            if op == "HMMA":
+                kinds.add(op + suffix)
+        mix["HMMA kinds"] = kinds
+        out[name] = mix
+    return out
+
+
+def sass_problems(demangled, mix):
+    """What is wrong with one kernel's instruction mix, given the promises of its template arguments."""
+    bad = []
+    if mix["BPT"]:
+        bad.append("holds BPT (the pre-sm_80 trap path)")
+    if mix["LDL"] or mix["STL"]:
+        bad.append("local memory traffic (LDL %d / STL %d)" % (mix["LDL"], mix["STL"]))
+    m = re.search(r"(tap_gemm|wgrad_gemm|separable_gemm)_kernel<([^,]+),.*\(aspp_fused::cuda::Math\)(\d)(?:, (true|false))?>", demangled)
+    if not m:
+        return bad
+    _, elem, math, vec = m.group(1), m.group(2).strip(), int(m.group(3)), m.group(4)
+    kinds = mix["HMMA kinds"]
+    if math == 0:
+        want = "HMMA.16816.F32.BF16" if "bfloat16" in elem else "HMMA.16816.F32"
+        if want not in kinds:
+            bad.append("no %s (has %s)" % (want, sorted(kinds) or "no HMMA"))
+        if not mix["LDSM"]:
+            bad.append("no LDSM (ldmatrix)")
+    elif math == 1:
+        if "HMMA.1688.F32.TF32" not in kinds:
+            bad.append("no HMMA.1688.F32.TF32 (has %s)" % (sorted(kinds) or "no HMMA"))
+    elif kinds:
+        bad.append("FFMA kernel holds %s" % sorted(kinds))
+    if vec == "true" and not mix["LDGSTS"]:
+        bad.append("cp.async variant without LDGSTS")
+    return bad
+
+
 def torch_cuda_include():
     inc = os.environ.get("CUDA_CHECK_TORCH_INCLUDE")
     if inc:
@@ -132,7 +204,8 @@ def main():
                     "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(ROOT, "csrc", "cuda", f),
                     "-o", os.path.join(tmp, f + ".o")]))
 
-    failed, rows = [], []
+    cuobjdump = find_cuobjdump(nvcc)
+    failed, rows, mixes = [], [], {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         futures = {ex.submit(run, cmd): key for key, cmd in jobs}
         for fut in concurrent.futures.as_completed(futures):
@@ -144,6 +217,14 @@ def main():
                 sys.stdout.write(text)
             elif key[1] not in ("host",) and not key[1].startswith("glue"):
                 rows += parse(text)
+                if cuobjdump:
+                    cubin = os.path.join(tmp, "%s.%s.cubin" % key)
+                    res = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+                    if res.returncode != 0:
+                        print("cuda-check: cuobjdump failed on %s: %s" % (cubin, res.stderr.strip()))
+                        failed.append((key[0], key[1] + " sass"))
+                    for name, mix in sass_mix(res.stdout).items():
+                        mixes[(name, key[1])] = mix
 
     if os.path.exists(cfg_exe):
         print("\ncuda-check: GEMM tile configurations")
@@ -151,15 +232,30 @@ def main():
         sys.stdout.write(res.stdout)
 
     names = demangle(sorted({r["name"] for r in rows}))
-    print("\n%-7s %4s %8s %6s %6s  %s   (smem: static bytes; dynamic: the tile table above)" % (
-        "arch", "regs", "smem", "stack", "spill", "kernel"))
-    spills = []
+    print("\n%-7s %4s %8s %6s %6s %5s %5s %6s %4s  %s   (smem: static bytes; dynamic: the tile table above; "
+          "HMMA..BAR: SASS instruction counts)" % ("arch", "regs", "smem", "stack", "spill", "HMMA", "LDSM",
+                                                    "LDGSTS", "BAR", "kernel"))
+    spills, sass_bad = [], []
     for r in sorted(rows, key=lambda r: (short(names[r["name"]]), r["arch"])):
         spill = r.get("st", 0) + r.get("ld", 0)
-        print("%-7s %4d %8d %6d %6s  %s" % (r["arch"], r["regs"], r["smem"], r.get("stack", 0),
-                                           "%d/%d" % (r.get("st", 0), r.get("ld", 0)), short(names[r["name"]])))
+        mix = mixes.get((r["name"], r["arch"]))
+        counts = ("%5d %5d %6d %4d" % tuple(mix[k] for k in ("HMMA", "LDSM", "LDGSTS", "BAR")) if mix
+                  else "%5s %5s %6s %4s" % ("-", "-", "-", "-"))
+        print("%-7s %4d %8d %6d %6s %s  %s" % (r["arch"], r["regs"], r["smem"], r.get("stack", 0),
+                                              "%d/%d" % (r.get("st", 0), r.get("ld", 0)), counts,
+                                              short(names[r["name"]])))
         if spill:
             spills.append((r["arch"], short(names[r["name"]])))
+        if mix:
+            for problem in sass_problems(names[r["name"]], mix):
+                sass_bad.append("%s %s: %s" % (r["arch"], short(names[r["name"]]), problem))
+    if cuobjdump:
+        missing = [r for r in rows if (r["name"], r["arch"]) not in mixes]
+        for r in missing:
+            sass_bad.append("%s %s: not found in the disassembly" % (r["arch"], short(names[r["name"]])))
+        print("\ncuda-check: SASS checked with %s (%d kernels)" % (cuobjdump, len(mixes)))
+    else:
+        print("\ncuda-check: no cuobjdump found (CUDA toolkit or Triton): SASS instruction check skipped")
     if not glue_inc:
         print("\ncuda-check: launch glue (csrc/cuda/*.cu) not compiled: needs a CUDA build of torch's headers "
               "(set CUDA_CHECK_TORCH_INCLUDE=<torch/include of a CUDA torch>)")
@@ -168,13 +264,17 @@ def main():
     if failed:
         print("cuda-check: FAILED: compile errors in %s" % ", ".join("%s (%s)" % k for k in failed))
         return 1
+    if sass_bad:
+        print("cuda-check: FAILED: instruction check:\n  " + "\n  ".join(sass_bad))
+        return 1
     if spills:
         print("cuda-check: FAILED: register spills in %s" % "; ".join("%s %s" % s for s in spills))
         return 1
     if not rows:
         print("cuda-check: FAILED: no kernels found in the ptxas output")
         return 1
-    print("cuda-check: OK (no compile errors, no register spills)")
+    print("cuda-check: OK (no compile errors, no register spills%s)" % (
+        ", instruction mix as promised" if cuobjdump else ""))
     return 0
 
 

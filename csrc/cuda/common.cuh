@@ -207,14 +207,18 @@ ASPP_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes
 }
 
 ASPP_DEVICE void cp_async_commit() {
-#if !defined(ASPP_CUDA_EMULATE) && !ASPP_PRE_SM80
+#if defined(ASPP_CUDA_EMULATE)
+  ::emu::cp_async_commit();
+#elif !ASPP_PRE_SM80
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int N>
 ASPP_DEVICE void cp_async_wait() {
-#if !defined(ASPP_CUDA_EMULATE) && !ASPP_PRE_SM80
+#if defined(ASPP_CUDA_EMULATE)
+  ::emu::cp_async_wait(N);
+#elif !ASPP_PRE_SM80
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -9,13 +9,10 @@
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>  // TORCH_VERSION_MAJOR / MINOR
-#else
-#include <torch/version.h>
-#endif
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -103,16 +100,33 @@ void launch(void (*kernel)(KArgs...), int64_t grid, dim3 block, size_t smem, con
 
 #endif
 
-// The TF32 decision for float32 inputs, as PyTorch's convolutions make it (the per-operator
-// query of the fp32_precision API where torch has it: the bare query raises once conv and
-// rnn precisions were set apart).
-inline bool allow_tf32() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
-#else
-  return at::globalContext().allowTF32CuDNN();
-#endif
+// The TF32 decision for float32 inputs, as PyTorch's convolutions make it. The query has had
+// three shapes across the supported torch releases, told apart here by overload resolution
+// rather than by version numbers:
+//   allowTF32CuDNN(std::optional<Float32Op>)  the fp32_precision API with an enum: ask for CONV
+//                                              (the bare query raises once conv and rnn differ)
+//   allowTF32CuDNN(const std::string& op)      the same API with strings: ask for "conv"
+//   allowTF32CuDNN()                           older releases: the one cudnn.allow_tf32 flag
+namespace tf32_query {
+template <class Ctx, class Op>
+bool conv_enum(const Ctx& c, bool (Ctx::*)(std::optional<Op>) const) {
+  return c.allowTF32CuDNN(Op::CONV);
 }
+template <class Ctx>
+auto conv(const Ctx& c, int) -> decltype(conv_enum(c, &Ctx::allowTF32CuDNN)) {
+  return conv_enum(c, &Ctx::allowTF32CuDNN);
+}
+template <class Ctx>
+auto conv(const Ctx& c, long) -> decltype(c.allowTF32CuDNN(std::string("conv"))) {
+  return c.allowTF32CuDNN(std::string("conv"));
+}
+template <class Ctx>
+bool conv(const Ctx& c, ...) {
+  return c.allowTF32CuDNN();
+}
+}  // namespace tf32_query
+
+inline bool allow_tf32() { return tf32_query::conv(at::globalContext(), 0); }
 
 // A tensor's data as a typed pointer (nullptr for an undefined tensor).
 template <typename P>

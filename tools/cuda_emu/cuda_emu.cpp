@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
+#include <random>
+#include <string>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -23,12 +26,21 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 
+// One cp.async in flight: the source bytes are read at issue (global inputs do not change
+// during a launch), the destination is written when its group retires.
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;
   uint3 tid;
   int linear = 0;
   bool done = false;
+  std::vector<PendingCopy> open_group;          // issued since the last commit_group
+  std::deque<std::vector<PendingCopy>> groups;  // committed, oldest first
 #if EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -82,11 +94,50 @@ void switch_to_main() {
 
 void yield() { switch_to_main(); }
 
+// kForward / kReverse / kShuffle: round robin, every fiber runs to its next synchronisation
+// point each round, in thread order, reversed or shuffled anew each round. kWarps /
+// kWarpsReverse: warp by warp, each warp running as far as it can (to a __syncthreads or its
+// end) before the next one starts, so warps drift apart as far as the barriers allow.
+enum class Order { kForward, kReverse, kShuffle, kWarps, kWarpsReverse };
+struct Schedule {
+  Order order = Order::kForward;
+  unsigned seed = 0;
+  bool async_copies = true;
+};
+Schedule g_schedule;
+
+Schedule read_schedule() {
+  Schedule s;
+  if (const char* o = std::getenv("ASPP_CUDA_EMU_ORDER")) {
+    const std::string v(o);
+    if (v.empty() || v == "forward") {
+      s.order = Order::kForward;
+    } else if (v == "reverse") {
+      s.order = Order::kReverse;
+    } else if (v == "warps") {
+      s.order = Order::kWarps;
+    } else if (v == "warps-reverse") {
+      s.order = Order::kWarpsReverse;
+    } else if (v.rfind("shuffle:", 0) == 0) {
+      s.order = Order::kShuffle;
+      s.seed = static_cast<unsigned>(std::strtoul(v.c_str() + 8, nullptr, 10));
+    } else {
+      std::fprintf(stderr, "cuda_emu: ASPP_CUDA_EMU_ORDER=%s: expected forward, reverse, shuffle:SEED, warps or "
+                   "warps-reverse\n", o);
+      std::abort();
+    }
+  }
+  if (const char* a = std::getenv("ASPP_CUDA_EMU_ASYNC")) s.async_copies = std::string(a) != "0";
+  return s;
+}
+
 void trampoline() {
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_main_bottom, &g_main_size);
 #endif
   (*g_cta->body)();
+  if (!g_cur->open_group.empty() || !g_cur->groups.empty())
+    fail("cp.async copies still in flight when the thread exits (missing cp.async.wait_group)");
   g_cur->done = true;
   ++g_cta->progress;
 #if EMU_ASAN
@@ -159,12 +210,36 @@ void warp_sync() {
 void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (!aligned16(dst)) fail("cp.async: shared address not 16-byte aligned");
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async: src-size outside [0, 16]");
-  if (src_bytes > 0 && !aligned16(src)) fail("cp.async: global address not 16-byte aligned");
+  // PTX asks for a naturally aligned source even when src-size is 0 and nothing is read.
+  if (!aligned16(src)) fail("cp.async: global address not 16-byte aligned");
   unsigned char* d = static_cast<unsigned char*>(dst);
   if (g_cta->smem && (d < g_cta->smem || d + 16 > g_cta->smem + g_cta->smem_bytes))
     fail("cp.async: destination outside dynamic shared memory");
-  if (src_bytes > 0) std::memcpy(d, src, static_cast<size_t>(src_bytes));
-  std::memset(d + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+  PendingCopy c;
+  c.dst = d;
+  std::memset(c.data, 0, sizeof(c.data));
+  if (src_bytes > 0) std::memcpy(c.data, src, static_cast<size_t>(src_bytes));
+  if (!g_schedule.async_copies) {
+    std::memcpy(d, c.data, 16);
+    return;
+  }
+  std::memset(d, 0xff, 16);  // NaN until the copy's group is waited for
+  g_cur->open_group.push_back(c);
+}
+
+void cp_async_commit() {
+  // An empty group is legal (and counts for wait_group), as in PTX.
+  g_cur->groups.push_back(std::move(g_cur->open_group));
+  g_cur->open_group.clear();
+}
+
+void cp_async_wait(int pending_groups) {
+  // PTX: wait until at most `pending_groups` of the most recent committed groups are pending.
+  // Copies not yet committed are not waited for.
+  while (static_cast<int>(g_cur->groups.size()) > pending_groups) {
+    for (const PendingCopy& c : g_cur->groups.front()) std::memcpy(c.dst, c.data, 16);
+    g_cur->groups.pop_front();
+  }
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
@@ -267,6 +342,28 @@ uint32_t cvt_rna_tf32(float x) {
   return u & 0xffffe000u;
 }
 
+namespace {
+// Resumes each live fiber of `ids` once, in that order; false when none was left.
+bool run_round(std::vector<Fiber>& fibers, const std::vector<int>& ids) {
+  bool alive = false;
+  for (int i : ids) {
+    Fiber& f = fibers[static_cast<size_t>(i)];
+    if (f.done) continue;
+    alive = true;
+    g_cur = &f;
+#if EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
+#endif
+    swapcontext(&g_main, &f.ctx);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  }
+  return alive;
+}
+}  // namespace
+
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads <= 0 || nthreads > 1024) fail("launch: bad block size");
@@ -284,6 +381,10 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
     cta.warps[w].size = std::min(32, nthreads - static_cast<int>(w) * 32);
   Cta* const saved_cta = g_cta;
   g_cta = &cta;
+  g_schedule = read_schedule();
+  std::vector<int> order(static_cast<size_t>(nthreads));
+  for (int i = 0; i < nthreads; ++i) order[static_cast<size_t>(i)] = g_schedule.order == Order::kReverse ? nthreads - 1 - i : i;
+  std::mt19937 rng(g_schedule.seed + static_cast<unsigned>(g_launches));
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -301,6 +402,8 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
           f.linear = i;
           f.tid = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
           f.done = false;
+          f.open_group.clear();
+          f.groups.clear();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack;
           f.ctx.uc_stack.ss_size = kStackBytes;
@@ -308,20 +411,24 @@ void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
           makecontext(&f.ctx, trampoline, 0);
         }
         for (;;) {
-          bool alive = false;
           const long long before = cta.progress;
-          for (Fiber& f : fibers) {
-            if (f.done) continue;
-            alive = true;
-            g_cur = &f;
-#if EMU_ASAN
-            void* fake = nullptr;
-            __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
-#endif
-            swapcontext(&g_main, &f.ctx);
-#if EMU_ASAN
-            __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+          bool alive = false;
+          if (g_schedule.order == Order::kWarps || g_schedule.order == Order::kWarpsReverse) {
+            const int nwarps = static_cast<int>(cta.warps.size());
+            for (int k = 0; k < nwarps; ++k) {
+              const int w = g_schedule.order == Order::kWarps ? k : nwarps - 1 - k;
+              const auto first = order.begin() + w * 32;
+              const std::vector<int> lanes(first, first + cta.warps[static_cast<size_t>(w)].size);
+              for (;;) {  // this warp, until it makes no more progress
+                const long long p = cta.progress;
+                const bool a = run_round(fibers, lanes);
+                alive = alive || a;
+                if (!a || cta.progress == p) break;
+              }
+            }
+          } else {
+            if (g_schedule.order == Order::kShuffle) std::shuffle(order.begin(), order.end(), rng);
+            alive = run_round(fibers, order);
           }
           if (!alive) break;
           if (cta.progress == before) fail("deadlock: a barrier that not every thread reaches");

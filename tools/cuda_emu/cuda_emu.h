@@ -3,14 +3,32 @@
 // sources and launch glue with ASPP_CUDA_EMULATE against this header.
 //
 // Model: a launch runs its CTAs one after another; the threads of a CTA are fibers
-// (ucontext), scheduled round-robin, switching only at __syncthreads and at warp-collective
-// operations, so a run is deterministic. Warp collectives (shuffles, ldmatrix, mma.sync) meet
-// at a per-warp barrier, exchange operands through a per-warp buffer and compute the result
-// from the PTX ISA's fragment layouts (implemented here independently of the kernels).
-// cp.async is a synchronous copy with zero fill. Checked at run time: barrier deadlocks
-// (a __syncthreads not reached by every thread), 16-byte alignment and bounds of cp.async /
-// ldmatrix addresses; dynamic shared memory is poisoned with NaN bytes before each CTA, and
-// under ASan (build.py --asan) every global and shared access is bounds-checked.
+// (ucontext), switching only at __syncthreads and at warp-collective operations. Warp
+// collectives (shuffles, ldmatrix, mma.sync) meet at a per-warp barrier, exchange operands
+// through a per-warp buffer and compute the result from the PTX ISA's fragment layouts
+// (implemented here independently of the kernels).
+//
+// Because a fixed schedule and instant copies would hide ordering bugs, two knobs (environment
+// variables read at each launch) make runs adversarial; each is deterministic for its value:
+//   ASPP_CUDA_EMU_ORDER  forward (default) | reverse | shuffle:SEED — round robin: each round
+//                        every fiber runs to its next synchronisation point, in thread order,
+//                        reversed, or shuffled each round; a shared-memory race (a read not
+//                        separated from another thread's write by a barrier) gives a different
+//                        result under forward and reverse.
+//                        warps | warps-reverse — each warp runs as far as it can (up to a
+//                        __syncthreads) before the next warp starts: warps drift apart as far as
+//                        the barriers allow, which exposes write-after-read hazards (a warp
+//                        refilling a buffer another warp has not finished reading).
+//   ASPP_CUDA_EMU_ASYNC  1 (default) | 0 — cp.async is asynchronous: at issue the destination
+//                        is filled with NaN bytes and the data lands only at the thread's
+//                        cp.async.wait_group that retires its group. Reading a stage before its
+//                        wait + barrier, or refilling a stage another warp still reads, yields NaN.
+//                        A fiber that ends with copies never waited for is an error. 0: copies
+//                        land at issue.
+// Also checked: barrier deadlocks (a __syncthreads not reached by every thread), 16-byte
+// alignment and bounds of cp.async / ldmatrix addresses; dynamic shared memory is poisoned
+// with NaN bytes before each CTA, and under ASan (build.py --asan) every global and shared
+// access is bounds-checked.
 #pragma once
 
 #include <cuda_bf16.h>  // before the keyword macros below
@@ -56,6 +74,8 @@ T shfl_xor(T v, int mask) {
 }
 
 void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row, bool trans);
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
 void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
