@@ -3,8 +3,11 @@ PYTHON ?= python
 SHELL := /bin/bash
 GPU_CHECK_OUT ?= gpu-check-out
 NVCC ?= nvcc
+# The emulator's schedule for emu-test: each warp runs as far as the barriers allow before the
+# next, with asynchronous cp.async (tools/cuda_emu/cuda_emu.h lists the others).
+EMU_ORDER ?= warps
 
-.PHONY: install test bench cuda-check gpu-check info clean
+.PHONY: install test bench cuda-check emu-test gpu-check info clean
 
 install:            ## build the extension in place (CPU kernels; CUDA kernels when torch has CUDA)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
@@ -17,6 +20,11 @@ bench: install      ## throughput benchmarks -> benchmarks/results/<date>_<devic
 
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a): regs / smem / spills; skips without nvcc
 	@$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)"
+
+emu-test: install    ## tests/test_cuda.py on the host SIMT emulator of the CUDA kernels (no GPU); EMU_ORDER=warps
+	@if $(PYTHON) tools/cuda_emu/build.py --check-toolkit; then \
+		PYTHON=$(PYTHON) ASPP_CUDA_EMU_ORDER=$(EMU_ORDER) tools/cuda_emu/run_tests.sh; \
+	else echo "emu-test: skipped (the emulator build needs the CUDA toolkit's headers)"; fi
 
 gpu-check:          ## on a GPU machine: build, info, gpu tests, compute-sanitizer, benchmarks in stages; see tools/gpu_check.sh
 	tools/gpu_check.sh $(GPU_CHECK_OUT)

@@ -5,12 +5,15 @@ times them side by side (interleaved round after round), and reports median and 
 images/s, peak memory, TFLOP/s on executed and on dense MACs and % of a matmul peak measured
 in the same run. Writes ``<out>/<date>_<device>.json`` (DESIGN.md's schema), a markdown table and
 a PNG chart of speedups over eager_cl beside it. ``--compare OLD.json`` flags regressions.
+Interrupted (Ctrl-C, or SIGTERM from a time limit), it stops after the group in flight is
+abandoned and still writes the groups measured so far, marked as interrupted.
 """
 import argparse
 import datetime
 import gc
 import json
 import os
+import signal
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -410,6 +413,14 @@ def _split(text: str, known, what: str) -> List[str]:
     return items
 
 
+class Interrupted(Exception):
+    """SIGTERM (a time limit) or Ctrl-C during the measurements."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -454,23 +465,32 @@ def main(argv=None) -> int:
     ctx["matmul_n"] = 1024 if args.quick and not cuda else None
 
     records, skipped, case_info = [], [], []
-    for name in case_names:
-        case = C.CASES[name]
-        batch = args.batch or case.batch[size]
-        try:
-            dense, executed, _, spec = C.meta_macs(case, size, batch)
-            case_info.append({"case": name, "title": case.title + ("; %s" % case.notes[size] if size in case.notes
-                                                                   else ""),
-                              "batch": batch, "input": C.channel_count(spec), "gmacs_dense": dense / 1e9,
-                              "gmacs_executed": executed / 1e9})
-        except C.Skip:
-            pass
-        for dt in dtypes:
-            for mode in modes:
-                recs, skips = measure_group(case, mode, dt, ctx, progress)
-                records += recs
-                skipped += skips
-                progress.advance()
+    groups_total, groups_done, interrupted = len(case_names) * len(dtypes) * len(modes), 0, None
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        for name in case_names:
+            case = C.CASES[name]
+            batch = args.batch or case.batch[size]
+            try:
+                dense, executed, _, spec = C.meta_macs(case, size, batch)
+                case_info.append({"case": name, "title": case.title + ("; %s" % case.notes[size]
+                                                                       if size in case.notes else ""),
+                                  "batch": batch, "input": C.channel_count(spec), "gmacs_dense": dense / 1e9,
+                                  "gmacs_executed": executed / 1e9})
+            except C.Skip:
+                pass
+            for dt in dtypes:
+                for mode in modes:
+                    recs, skips = measure_group(case, mode, dt, ctx, progress)
+                    records += recs
+                    skipped += skips
+                    groups_done += 1
+                    progress.advance()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        interrupted = "%s after %d of %d groups" % (str(exc) or "KeyboardInterrupt", groups_done, groups_total)
+        progress.log("interrupted (%s): writing the groups measured so far" % interrupted)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     progress.close()
     wall = time.perf_counter() - t_start
 
@@ -499,6 +519,8 @@ def main(argv=None) -> int:
         notes.append("load average at start %s, at end %s (%d CPUs): other tenants of the machine slow every "
                      "provider alike" % (load_start, load_end, os.cpu_count() or 0))
     notes.append("wall time %.0f s" % wall)
+    if interrupted:
+        notes.append("INTERRUPTED (%s): the records cover only the groups measured before it" % interrupted)
 
     doc = {
         "meta": {"date": date, "device": ctx["device_name"], "device_type": device.type, "torch": torch.__version__,
@@ -509,7 +531,7 @@ def main(argv=None) -> int:
                  "matmul_peak_tflops": {k: round(H.percentile(v, 50), 4) for k, v in ctx["peaks"].items()},
                  "peak_mem_source": H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE,
                  "budget": vars(budget), "wall_s": round(wall, 1), "cases": case_info,
-                 "notes": notes},
+                 "interrupted": interrupted, "notes": notes},
         "records": records,
         "skipped": skipped,
     }
@@ -553,6 +575,9 @@ def main(argv=None) -> int:
     print("\nwrote %s.json, %s.md%s" % (stem, stem, "" if why_no_png else ", %s.png" % stem))
     if why_no_png:
         print(why_no_png)
+    if interrupted:
+        print("interrupted: %s" % interrupted)
+        return 130
     return status
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import signal
 import sys
 
 import pytest
@@ -190,3 +191,28 @@ def test_cli_compare_exit_status(tiny_run, tmp_path, capsys):
     (new_json,) = [p for p in (tmp_path / "new").iterdir() if p.suffix == ".json"]
     regressions = json.loads(new_json.read_text())["regressions"]
     assert [(g["provider"], g["case"]) for g in regressions] == [("fused_torch", "tiny")]
+
+
+def test_sigterm_writes_the_groups_measured_so_far(tmp_path, monkeypatch):
+    # A time limit (`timeout`, the gpu-check budget) ends a run with SIGTERM: the groups already
+    # measured must still be written, marked as interrupted, with a nonzero exit status.
+    real = R.measure_group
+    calls = []
+
+    def measure_then_terminate(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler run.main installed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "measure_group", measure_then_terminate)
+    rc = R.main(["--cases", "tiny", "--providers", "fused_torch", "--device", "cpu", "--modes", "infer,train",
+                 "--quick", "--min-runs", "2", "--max-runs", "2", "--out", str(tmp_path)])
+    assert rc == 130
+    assert calls == ["infer", "train"]
+    assert signal.getsignal(signal.SIGTERM) is not R._raise_interrupted  # handler restored
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["interrupted"] == "SIGTERM after 1 of 2 groups"
+    assert [(r["provider"], r["mode"]) for r in doc["records"]] == [("fused_torch", "infer")]
+    assert any(n.startswith("INTERRUPTED") for n in doc["meta"]["notes"])

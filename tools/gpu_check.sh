@@ -56,7 +56,7 @@ run_stage() {
     local start rc
     start=$(date +%s)
     echo "gpu-check: stage $name (at most ${left}s) -> $OUT/$name.log"
-    timeout --kill-after=5 "$left" bash -c "$(declare -f build_stage); $(printf '%q ' "$@")" 2>&1 | tee "$OUT/$name.log"
+    timeout --kill-after=20 "$left" bash -c "$(declare -f build_stage); $(printf '%q ' "$@")" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
     local took=$(( $(date +%s) - start ))
     case $rc in

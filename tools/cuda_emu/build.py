@@ -53,7 +53,16 @@ def main():
     ap.add_argument("--asan", action="store_true", help="build with AddressSanitizer")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--opt", default="-O1")
+    ap.add_argument("--check-toolkit", action="store_true",
+                    help="only say whether the CUDA headers the build needs are here (exit 0) or not (exit 1)")
     args = ap.parse_args()
+    if args.check_toolkit:
+        try:
+            print("cuda_emu: CUDA headers in %s" % cuda_include())
+            return 0
+        except SystemExit as exc:
+            print(exc)
+            return 1
 
     import torch
     from torch.utils import cpp_extension
@@ -108,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
