@@ -45,7 +45,7 @@ constexpr int64_t kWgradCBlock = 16;
 // In csrc/checks.h, shared with the CUDA kernels.
 using checks::AtrousShape;
 using checks::check_atrous_args;
-using checks::check_optional_stat_grad;
+using checks::check_atrous_backward_args;
 
 // --------------------------------------------------------------------------- helpers
 
@@ -483,22 +483,7 @@ BackwardResult atrous_conv_backward_cpu(const at::Tensor& grad_out, const std::o
                                         c10::List<bool> output_mask) {
   const char* op = "atrous_conv_backward";
   const AtrousShape s = check_atrous_args(op, x, weights, dilations, scale, shift, bias, sum_mode, act);
-  const std::vector<int64_t> out_shape{s.N, s.O, s.H, s.W};
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_out.scalar_type()), op,
-                   ": grad_out must be a floating point tensor, got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out has shape ", grad_out.sizes(),
-                    ", expected ", at::IntArrayRef(out_shape), " (the shape of out, [N, O, H, W])");
-  TORCH_CHECK(out.device() == x.device(), op, ": out is on ", out.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), op, ": out must be a floating point tensor, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), op, ": out has shape ", out.sizes(), ", expected ",
-                    at::IntArrayRef(out_shape), " ([N, O, H, W], the forward's output)");
-  check_optional_stat_grad(op, "grad_sum", grad_sum, x, s.O);
-  check_optional_stat_grad(op, "grad_sumsq", grad_sumsq, x, s.O);
-  TORCH_CHECK_VALUE(output_mask.size() == 3, op, ": output_mask has ", output_mask.size(),
-                    " entries, expected 3 ([input, weights, epilogue])");
+  check_atrous_backward_args(op, s, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
 
   BackwardResult result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "atrous_conv_backward", [&] {

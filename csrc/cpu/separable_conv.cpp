@@ -49,7 +49,6 @@ constexpr int kActRelu = 1;
 // In csrc/checks.h, shared with the CUDA kernels.
 using BranchSpec = checks::SepBranchSpec;
 using Problem = checks::SepProblem;
-using checks::check_vector;
 using checks::is_supported_dtype;
 
 // ------------------------------------------------------------------------------------------
@@ -540,21 +539,9 @@ BackwardResult separable_conv_backward_cpu(
   const char* op = "separable_conv_backward";
   const Problem pb = checks::check_separable_args(
       op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
-  const std::vector<int64_t> out_shape{pb.N, pb.O, pb.H, pb.W};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have shape ",
-                    at::IntArrayRef(out_shape), " ([N, O, H, W]), got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
-                   grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), op, ": out must have shape ",
-                    at::IntArrayRef(out_shape), " (the forward's output), got ", out.sizes());
+  checks::check_separable_backward_args(op, pb, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
   const bool has_gsum = grad_sum.has_value() && grad_sum->defined();
   const bool has_gsumsq = grad_sumsq.has_value() && grad_sumsq->defined();
-  if (has_gsum) check_vector(op, *grad_sum, "grad_sum", -1, pb.O, "O", x);
-  if (has_gsumsq) check_vector(op, *grad_sumsq, "grad_sumsq", -1, pb.O, "O", x);
-  TORCH_CHECK_VALUE(output_mask.size() == 3, op, ": output_mask must have 3 entries [input, weights, epilogue], got ",
-                    output_mask.size());
 
   BackwardFlags f;
   f.input = output_mask.get(0);
