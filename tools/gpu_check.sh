@@ -74,6 +74,9 @@ run_stage() {
 build_stage() {
     if [ -n "${GPU_CHECK_PREBUILT:-}" ]; then
         ls "$GPU_CHECK_PREBUILT"/_C*.so >/dev/null 2>&1 || { echo "no _C*.so in GPU_CHECK_PREBUILT=$GPU_CHECK_PREBUILT"; return 2; }
+        # The editable install is still needed (it maps aspp_fused.kernels to kernels/); built
+        # without CUDA it compiles only the CPU kernels, and the prebuilt library then replaces it.
+        ASPP_FUSED_SKIP_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PYTHON -m pip install --no-build-isolation --no-deps -e . || return $?
         cp "$GPU_CHECK_PREBUILT"/_C*.so aspp_fused/ && echo "using the prebuilt extension from $GPU_CHECK_PREBUILT"
     else
         MAX_JOBS=${MAX_JOBS:-$(nproc)} $PYTHON -m pip install --no-build-isolation --no-deps -e . || return $?
