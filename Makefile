@@ -4,8 +4,10 @@ SHELL := /bin/bash
 GPU_CHECK_OUT ?= gpu-check-out
 NVCC ?= nvcc
 # The emulator's schedule for emu-test: each warp runs as far as the barriers allow before the
-# next, with asynchronous cp.async (tools/cuda_emu/cuda_emu.h lists the others).
+# next, with asynchronous cp.async (tools/cuda_emu/cuda_emu.h lists the others); grids sized
+# for an H100's 132 SMs, as the GPU will see them.
 EMU_ORDER ?= warps
+EMU_SMS ?= 132
 
 .PHONY: install test bench cuda-check emu-test gpu-check info clean
 
@@ -23,7 +25,7 @@ cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a)
 
 emu-test: install    ## tests/test_cuda.py on the host SIMT emulator of the CUDA kernels (no GPU); EMU_ORDER=warps
 	@if $(PYTHON) tools/cuda_emu/build.py --check-toolkit; then \
-		PYTHON=$(PYTHON) ASPP_CUDA_EMU_ORDER=$(EMU_ORDER) tools/cuda_emu/run_tests.sh; \
+		PYTHON=$(PYTHON) ASPP_CUDA_EMU_ORDER=$(EMU_ORDER) ASPP_CUDA_EMU_SMS=$(EMU_SMS) tools/cuda_emu/run_tests.sh; \
 	else echo "emu-test: skipped (the emulator build needs the CUDA toolkit's headers)"; fi
 
 gpu-check:          ## on a GPU machine: build, info, gpu tests, compute-sanitizer, benchmarks in stages; see tools/gpu_check.sh

@@ -181,6 +181,17 @@ unsigned char* dynamic_smem() { return g_cta->smem; }
 int lane_id() { return g_cur->linear % 32; }
 unsigned char* warp_scratch(int lane) { return my_warp().scratch[lane]; }
 long long launches() { return g_launches; }
+
+int num_sms() {
+  const char* v = std::getenv("ASPP_CUDA_EMU_SMS");
+  if (!v || !*v) return 4;
+  const long n = std::strtol(v, nullptr, 10);
+  if (n < 1 || n > 1024) {
+    std::fprintf(stderr, "cuda_emu: ASPP_CUDA_EMU_SMS=%s: expected an SM count in [1, 1024]\n", v);
+    std::abort();
+  }
+  return static_cast<int>(n);
+}
 long long ctas() { return g_ctas; }
 
 void syncthreads() {

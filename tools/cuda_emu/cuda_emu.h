@@ -19,6 +19,8 @@
 //                        __syncthreads) before the next warp starts: warps drift apart as far as
 //                        the barriers allow, which exposes write-after-read hazards (a warp
 //                        refilling a buffer another warp has not finished reading).
+//   ASPP_CUDA_EMU_SMS    the SM count the glue's grid heuristics see (default 4; 132 = H100),
+//                        so the GPU's pixel splits and reduction chunks can be exercised too.
 //   ASPP_CUDA_EMU_ASYNC  1 (default) | 0 — cp.async is asynchronous: at issue the destination
 //                        is filled with NaN bytes and the data lands only at the thread's
 //                        cp.async.wait_group that retires its group. Reading a stage before its
@@ -82,6 +84,9 @@ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 uint32_t cvt_rna_tf32(float x);
 
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+
+// The SM count the launch glue sizes its grids for: ASPP_CUDA_EMU_SMS, default 4.
+int num_sms();
 
 // Counters for tests: launches and CTAs run since the library was loaded.
 long long launches();
