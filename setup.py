@@ -48,8 +48,10 @@ def _want_cuda():
 
 def _extension():
     debug = _flag("ASPP_FUSED_DEBUG")
+    # No -std here: torch's BuildExtension adds the C++ standard its own headers need (C++17
+    # for older releases, C++20 since: torch 2.14's headers do not compile as C++17), and nvcc
+    # refuses a second -std. The sources compile as either.
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17"]
     sources = [os.path.join("csrc", "aspp_fused.cpp")] + sorted(
         os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))
     )
@@ -59,7 +61,7 @@ def _extension():
     if with_cuda:
         sources += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         nvcc = ["-O0", "-G"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc += ["--expt-relaxed-constexpr"]
         return CUDAExtension(
             "aspp_fused._C",
             sources,

@@ -95,6 +95,21 @@ def _dev(t, dtype=None):
     return t.to(device=DEV, dtype=dtype or t.dtype)
 
 
+def _unaligned(t, memory_format=torch.contiguous_format):
+    """t in a storage that starts one element past an allocation (so not 16-byte aligned), dense
+    in memory_format: what a view into one flat parameter buffer hands the kernels."""
+    if t is None:
+        return None
+    if isinstance(t, list):
+        return [_unaligned(v, memory_format) for v in t]
+    dense = torch.empty_like(t, memory_format=memory_format)
+    flat = t.new_empty(t.numel() + 1)
+    v = flat.as_strided(t.shape, dense.stride(), 1)
+    v.copy_(t)
+    assert v.data_ptr() % 16 != 0 and v.is_contiguous(memory_format=memory_format)
+    return v
+
+
 def _f64(t):
     if t is None:
         return None
@@ -187,6 +202,8 @@ def _atrous_case(prob, dtype, sum_mode, act, stats, mask=(True, True, True), lay
         xd = _dev(xq.transpose(2, 3).contiguous(), dtype).transpose(2, 3)
         assert not xd.is_contiguous() and not xd.is_contiguous(memory_format=torch.channels_last)
     wd, scd, shd, bd = _dev(wq, dtype), _dev(scq, sd), _dev(shq, sd), _dev(bq, sd)
+    if layout == "unaligned":
+        xd, wd = _unaligned(xd, torch.channels_last), _unaligned(wd)
 
     out = OPS.atrous_conv(xd, wd, dil, scd, shd, bd, sum_mode, act, stats)
     _sync()
@@ -329,6 +346,15 @@ def test_atrous_conv_input_layouts(dtype, layout):
     _atrous_case(prob, dtype, False, 1, True, layout=layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sum_mode", [False, True], ids=["concat", "sum"])
+def test_atrous_conv_unaligned_storage(dtype, sum_mode):
+    """x and weights that start mid-allocation (views into flat buffers): scalar input loads,
+    and the weights the 16-byte copies read must be repacked, not used in place."""
+    prob = atrous_problem(2, 16, 9, 11, ATROUS_BRANCHES, sum_mode=sum_mode)
+    _atrous_case(prob, dtype, sum_mode, 1, True, layout="unaligned")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_atrous_conv_awkward_channels(dtype):
     """O_b not a multiple of 8 (packed weights padded), C odd, rates >= both map sides."""
@@ -398,6 +424,8 @@ def _separable_run(prob, dtype, mid_act, act, stats, mask, layout, compare_backw
     if layout == "noncontiguous":
         xd = _dev(xq.transpose(2, 3).contiguous(), dtype).transpose(2, 3)
     dwd, pwd, msd, mshd = _dev(dwq, dtype), _dev(pwq, dtype), _dev(msq, sd), _dev(mshq, sd)
+    if layout == "unaligned":
+        xd, dwd, pwd = _unaligned(xd, torch.channels_last), _unaligned(dwd), _unaligned(pwd)
     scd, shd, bd = _dev(scq, sd), _dev(shq, sd), _dev(bq, sd)
     e_d, e_r = xd.new_empty(0), xq.new_empty(0)
     args_d = (xd, _absent(dwd, e_d), dil, _absent(msd, e_d), _absent(mshd, e_d), mid_act, pwd, scd, shd, bd, act)
@@ -479,6 +507,14 @@ def test_separable_conv_noncontiguous_awkward_and_all_plain(dtype):
     _separable_case(prob, dtype, 1, 1, True, layout="noncontiguous")
     prob = separable_problem(2, 16, 9, 11, (("plain", 8, 1), ("plain", 4, 1)))
     _separable_case(prob, dtype, 1, 1, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_separable_conv_unaligned_storage(dtype):
+    """x, depthwise and pointwise weights that start mid-allocation; C = 16 fills whole 16-byte
+    rows, so the backward's pointwise GEMM would read the caller's pointwise weights in place."""
+    prob = separable_problem(2, 16, 9, 11, SEP_BRANCHES)
+    _separable_case(prob, dtype, 1, 1, True, layout="unaligned")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

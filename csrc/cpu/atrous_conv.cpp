@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_signatures.h"
 #include "tap_range.h"
 
 namespace aspp_fused {
@@ -496,6 +497,9 @@ BackwardResult atrous_conv_backward_cpu(const at::Tensor& grad_out, const std::o
 
 }  // namespace
 }  // namespace aspp_fused
+
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::atrous_conv_cpu, AtrousConv);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::atrous_conv_backward_cpu, AtrousConvBackward);
 
 TORCH_LIBRARY_IMPL(aspp_fused, CPU, m) {
   m.impl("atrous_conv", &aspp_fused::atrous_conv_cpu);

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_signatures.h"
 #include "cpu/tap_range.h"
 
 namespace aspp_fused {
@@ -535,7 +536,7 @@ BackwardResult separable_conv_backward_cpu(
     const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
     at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
-    const c10::List<bool>& output_mask) {
+    c10::List<bool> output_mask) {
   const char* op = "separable_conv_backward";
   const Problem pb = checks::check_separable_args(
       op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
@@ -635,6 +636,9 @@ BackwardResult separable_conv_backward_cpu(
 
 }  // namespace
 }  // namespace aspp_fused
+
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_conv_cpu, SeparableConv);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_conv_backward_cpu, SeparableConvBackward);
 
 TORCH_LIBRARY_IMPL(aspp_fused, CPU, m) {
   m.impl("separable_conv", &aspp_fused::separable_conv_cpu);

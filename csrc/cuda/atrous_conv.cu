@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_signatures.h"
 #include "glue.h"
 
 namespace aspp_fused {
@@ -285,6 +286,9 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
 }  // namespace
 }  // namespace cuda
 }  // namespace aspp_fused
+
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::atrous_conv_cuda, AtrousConv);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::atrous_conv_backward_cuda, AtrousConvBackward);
 
 #if !defined(ASPP_CUDA_EMULATE)
 TORCH_LIBRARY_IMPL(aspp_fused, CUDA, m) {

@@ -154,6 +154,21 @@ inline bool vec_ok(const void* base, int64_t stride, const std::vector<int64_t>&
 }
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// Weight tiles are always copied with 16-byte cp.async (their rows are padded to 16 bytes), so a
+// weight buffer must start 16-byte aligned. Buffers packed by at::cat are fresh allocations; one
+// that may still be the caller's storage (a contiguous view at any offset, e.g. into one flat
+// parameter buffer) is copied when it is not aligned: a misaligned cp.async is a sticky
+// cudaErrorMisalignedAddress that ends the CUDA context.
+inline at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+inline void check_aligned16(const void* p, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "aspp_fused (CUDA): internal error: ", what,
+              " is not 16-byte aligned");
+}
+
 // Pixel chunks per image for the channel-reduction kernels: enough blocks for the GPU.
 inline ChannelGrid channel_grid(int64_t N, int64_t HW, int64_t C) {
   ChannelGrid cg;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_signatures.h"
 #include "glue.h"
 #include "conv_gemm.cuh"
 
@@ -103,6 +104,7 @@ void run_separable_typed(const SepProblem& pb, const at::Tensor& xc, const SepPa
   p.x = xc.data_ptr();
   p.C = static_cast<int>(pb.C);
   p.pw = pk.pw.data_ptr();
+  check_aligned16(p.pw, "the packed pointwise weights");
   p.dw = ptr<void>(pk.dw);
   p.mid = ptr<void>(pk.mid);
   p.out = out;
@@ -333,7 +335,7 @@ BackwardResult separable_conv_backward_cuda(
       at::Tensor pw_t = spec.pw.reshape({Ob, C});
       const int64_t ldb = round_up(C, vec);
       if (ldb > C) pw_t = at::constant_pad_nd(pw_t, {0, ldb - C}, 0);
-      pw_t = pw_t.contiguous();
+      pw_t = aligned16(pw_t);
       TapGemmCall call{};
       call.dtype = dtype;
       call.in = g_acc.data_ptr();
@@ -451,6 +453,9 @@ BackwardResult separable_conv_backward_cuda(
 }  // namespace
 }  // namespace cuda
 }  // namespace aspp_fused
+
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_cuda, SeparableConv);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_backward_cuda, SeparableConvBackward);
 
 #if !defined(ASPP_CUDA_EMULATE)
 TORCH_LIBRARY_IMPL(aspp_fused, CUDA, m) {

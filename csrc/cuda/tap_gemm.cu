@@ -40,6 +40,7 @@ void run_typed(const TapGemmCall& call) {
   p.in = call.in;
   p.in_stride = call.in_stride;
   p.w = call.w;
+  check_aligned16(p.w, "the packed weights");
   p.tl = make_tiling(static_cast<int>(call.N), static_cast<int>(call.H), static_cast<int>(call.W), Cfg::BM);
 
   auto run = [&](bool to_acc) {
