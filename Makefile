@@ -9,7 +9,7 @@ NVCC ?= nvcc
 EMU_ORDER ?= warps
 EMU_SMS ?= 132
 
-.PHONY: install test bench cuda-check emu-test gpu-check info clean
+.PHONY: install test bench cuda-check cuda-build-check emu-test gpu-check info clean
 
 install:            ## build the extension in place (CPU kernels; CUDA kernels when torch has CUDA)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
@@ -22,6 +22,9 @@ bench: install      ## throughput benchmarks -> benchmarks/results/<date>_<devic
 
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a): regs / smem / spills; skips without nvcc
 	@$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)"
+
+cuda-build-check:   ## the real CUDA build (setup.py, a CUDA torch in a private venv), loaded: every op has CPU + CUDA kernels; no GPU needed
+	@PYTHON=$(PYTHON) NVCC="$(NVCC)" tools/cuda_build_check.sh
 
 emu-test: install    ## tests/test_cuda.py on the host SIMT emulator of the CUDA kernels (no GPU); EMU_ORDER=warps
 	@if $(PYTHON) tools/cuda_emu/build.py --check-toolkit; then \

@@ -77,3 +77,15 @@ def test_sass_problems_ffma_kernel_must_not_use_tensor_cores(cuda_check):
     assert any("FFMA kernel holds" in p for p in cuda_check.sass_problems(FFMA_SEP, mix))
     mix = cuda_check.sass_mix(sass("k", "FFMA R1, R2, R3, R1"))["k"]
     assert any("no HMMA.1688.F32.TF32" in p for p in cuda_check.sass_problems(TF32_WGRAD, mix))
+
+
+def test_occupancy_check_flags_tensor_core_gemms_over_128_registers(cuda_check):
+    """2 CTAs / SM at 256 threads leave 128 registers a thread: one more on a tensor-core tap-list or
+    wgrad kernel is flagged; FFMA variants and the separable kernel (1 CTA / SM by design) are not."""
+    tap, wgrad, sep = (cuda_check.short(n) for n in (BF16_TAP, TF32_WGRAD, FFMA_SEP))
+    ffma_tap = cuda_check.short(BF16_TAP.replace("__nv_bfloat16, float, (aspp_fused::cuda::Math)0",
+                                                 "float, float, (aspp_fused::cuda::Math)2"))
+    assert not cuda_check.occupancy_lost(tap, 128) and cuda_check.occupancy_lost(tap, 129)
+    assert cuda_check.occupancy_lost(wgrad, 130)
+    assert not cuda_check.occupancy_lost(ffma_tap, 160)
+    assert not cuda_check.occupancy_lost(sep, 237)

@@ -148,6 +148,15 @@ def sass_problems(demangled, mix):
     return bad
 
 
+def occupancy_lost(name, regs):
+    """True when a tensor-core GEMM kernel that should run 2 CTAs / SM (256 threads) uses more
+    than 128 registers. The tap-list kernel reaches <= 128 unforced (forcing it spills), so a
+    toolkit or code change that adds a register would halve its occupancy without a spill to
+    show it; this makes it visible. The separable kernel is designed for 1 CTA / SM."""
+    tensor_core = "mma16" in name or "tf32" in name
+    return tensor_core and name.startswith(("tap_gemm_kernel", "wgrad_gemm_kernel")) and regs > 128
+
+
 def torch_cuda_include():
     inc = os.environ.get("CUDA_CHECK_TORCH_INCLUDE")
     if inc:
@@ -200,7 +209,9 @@ def main():
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
         for f in sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))):
             if f.endswith(".cu"):
-                jobs.append(((f, "glue sm_90a"), [nvcc] + COMMON + glue_flags + [
+                # C++20: torch's headers need it from 2.14 on (and compile as it before).
+                glue_common = ["-std=c++20" if flag == "-std=c++17" else flag for flag in COMMON]
+                jobs.append(((f, "glue sm_90a"), [nvcc] + glue_common + glue_flags + [
                     "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(ROOT, "csrc", "cuda", f),
                     "-o", os.path.join(tmp, f + ".o")]))
 
@@ -235,7 +246,7 @@ def main():
     print("\n%-7s %4s %8s %6s %6s %5s %5s %6s %4s  %s   (smem: static bytes; dynamic: the tile table above; "
           "HMMA..BAR: SASS instruction counts)" % ("arch", "regs", "smem", "stack", "spill", "HMMA", "LDSM",
                                                     "LDGSTS", "BAR", "kernel"))
-    spills, sass_bad = [], []
+    spills, sass_bad, occupancy = [], [], []
     for r in sorted(rows, key=lambda r: (short(names[r["name"]]), r["arch"])):
         spill = r.get("st", 0) + r.get("ld", 0)
         mix = mixes.get((r["name"], r["arch"]))
@@ -246,6 +257,8 @@ def main():
                                               short(names[r["name"]])))
         if spill:
             spills.append((r["arch"], short(names[r["name"]])))
+        if occupancy_lost(short(names[r["name"]]), r["regs"]):
+            occupancy.append("%s %s: %d registers" % (r["arch"], short(names[r["name"]]), r["regs"]))
         if mix:
             for problem in sass_problems(names[r["name"]], mix):
                 sass_bad.append("%s %s: %s" % (r["arch"], short(names[r["name"]]), problem))
@@ -269,6 +282,10 @@ def main():
         return 1
     if spills:
         print("cuda-check: FAILED: register spills in %s" % "; ".join("%s %s" % s for s in spills))
+        return 1
+    if occupancy:
+        print("cuda-check: FAILED: over 128 registers, so 1 CTA / SM instead of the 2 the design counts on "
+              "(csrc/cuda/README.md):\n  " + "\n  ".join(occupancy))
         return 1
     if not rows:
         print("cuda-check: FAILED: no kernels found in the ptxas output")
