@@ -19,29 +19,36 @@
 namespace aspp_fused {
 namespace sig {
 
-using AtrousConv = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+// (out, ch_sum, ch_sumsq) of both forward ops.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// (grad_x, grad_weights, grad_scale, grad_shift, grad_bias)
+using AtrousBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+// (grad_x, grad_dw_weights, grad_mid_scales, grad_mid_shifts, grad_pw_weights, grad_scale, grad_shift, grad_bias)
+using SeparableBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor,
+                                           at::Tensor>;
+
+using AtrousConv = ForwardResult(
     const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act, bool compute_stats);
 
-using AtrousConvBackward = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>(
+using AtrousConvBackward = AtrousBackwardResult(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
     const at::Tensor& out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, bool sum_mode,
     int64_t act, c10::List<bool> output_mask);
 
-using SeparableConv = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using SeparableConv = ForwardResult(
     const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
     at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats);
 
-using SeparableConvBackward =
-    std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-               std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
-        const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out, const at::Tensor& x,
-        at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales, at::TensorList mid_shifts,
-        int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale, const at::Tensor& shift,
-        const std::optional<at::Tensor>& bias, int64_t act, c10::List<bool> output_mask);
+using SeparableConvBackward = SeparableBackwardResult(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
+    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
+    c10::List<bool> output_mask);
 
 }  // namespace sig
 }  // namespace aspp_fused

@@ -207,10 +207,10 @@ def main():
                       "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC",
                       "-U__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+        # C++20: torch's headers need it from 2.14 on (and compile as it before).
+        glue_common = ["-std=c++20" if flag == "-std=c++17" else flag for flag in COMMON]
         for f in sorted(os.listdir(os.path.join(ROOT, "csrc", "cuda"))):
             if f.endswith(".cu"):
-                # C++20: torch's headers need it from 2.14 on (and compile as it before).
-                glue_common = ["-std=c++20" if flag == "-std=c++17" else flag for flag in COMMON]
                 jobs.append(((f, "glue sm_90a"), [nvcc] + glue_common + glue_flags + [
                     "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(ROOT, "csrc", "cuda", f),
                     "-o", os.path.join(tmp, f + ".o")]))
@@ -248,20 +248,21 @@ def main():
                                                     "LDGSTS", "BAR", "kernel"))
     spills, sass_bad, occupancy = [], [], []
     for r in sorted(rows, key=lambda r: (short(names[r["name"]]), r["arch"])):
+        name = short(names[r["name"]])
         spill = r.get("st", 0) + r.get("ld", 0)
         mix = mixes.get((r["name"], r["arch"]))
         counts = ("%5d %5d %6d %4d" % tuple(mix[k] for k in ("HMMA", "LDSM", "LDGSTS", "BAR")) if mix
                   else "%5s %5s %6s %4s" % ("-", "-", "-", "-"))
         print("%-7s %4d %8d %6d %6s %s  %s" % (r["arch"], r["regs"], r["smem"], r.get("stack", 0),
                                               "%d/%d" % (r.get("st", 0), r.get("ld", 0)), counts,
-                                              short(names[r["name"]])))
+                                              name))
         if spill:
-            spills.append((r["arch"], short(names[r["name"]])))
-        if occupancy_lost(short(names[r["name"]]), r["regs"]):
-            occupancy.append("%s %s: %d registers" % (r["arch"], short(names[r["name"]]), r["regs"]))
+            spills.append((r["arch"], name))
+        if occupancy_lost(name, r["regs"]):
+            occupancy.append("%s %s: %d registers" % (r["arch"], name, r["regs"]))
         if mix:
             for problem in sass_problems(names[r["name"]], mix):
-                sass_bad.append("%s %s: %s" % (r["arch"], short(names[r["name"]]), problem))
+                sass_bad.append("%s %s: %s" % (r["arch"], name, problem))
     if cuobjdump:
         missing = [r for r in rows if (r["name"], r["arch"]) not in mixes]
         for r in missing:

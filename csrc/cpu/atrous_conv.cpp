@@ -314,7 +314,7 @@ std::vector<at::Tensor> atrous_wgrad(const scalar_t* x_data, const acc_t* g_acc,
   return grads;
 }
 
-using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = sig::AtrousBackwardResult;
 
 template <typename scalar_t>
 BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,

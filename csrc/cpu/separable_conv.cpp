@@ -528,8 +528,7 @@ BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scal
   return out;
 }
 
-using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                  std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = sig::SeparableBackwardResult;
 
 BackwardResult separable_conv_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,

@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cuda(const at::Tensor
   return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
 }
 
-using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = sig::AtrousBackwardResult;
 
 BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
                                          const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,

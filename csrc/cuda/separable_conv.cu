@@ -193,8 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
   return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
 }
 
-using BackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                  std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = sig::SeparableBackwardResult;
 
 at::Tensor to_dtype_copy(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype, false, /*copy=*/true); }
 
