@@ -10,6 +10,7 @@ Build knobs (environment variables):
 import glob
 import os
 
+import setuptools
 from setuptools import setup
 
 import torch
@@ -78,7 +79,15 @@ def _extension():
     )
 
 
+def _license() -> dict:
+    # setuptools >= 77 takes an SPDX expression (and warns on the old field); older ones only
+    # know the free-text field.
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
 setup(
+    **_license(),
     packages=["aspp_fused", "aspp_fused.nn", "aspp_fused.models", "aspp_fused.kernels"],
     package_dir={"aspp_fused.kernels": "kernels"},
     ext_modules=[_extension()],
