@@ -84,6 +84,20 @@ def max_tiles(configs, n, h, w) -> int:
     return max(n * triton.cdiv(h, c.kwargs["TH"]) * triton.cdiv(w, c.kwargs["TW"]) for c in configs)
 
 
+# The per-tile partial-statistics arguments of the autotuned forward kernels (epilogue_store),
+# handed to triton.autotune as reset_to_zero. The buffers have max_tiles() rows and the host sums
+# every row, but a config writes only its own tile count of rows: the first call per shape
+# benchmarks every config into the same buffers, so without the reset the rows past the chosen
+# config's tiles keep sums from other configs' tilings, and the first training step's batch
+# statistics are wrong (tests/test_triton_autotune.py). The autotuner zeroes the named buffers
+# before each benchmarked run and once more after benchmarking, before the real run; the chosen
+# config then writes every row it owns and the rest stay 0, which is exact. Cost: two memsets
+# of max_tiles x O fp32 per benchmarked run, on the first call per tuning key only (inductor
+# reads the same list for user-defined kernels under torch.compile). Kernels that write every
+# element of their output on every run (tap_wgrad_kernel) need no reset.
+PARTIAL_STATS_ARGS = ["psum_ptr", "psumsq_ptr"]
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, META_COLS, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch,
-                      max_tiles, nhwc, pixel_tile, sm_count, tap_range)
+from ._common import (INTERPRET, META_COLS, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl,
+                      epilogue_store, launch, max_tiles, nhwc, pixel_tile, sm_count, tap_range)
 from .bn_act import epilogue_backward
 
 
@@ -65,7 +65,8 @@ else:
     ]
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"])
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"],
+                 reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
 def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr, psumsq_ptr,
                     N, H, W, CIN_STRIDE, OUT_STRIDE, NB,
@@ -143,6 +144,8 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
                    bias_ptr, psum_ptr, psumsq_ptr, HAS_SCALE, HAS_BIAS, ACT, STATS)
 
 
+# No reset_to_zero: every config writes every element of `part` it is launched for (each split
+# row, all (entry, C-block, O-block) programs), so benchmarked runs leave nothing behind.
 @triton.autotune(configs=WGRAD_CONFIGS, key=["N", "H", "W", "KC", "OMAX", "NE", "SPLIT"])
 @triton.jit
 def tap_wgrad_kernel(x_ptr, g_ptr, ent_ptr, part_ptr, N, H, W, CX, GO, KC, OMAX, NE, TOTAL, SPLIT,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc,
-                      pixel_tile, tap_range)
+from ._common import (INTERPRET, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl, epilogue_store,
+                      launch, max_tiles, nhwc, pixel_tile, tap_range)
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
 from .bn_act import epilogue_backward
 
@@ -53,7 +53,8 @@ else:
     DWB_BP, DWB_BC = 64, 64
 
 
-@triton.autotune(configs=SEP_CONFIGS, key=["N", "H", "W", "C", "OUT_STRIDE", "NB"])
+@triton.autotune(configs=SEP_CONFIGS, key=["N", "H", "W", "C", "OUT_STRIDE", "NB"],
+                 reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
 def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,
                     psumsq_ptr, N, H, W, C, OUT_STRIDE, NB,
