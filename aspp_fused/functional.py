@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from aspp_fused import _extension, torch_backend
+from aspp_fused._tracing import size_checks
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 ACTS = {"none": 0, "identity": 0, None: 0, "relu": 1}
@@ -154,7 +155,7 @@ def check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode):
             lambda s: len(s) == 4 and s[1] == c and s[2] == s[3] and s[2] in (1, 3),
             "[O, %d, k, k] with k in (1, 3) (x has %d channels)" % (c, c),
         )
-    if sum_mode and len({w.shape[0] for w in weights}) != 1:
+    if sum_mode and len({int(w.shape[0]) for w in weights}) != 1:  # int(): sizes are tensors in an ONNX trace
         raise ValueError("%s: sum_mode needs branches with equal output channels, got %s"
                          % (op, [w.shape[0] for w in weights]))
     o = weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
@@ -224,7 +225,8 @@ def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, 
     the stats are empty unless ``compute_stats``.
     """
     x, (weights,) = _autocast(x, [list(weights)])
-    check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
+    with size_checks():
+        check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
     a = act_code(act)
     dilations = [int(d) for d in dilations]
     chosen = resolve_backend(backend, x)
@@ -248,7 +250,8 @@ def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw
     ``scale=None`` means 1 and ``shift=None`` means 0.
     """
     x, (dw_weights, pw_weights) = _autocast(x, [list(dw_weights), list(pw_weights)])
-    check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
+    with size_checks():
+        check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
     a, ma = act_code(act), act_code(mid_act)
     dilations = [int(d) for d in dilations]
     chosen = resolve_backend(backend, x)

@@ -1,8 +1,9 @@
 """The ``torch`` backend: the fused ops as ATen compositions.
 
 Same semantics as the compiled ops in csrc/aspp_fused.cpp (read the schema comments there),
-differentiable by autograd, and the path used for ONNX export. It is also the readable
-reference the compiled kernels are tested against (in float64).
+differentiable by autograd, and the path used for ONNX export (exact at every size: see
+may_prune_taps). It is also the readable reference the compiled kernels are tested against
+(in float64).
 
 Speed choices: channels_last activations, BN folded into the conv weights and bias (the
 eval epilogue is then only the ReLU), the image-pooling branch as a per-sample bias.
@@ -13,6 +14,8 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from aspp_fused._tracing import size_checks
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -50,8 +53,9 @@ def fold(w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     if scale is None:
         return w
     scale = scale.view(-1, 1, 1, 1)
-    if (torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad)) or torch.compiler.is_compiling():
-        return w * scale  # out= records no autograd, and dynamo does not trace a strided out=
+    if ((torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad)) or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return w * scale  # out= records no autograd, dynamo does not trace a strided out=, nor ONNX an out=
     return torch.mul(w, scale, out=torch.empty_like(w, memory_format=torch.channels_last))
 
 
@@ -59,14 +63,40 @@ def _slice(t: Optional[torch.Tensor], start: int, stop: int):
     return None if t is None else t[start:stop]
 
 
-def _valid_taps(w: torch.Tensor, dilation: int, h: int, wd: int):
+def may_prune_taps(h, wd) -> bool:
+    """Whether this call may drop taps by comparing the map size h x wd with the rate in Python.
+
+    That comparison is a Python branch on the size. Eager sizes are plain ints: always safe.
+    Under torch.compile the size is a SymInt and dynamo turns the comparison into a guard, so a
+    graph is only reused at sizes on the same side of every threshold (one recompile per side,
+    then cached). A graph that is *recorded* to run at any size has no such guard behind it:
+    torch.export (and the ONNX dynamo exporter, which runs it) would either pin the dynamic
+    dims to one side (a constraint violation, or a narrowed range with ``Dim.AUTO``) or, where
+    nothing checks the range (ONNX), bake the pruned filter; torch.jit.trace and the legacy
+    ONNX exporter record only the branch taken. So there, and for any other symbolic size, all
+    9 taps are kept: exact at every size, at the cost of the dense MACs for branches whose rate
+    is >= the map (up to 9x that branch's pruned MACs; none at all once the map is larger than
+    every rate, e.g. a 513 x 513 input at output stride 16: 33 x 33 > rate 18).
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    if isinstance(h, torch.SymInt) or isinstance(wd, torch.SymInt):
+        return torch.compiler.is_dynamo_compiling()
+    return True
+
+
+def _valid_taps(w: torch.Tensor, dilation: int, h, wd):
     """Drops the rows / columns of 3x3 taps that never touch an h x wd image.
 
     A tap row at offset +-dilation reads only zero padding once dilation >= h, so the 3x3
     filter degenerates to 1x3, 3x1 or its centre tap (1x1): up to 9x fewer MACs, exactly the
-    same result. Returns (weight, padding)."""
-    if w.shape[-1] != 3:
-        return w, 0
+    same result. Only where the size is known to hold for every run (see may_prune_taps);
+    otherwise the full filter. Returns (weight, padding)."""
+    with size_checks():
+        if w.shape[-1] != 3:
+            return w, 0
+    if not may_prune_taps(h, wd):
+        return w, dilation
     row_skip, col_skip = dilation >= h, dilation >= wd
     if row_skip:
         w = w[:, :, 1:2, :]

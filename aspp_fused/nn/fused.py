@@ -12,6 +12,7 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
+from aspp_fused._tracing import size_checks
 from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 
@@ -76,6 +77,17 @@ class FusedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return "backend=%r" % (self.backend,)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling anything. The fused
+        # forwards pick a backend, fold BN and check arguments in Python, which TorchScript
+        # cannot compile (it died inside its frontend, and a second try said "Can't redefine
+        # method: forward"): refuse up front, naming what does work.
+        raise RuntimeError(
+            "%s (aspp_fused) cannot be compiled by torch.jit.script: use torch.compile(model), or "
+            "torch.export.export(model, args) / torch.onnx.export(model, args, dynamo=True) to deploy "
+            "(torch.jit.trace also works); aspp_fused.revert(model) gives back scriptable modules"
+            % type(self).__name__)
 
 
 # --------------------------------------------------------------------------- structure checks
@@ -213,7 +225,10 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         return sc, sh
 
     sources = list(weights) + biases + _bn_tensors(bns)
+    # Not while tracing either: a traced graph would hold the folded weights as constants, and a
+    # later load_state_dict on the traced module would not reach them.
     if (cache is not None and AF.resolve_backend(backend, x) == "torch" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
         # The ATen composition multiplies the BN scale into the weights itself: do that
         # once and reuse it while nothing changes (see FoldCache).
@@ -239,8 +254,9 @@ def check_input(owner: str, x, channels: int):
         raise TypeError("%s: input must be a torch.Tensor, got %s" % (owner, type(x).__name__))
     if x.dim() != 4:
         raise ValueError("%s: input must be 4-D [N, C, H, W], got shape %s" % (owner, tuple(x.shape)))
-    if x.shape[1] != channels:
-        raise ValueError("%s: input has %d channels, expected %d" % (owner, x.shape[1], channels))
+    with size_checks():
+        if x.shape[1] != channels:
+            raise ValueError("%s: input has %d channels, expected %d" % (owner, x.shape[1], channels))
 
 
 class FusedAtrousConvBNReLU(FusedModule, nn.Sequential):

@@ -86,7 +86,9 @@ def _pool_vector(pool, x):
 def _project(self, x, h, p):
     """project(cat(h, broadcast(p))) with p as a per-sample bias; dropout as the original."""
     conv, bn = self.project[0], self.project[1]
-    split = h.shape[1]
+    # From the modules, not h.shape[1]: a tracer records a tensor's size as a graph value, and
+    # the legacy ONNX exporter rejects a conv whose weight slice then has an unknown shape.
+    split = conv.in_channels - self.convs[-1][1].out_channels
     w_main = conv.weight[:, :split]
     w_pool = conv.weight[:, split:, 0, 0]
     bias = (p.to(acc_dtype(x)) @ w_pool.to(acc_dtype(x)).t())
