@@ -213,7 +213,10 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         return sc, sh
 
     sources = list(weights) + biases + _bn_tensors(bns)
+    # Not in auto's benchmark mode: it measures per call arguments, and the folded ones would make
+    # the eager decisions keys that a compiled graph (which never folds) does not look up.
     if (cache is not None and AF.resolve_backend(backend, x) == "torch" and not torch.compiler.is_compiling()
+            and not (backend == "auto" and AF.dispatch.benchmark_enabled())
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
         # The ATen composition multiplies the BN scale into the weights itself: do that
         # once and reuse it while nothing changes (see FoldCache).
