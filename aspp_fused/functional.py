@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from aspp_fused import _extension, torch_backend
+from aspp_fused import _extension, dispatch, torch_backend
 from aspp_fused._tracing import size_checks
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -35,18 +35,17 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend that runs for input x."""
+def resolve_backend(backend: str, x: torch.Tensor, op: str = "atrous_conv") -> str:
+    """The concrete backend that runs for input x. For ``"auto"`` this is the choice of the
+    table (aspp_fused/dispatch.py), else the torch backend; in benchmark mode the op itself may
+    pick a measured faster one per call (dispatch.choose), which computes the same thing."""
     check_backend(backend)
     if backend == "auto":
         # CPU: the ATen composition, measured faster than the readable reference loops of
-        # csrc/cpu (benchmarks/results: 1.0-1.3x eager_cl vs 0.1-0.4x). CUDA: the compiled
-        # CUDA kernels when this build has them (they are the product's GPU path; which of
-        # cpp / triton / torch is fastest per shape is to be decided from GPU measurements,
-        # none of which exist yet), else the ATen composition.
-        if x.is_cuda and _extension.cuda_kernels_built():
-            return "cpp"
-        return "torch"
+        # csrc/cpu (benchmarks/results: 1.0-1.3x eager_cl vs 0.1-0.4x). CUDA: what committed
+        # GPU measurements say (dispatch_table.json; none yet), else the ATen composition
+        # (cuDNN): the CUDA and Triton kernels have not been verified on a GPU.
+        return dispatch.static_choice(op, x)
     if backend == "cpp":
         if not _extension.cpp_available():
             raise RuntimeError(
@@ -227,20 +226,31 @@ def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, 
     x, (weights,) = _autocast(x, [list(weights)])
     with size_checks():
         check_atrous_args(x, weights, dilations, scale, shift, bias, sum_mode)
-    a = act_code(act)
-    dilations = [int(d) for d in dilations]
-    chosen = resolve_backend(backend, x)
-    if chosen in ("cpp", "triton"):
+    args = (x, list(weights), [int(d) for d in dilations], scale, shift, bias, bool(sum_mode), act_code(act),
+            bool(compute_stats))
+    if backend == "auto":
+        chosen = dispatch.choose("atrous_conv", args, run_atrous_conv)
+    else:
+        chosen = resolve_backend(backend, x, "atrous_conv")
+    return run_atrous_conv(chosen, *args)
+
+
+def run_atrous_conv(backend, x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats):
+    """One concrete backend (or a test stand-in, see dispatch.register_stand_in) on checked arguments."""
+    if backend in ("cpp", "triton"):
         o = weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
         scale, shift = _materialize(scale, shift, o, x)
-        if chosen == "triton":
+        if backend == "triton":
             from aspp_fused import kernels
 
-            return kernels.ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, a, compute_stats)
+            return kernels.ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats)
         from aspp_fused import ops
 
-        return ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, a, compute_stats)
-    return torch_backend.atrous_conv(x, list(weights), dilations, scale, shift, bias, sum_mode, a, compute_stats)
+        return ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats)
+    if backend != "torch":
+        return dispatch.stand_in(backend, "atrous_conv")(x, weights, dilations, scale, shift, bias, sum_mode, act,
+                                                         compute_stats)
+    return torch_backend.atrous_conv(x, list(weights), dilations, scale, shift, bias, sum_mode, act, compute_stats)
 
 
 def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias=None,
@@ -252,19 +262,32 @@ def separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw
     x, (dw_weights, pw_weights) = _autocast(x, [list(dw_weights), list(pw_weights)])
     with size_checks():
         check_separable_args(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights, scale, shift, bias)
-    a, ma = act_code(act), act_code(mid_act)
-    dilations = [int(d) for d in dilations]
-    chosen = resolve_backend(backend, x)
-    if chosen in ("cpp", "triton"):
+    args = (x, list(dw_weights), [int(d) for d in dilations], list(mid_scales), list(mid_shifts), act_code(mid_act),
+            list(pw_weights), scale, shift, bias, act_code(act), bool(compute_stats))
+    if backend == "auto":
+        chosen = dispatch.choose("separable_conv", args, run_separable_conv)
+    else:
+        chosen = resolve_backend(backend, x, "separable_conv")
+    return run_separable_conv(chosen, *args)
+
+
+def run_separable_conv(backend, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift,
+                       bias, act, compute_stats):
+    """One concrete backend (or a test stand-in) on checked arguments."""
+    if backend in ("cpp", "triton"):
         scale, shift = _materialize(scale, shift, sum(w.shape[0] for w in pw_weights), x)
-        if chosen == "triton":
+        if backend == "triton":
             from aspp_fused import kernels
 
-            return kernels.ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, ma, pw_weights,
-                                              scale, shift, bias, a, compute_stats)
+            return kernels.ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights,
+                                              scale, shift, bias, act, compute_stats)
         from aspp_fused import ops
 
-        return ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, ma, pw_weights, scale, shift,
-                                  bias, a, compute_stats)
-    return torch_backend.separable_conv(x, list(dw_weights), dilations, list(mid_scales), list(mid_shifts), ma,
-                                        list(pw_weights), scale, shift, bias, a, compute_stats)
+        return ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift,
+                                  bias, act, compute_stats)
+    if backend != "torch":
+        return dispatch.stand_in(backend, "separable_conv")(x, dw_weights, dilations, mid_scales, mid_shifts,
+                                                            mid_act, pw_weights, scale, shift, bias, act,
+                                                            compute_stats)
+    return torch_backend.separable_conv(x, list(dw_weights), dilations, list(mid_scales), list(mid_shifts), mid_act,
+                                        list(pw_weights), scale, shift, bias, act, compute_stats)

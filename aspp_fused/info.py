@@ -55,6 +55,29 @@ def collect() -> dict:
     }
 
 
+def print_auto_section() -> None:
+    """What backend="auto" picks here and why (aspp_fused/dispatch.py), benchmark mode, its cache."""
+    from aspp_fused import dispatch
+
+    d = dispatch.describe()
+    print("\nbackend='auto':")
+    for device, op, backend, why in d["picks"]:
+        print("  %-8s %-15s %-7s %s" % (device, op, backend, why))
+    print("  table: %d committed row(s) (aspp_fused/dispatch_table.json)" % d["table_rows"])
+    for row in d["rows"]:
+        print("    %(device)s %(op)s %(dtype)s %(shape_class)s -> %(backend)s  (%(evidence)s)" % row)
+    print("  benchmark mode: %s (aspp_fused.set_benchmark(True) or ASPP_FUSED_BENCHMARK=1)"
+          % ("on" if d["benchmark"] else "off"))
+    print("  cache file: %s" % (d["cache_file"] or "none (ASPP_FUSED_BENCHMARK_CACHE=PATH to keep decisions)"))
+    if d["cache_file_note"]:
+        print("    " + d["cache_file_note"])
+    print("  cache: %d decision(s)" % len(d["entries"]))
+    for what, backend, why in d["entries"]:
+        print("    %s -> %s: %s" % (what, backend, why))
+    for backend, device_type, why in d["rejected"]:
+        print("  never used on %s (gave a wrong result): %s: %s" % (device_type, backend, why))
+
+
 def main() -> int:
     info = collect()
     backends = info.pop("backends")
@@ -64,6 +87,7 @@ def main() -> int:
     print("\nbackends:")
     for name, (ok, why) in backends.items():
         print("  %-*s  %-3s  %s" % (width, name, "yes" if ok else "no", why))
+    print_auto_section()
     return 0
 
 

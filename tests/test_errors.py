@@ -167,7 +167,11 @@ def test_auto_backend_choice(monkeypatch):
         is_cuda = True
         device = torch.device("cuda")
 
+    from aspp_fused import dispatch
+
+    monkeypatch.setattr(dispatch, "device_class", lambda d: "cuda:sm_90" if d.type == "cuda" else d.type)
     monkeypatch.setattr(_extension, "cuda_kernels_built", lambda: False)
     assert functional.resolve_backend("auto", FakeCuda()) == "torch"
+    # Built CUDA kernels are not evidence: without a committed measurement auto stays on torch.
     monkeypatch.setattr(_extension, "cuda_kernels_built", lambda: True)
-    assert functional.resolve_backend("auto", FakeCuda()) == "cpp"
+    assert functional.resolve_backend("auto", FakeCuda()) == "torch"

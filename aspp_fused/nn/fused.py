@@ -226,9 +226,12 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
 
     sources = list(weights) + biases + _bn_tensors(bns)
     # Not while tracing either: a traced graph would hold the folded weights as constants, and a
-    # later load_state_dict on the traced module would not reach them.
+    # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
+    # mode: it measures per call arguments, and the folded ones would make the eager decisions
+    # keys that a compiled graph (which never folds) does not look up.
     if (cache is not None and AF.resolve_backend(backend, x) == "torch" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
+            and not (backend == "auto" and AF.dispatch.benchmark_enabled())
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
         # The ATen composition multiplies the BN scale into the weights itself: do that
         # once and reuse it while nothing changes (see FoldCache).
