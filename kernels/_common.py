@@ -13,6 +13,14 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def autotune_configs(configs):
+    """ASPP_FUSED_TRITON_AUTOTUNE=0 keeps the first config only: no autotuning. A GPU check sets it
+    to spend its minutes on checks instead of on compiling every candidate (read at import)."""
+    if os.environ.get("ASPP_FUSED_TRITON_AUTOTUNE", "1") == "0":
+        return list(configs[:1])
+    return list(configs)
+
 # Layouts shared by all kernels: activations are [N, H, W, C] row-major (NHWC) views; a pixel
 # index is ((n * H + h) * W + w) and is promoted to int64 before it is multiplied by a channel
 # stride, so N * H * W * C may pass 2^31.
