@@ -21,6 +21,9 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def check_backend(backend: str) -> str:
     """Validates a backend name at construction time; returns it."""
+    if backend == "cuda":
+        raise ValueError("backend must be one of %s, got 'cuda': the CUDA kernels are backend='cpp' on CUDA "
+                         "tensors (backend='auto' picks them when they are built)" % ", ".join(map(repr, BACKENDS)))
     if backend not in BACKENDS:
         raise ValueError("backend must be one of %s, got %r" % (", ".join(map(repr, BACKENDS)), backend))
     if backend == "triton":

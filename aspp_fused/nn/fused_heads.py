@@ -47,6 +47,9 @@ def _check_project(owner, project, in_channels):
 def _check_convs_list(owner, module):
     """module.convs: a ModuleList of conv branches followed by the image pooling."""
     convs = getattr(module, "convs", None)
+    if convs is None:
+        _fail(owner, "module", "is a %s, not an ASPP: expected a module with `convs` (an nn.ModuleList of conv "
+              "branches followed by the image pooling) and `project`, as torchvision's ASPP" % type(module).__name__)
     check_type(owner, "convs", convs, nn.ModuleList)
     if len(convs) < 2:
         _fail(owner, "convs", "has %d branches, expected conv branches followed by the pooling" % len(convs))
@@ -120,7 +123,7 @@ class FusedASPP(FusedModule):
 
     def forward(self, x):
         branches = list(self.convs)[:-1]
-        check_input(type(self).__name__, x, branches[0][0].in_channels)
+        check_input(type(self).__name__, x, branches[0][0].in_channels, branches[0][0].weight)
         h = conv_bn_act(x, [b[0] for b in branches], [b[1] for b in branches], self.backend, cache=fold_cache(self),
                         cache_key="branches")
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
@@ -162,7 +165,7 @@ class FusedSeparableASPP(FusedModule):
 
     def forward(self, x):
         branches = self._branches(self.convs)
-        check_input(type(self).__name__, x, branches[0][0][2].in_channels)
+        check_input(type(self).__name__, x, branches[0][0][2].in_channels, branches[0][0][2].weight)
         h = separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
 
@@ -176,6 +179,9 @@ class FusedASPPv2(FusedModule):
     def check_source(cls, module):
         owner = cls.__name__
         convs = getattr(module, "convs", None)
+        if convs is None:
+            _fail(owner, "module", "is a %s, not an ASPP v2: expected a module with `convs` (an nn.ModuleList of "
+                  "dilated 3x3 convs whose outputs are summed)" % type(module).__name__)
         check_type(owner, "convs", convs, nn.ModuleList)
         if len(convs) == 0:
             _fail(owner, "convs", "is empty")
@@ -187,7 +193,7 @@ class FusedASPPv2(FusedModule):
 
     def forward(self, x):
         convs = list(self.convs)
-        check_input(type(self).__name__, x, convs[0].in_channels)
+        check_input(type(self).__name__, x, convs[0].in_channels, convs[0].weight)
         dt = acc_dtype(x)
         shift = None
         for conv in convs:
