@@ -1,6 +1,6 @@
 """Functional API: the two fused ops behind one backend switch, with argument checks.
 
-``backend``: ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"triton"`` (DESIGN.md, "Backends").
+``backend``: ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"triton"`` (docs/DESIGN.md, "Backends").
 Every backend computes the same thing (csrc/aspp_fused.cpp documents the semantics):
 
     atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act="relu",

@@ -1,7 +1,7 @@
 """What is measured: the standard cases, and how each provider runs them.
 
 A case builds its reference twin (plain PyTorch, aspp_fused.nn or torchvision) in one of two
-size profiles: ``gpu`` (DESIGN.md's sizes: batch 16, C=2048, 256 out) and ``cpu`` (scaled down
+size profiles: ``gpu`` (docs/DESIGN.md's sizes: batch 16, C=2048, 256 out) and ``cpu`` (scaled down
 so that the whole suite runs in a few minutes on a small CPU machine: batch 2, C=512, same
 spatial sizes and rates, so the padding geometry is the same as on the GPU). Every provider
 starts from a deep copy of the same twin, with the same randomised weights and BN statistics.

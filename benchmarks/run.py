@@ -3,7 +3,7 @@
 For each (case, dtype, mode) it builds every provider from the same twin, warms each up, then
 times them side by side (interleaved round after round), and reports median and p20/p80 ms,
 images/s, peak memory, TFLOP/s on executed and on dense MACs and % of a matmul peak measured
-in the same run. Writes ``<out>/<date>_<device>.json`` (DESIGN.md's schema), a markdown table and
+in the same run. Writes ``<out>/<date>_<device>.json`` (docs/DESIGN.md's schema), a markdown table and
 a PNG chart of speedups over eager_cl beside it. ``--compare OLD.json`` flags regressions.
 Interrupted (Ctrl-C, or SIGTERM from a time limit), it stops after the group in flight is
 abandoned and still writes the groups measured so far, marked as interrupted.
@@ -404,7 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="batch size for every case (default: the case's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--size", default="auto", choices=["auto", "gpu", "cpu"],
-                   help="case sizes: gpu = DESIGN.md's (batch 16, C=2048), cpu = scaled down (batch 2, C=512); "
+                   help="case sizes: gpu = docs/DESIGN.md's (batch 16, C=2048), cpu = scaled down (batch 2, C=512); "
                         "auto: by device")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for CPU runs (default: PyTorch's, one per core)")

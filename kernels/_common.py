@@ -57,7 +57,7 @@ def device_guard(t: torch.Tensor):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows PyTorch's conv TF32 switch (DESIGN.md, precision); bf16/fp16 ignore it."""
+    """fp32 follows PyTorch's conv TF32 switch (docs/DESIGN.md, precision); bf16/fp16 ignore it."""
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
     return "tf32"

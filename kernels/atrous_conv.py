@@ -1,4 +1,4 @@
-"""Multi-branch atrous conv as a tap-list implicit GEMM (DESIGN.md, "The one primitive").
+"""Multi-branch atrous conv as a tap-list implicit GEMM (docs/DESIGN.md, "The one primitive").
 
 Kernels
   tap_conv_kernel   forward of every branch in one launch (concat or sum mode) with the fused

@@ -70,7 +70,7 @@ def test_conv_macs_matches_brute_force():
 
 
 def test_executed_fraction_of_design_rates():
-    """DESIGN.md: at OS16 (33x33, rates 6/12/18) and OS8 (65x65, rates 12/24/36) only 77% / 57% /
+    """docs/DESIGN.md: at OS16 (33x33, rates 6/12/18) and OS8 (65x65, rates 12/24/36) only 77% / 57% /
     40% of a dilated 3x3's (pixel, tap) pairs lie inside the image; at rate >= size only the centre."""
     for size, rates in ((33, (6, 12, 18)), (65, (12, 24, 36))):
         fracs = [H.valid_taps_1d(size, 3, 1, r, r) ** 2 / (9 * size * size) for r in rates]

@@ -1,7 +1,7 @@
 """Fused ASPP heads: v3 (FusedASPP), v3+ (FusedSeparableASPP), v2 (FusedASPPv2), LR-ASPP,
 and torchvision's DeepLabHead.
 
-ASPP v3 / v3+ forward (DESIGN.md): all conv branches in one fused launch writing their
+ASPP v3 / v3+ forward (docs/DESIGN.md): all conv branches in one fused launch writing their
 channel slice of one buffer; the image-pooling branch (constant over space) enters the
 projection as a per-sample bias, ``proj(cat(h_1..h_k, pool)) = W_main h + W_pool p``, so
 neither the pooled map nor the concat with it is ever materialised at H x W.
