@@ -1,5 +1,6 @@
-# The README's commands. PYTHON may be overridden (make test PYTHON=python3.12).
-PYTHON ?= python
+# The README's commands. PYTHON may be overridden (make test PYTHON=python3.12); default python,
+# else python3 (GPU images often have only python3).
+PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 SHELL := /bin/bash
 GPU_CHECK_OUT ?= gpu-check-out
 NVCC ?= nvcc
@@ -9,15 +10,23 @@ NVCC ?= nvcc
 EMU_ORDER ?= warps
 EMU_SMS ?= 132
 
-.PHONY: install test bench cuda-check cuda-build-check emu-test gpu-check info clean
+.PHONY: build-deps install test bench cuda-check cuda-build-check emu-test gpu-check info clean
 
 install:            ## build the extension in place (CPU kernels; CUDA kernels when torch has CUDA)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 
-test: install       ## the test suite (CPU; `gpu` tests run too when CUDA is present)
+# What a fresh venv with only torch lacks: the build's setuptools >= 64 and wheel (the bundled
+# setuptools 65 needs wheel for an editable install), then each target's extra.
+build-deps:
+	$(PYTHON) -m pip install --disable-pip-version-check "setuptools>=64" wheel
+
+# One build each: the editable install with the target's extra (torch, already there, is kept).
+test: build-deps    ## builds with the [test] extra, then the test suite (CPU; `gpu` tests run too when CUDA is present)
+	$(PYTHON) -m pip install --disable-pip-version-check --no-build-isolation -e ".[test]"
 	$(PYTHON) -m pytest -q
 
-bench: install      ## throughput benchmarks -> benchmarks/results/<date>_<device>.{json,md,png}; BENCH_ARGS="--quick ..."
+bench: build-deps   ## builds with the [bench] extra (matplotlib: the PNG), then benchmarks -> bench-results/; BENCH_ARGS="--quick ..."
+	$(PYTHON) -m pip install --disable-pip-version-check --no-build-isolation -e ".[bench]"
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a): regs / smem / spills; skips without nvcc
@@ -31,11 +40,11 @@ emu-test: install    ## tests/test_cuda.py on the host SIMT emulator of the CUDA
 		PYTHON=$(PYTHON) ASPP_CUDA_EMU_ORDER=$(EMU_ORDER) ASPP_CUDA_EMU_SMS=$(EMU_SMS) tools/cuda_emu/run_tests.sh; \
 	else echo "emu-test: skipped (the emulator build needs the CUDA toolkit's headers)"; fi
 
-gpu-check:          ## on a GPU machine: build, info, gpu tests, compute-sanitizer, benchmarks in stages; see tools/gpu_check.sh
-	tools/gpu_check.sh $(GPU_CHECK_OUT)
+gpu-check:          ## on a GPU machine: one ~540 s call in stages -> GPU_CHECK_OUT (<= 8 files); see tools/gpu_check.sh
+	PYTHON=$(PYTHON) tools/gpu_check.sh $(GPU_CHECK_OUT)
 
 info:
 	$(PYTHON) -m aspp_fused.info
 
 clean:
-	rm -rf build *.egg-info aspp_fused/_C*.so $(GPU_CHECK_OUT)
+	rm -rf build *.egg-info aspp_fused/_C*.so $(GPU_CHECK_OUT) bench-results

@@ -13,8 +13,13 @@ import os
 import setuptools
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:
+    # `pip install .` builds in an isolated environment that has no torch: say what to run instead.
+    raise SystemExit("aspp_fused: the build needs torch (%s): install torch first, then build against it with "
+                     "`pip install --no-build-isolation .` (or `make test`)" % exc)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,6 +1,6 @@
 """Functional API: the two fused ops behind one backend switch, with argument checks.
 
-``backend``: ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"triton"`` (DESIGN.md, "Backends").
+``backend``: ``"auto"`` | ``"torch"`` | ``"cpp"`` | ``"triton"`` (docs/DESIGN.md, "Backends").
 Every backend computes the same thing (csrc/aspp_fused.cpp documents the semantics):
 
     atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act="relu",
@@ -22,6 +22,9 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def check_backend(backend: str) -> str:
     """Validates a backend name at construction time; returns it."""
+    if backend == "cuda":
+        raise ValueError("backend must be one of %s, got 'cuda': the CUDA kernels are backend='cpp' on CUDA "
+                         "tensors (backend='auto' picks them when they are built)" % ", ".join(map(repr, BACKENDS)))
     if backend not in BACKENDS:
         raise ValueError("backend must be one of %s, got %r" % (", ".join(map(repr, BACKENDS)), backend))
     if backend == "triton":

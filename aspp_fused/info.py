@@ -87,8 +87,22 @@ def main() -> int:
     print("\nbackends:")
     for name, (ok, why) in backends.items():
         print("  %-*s  %-3s  %s" % (width, name, "yes" if ok else "no", why))
+    hints = [(name, ENABLE_HINTS[name]) for name, (ok, _) in backends.items() if not ok and name in ENABLE_HINTS]
+    if hints:
+        print("\nto enable a missing backend:")
+        for name, hint in hints:
+            print("  %-*s  %s" % (width, name, hint))
     print_auto_section()
     return 0
+
+
+# How to get each backend that can be missing (printed for those that are).
+ENABLE_HINTS = {
+    "cpp (CPU)": "rebuild the extension: pip install --no-build-isolation -e . (torch installed first)",
+    "cpp (CUDA)": "on a machine with a CUDA build of torch and the CUDA toolkit (nvcc): pip install "
+                  "--no-build-isolation -e . (ASPP_FUSED_FORCE_CUDA=1 builds without a visible GPU)",
+    "triton": "pip install 'aspp_fused[triton]', then run on CUDA tensors (or set TRITON_INTERPRET=1 for CPU tests)",
+}
 
 
 if __name__ == "__main__":

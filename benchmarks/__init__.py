@@ -6,5 +6,5 @@
 
 Modules: ``harness`` (timing, memory, MAC counting, environment), ``cases`` (what is measured and
 how each provider runs it), ``run`` (the CLI: interleaved measurement, table, JSON / markdown / PNG,
-``--compare``). Results: ``benchmarks/results/<date>_<device>.json`` (schema in DESIGN.md).
+``--compare``). Results: ``benchmarks/results/<date>_<device>.json`` (schema in docs/DESIGN.md).
 """

@@ -1,7 +1,7 @@
 """What is measured: the standard cases, and how each provider runs them.
 
 A case builds its reference twin (plain PyTorch, aspp_fused.nn or torchvision) in one of two
-size profiles: ``gpu`` (DESIGN.md's sizes: batch 16, C=2048, 256 out) and ``cpu`` (scaled down
+size profiles: ``gpu`` (docs/DESIGN.md's sizes: batch 16, C=2048, 256 out) and ``cpu`` (scaled down
 so that the whole suite runs in a few minutes on a small CPU machine: batch 2, C=512, same
 spatial sizes and rates, so the padding geometry is the same as on the GPU). Every provider
 starts from a deep copy of the same twin, with the same randomised weights and BN statistics.
@@ -208,14 +208,21 @@ class Provider:
     note: str = ""
 
 
-def _compile_note(device) -> str:
-    if device.type == "cuda":
-        return "torch.compile(mode='max-autotune')"
-    return "torch.compile default mode (max-autotune on CPU is far too slow to compile)"
+# torch.compile modes that capture CUDA graphs (on CUDA tensors).
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device) -> Provider:
-    """Provider ``name`` for ``twin`` (already on device, dtype, train/eval). Raises Skip(reason)."""
+def _compile_note(device, mode: str = "default") -> str:
+    graphs = device.type == "cuda" and mode in GRAPH_MODES
+    return "torch.compile(mode=%r)%s" % (mode, "; CUDA graphs" if graphs else "; no CUDA graphs")
+
+
+def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
+                  compile_mode: str = "default") -> Provider:
+    """Provider ``name`` for ``twin`` (already on device, dtype, train/eval). Raises Skip(reason).
+
+    ``compile_mode``: torch.compile's mode for the ``compile`` provider. "default" compiles in
+    seconds; "max-autotune" takes minutes (a GPU check cannot afford it)."""
     cuda = device.type == "cuda"
     if name == "eager":
         # Out-of-the-box PyTorch: NCHW, cudnn.benchmark left at its default (off).
@@ -224,12 +231,11 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device) 
     if name == "eager_cl":
         return Provider(name, cl, True, True, note="channels_last, cudnn.benchmark" if cuda else "channels_last")
     if name == "compile":
-        mode = "max-autotune" if cuda else None
-        compiled = torch.compile(cl, mode=mode)
-        # max-autotune captures CUDA graphs; a new step must be announced or the previous
-        # step's outputs (graph-owned memory) count as still in use.
-        before = torch.compiler.cudagraph_mark_step_begin if cuda else None
-        return Provider(name, compiled, True, True, before, note=_compile_note(device))
+        compiled = torch.compile(cl, mode=None if compile_mode == "default" else compile_mode)
+        # Modes with CUDA graphs: a new step must be announced or the previous step's outputs
+        # (graph-owned memory) count as still in use.
+        before = torch.compiler.cudagraph_mark_step_begin if cuda and compile_mode in GRAPH_MODES else None
+        return Provider(name, compiled, True, True, before, note=_compile_note(device, compile_mode))
     if name.startswith("fused_"):
         backend = name[len("fused_"):]
         if backend == "triton" and not cuda:

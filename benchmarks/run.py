@@ -3,7 +3,7 @@
 For each (case, dtype, mode) it builds every provider from the same twin, warms each up, then
 times them side by side (interleaved round after round), and reports median and p20/p80 ms,
 images/s, peak memory, TFLOP/s on executed and on dense MACs and % of a matmul peak measured
-in the same run. Writes ``<out>/<date>_<device>.json`` (DESIGN.md's schema), a markdown table and
+in the same run. Writes ``<out>/<date>_<device>.json`` (docs/DESIGN.md's schema), a markdown table and
 a PNG chart of speedups over eager_cl beside it. ``--compare OLD.json`` flags regressions.
 Interrupted (Ctrl-C, or SIGTERM from a time limit), it stops after the group in flight is
 abandoned and still writes the groups measured so far, marked as interrupted.
@@ -30,7 +30,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 CANONICAL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MODES = ("infer", "train")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Results go to the working directory by default; the committed figures in benchmarks/results/
+# are written only when asked for (--out benchmarks/results).
+DEFAULT_OUT = "bench-results"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REGRESSION_THRESHOLD = 0.05
 
 
@@ -52,12 +55,16 @@ class Progress:
 
     def status(self, text: str):
         if self.bar is not None:
-            self.bar.set_description_str(text)
+            self.bar.set_description_str("[%d/%d] %s" % (self.current(), self.total, text))
         elif self.tty:
-            sys.stderr.write("\r\033[K[%d/%d] %s" % (self.done, self.total, text))
+            sys.stderr.write("\r\033[K[%d/%d] %s" % (self.current(), self.total, text))
             sys.stderr.flush()
         else:
-            sys.stderr.write("[%d/%d] %s\n" % (self.done, self.total, text))
+            sys.stderr.write("[%d/%d] %s\n" % (self.current(), self.total, text))
+
+    def current(self) -> int:
+        """The group in flight, counted from 1 (the done count read [0/1] for a whole group)."""
+        return min(self.done + 1, self.total)
 
     def advance(self):
         self.done += 1
@@ -97,9 +104,9 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
     records, skipped = [], []
 
     def skip(provider, reason):
+        # Listed once, at the end (skipped_lines): a live line as well printed every reason twice.
         skipped.append({"case": case.name, "provider": provider, "mode": mode, "dtype": dname, "batch": batch,
                         "reason": reason})
-        progress.log("  skip %-13s %s: %s" % (provider, label, reason))
 
     try:
         dense, executed, out_shape, _ = C.meta_macs(case, size, batch)
@@ -119,7 +126,7 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
                        "machine; ask for it with --providers")
             continue
         try:
-            providers[name] = C.make_provider(name, case, twin, device)
+            providers[name] = C.make_provider(name, case, twin, device, ctx["compile_mode"])
         except C.Skip as exc:
             skip(name, str(exc))
         except Exception as exc:
@@ -349,6 +356,14 @@ def chart(doc: dict, path: str) -> Optional[str]:
     return None
 
 
+def skipped_lines(skipped: List[dict]) -> List[str]:
+    """One line per (provider, reason), naming the groups it covers."""
+    by = {}
+    for s in skipped:
+        by.setdefault((s["provider"], s["reason"]), []).append("%s %s %s" % (s["case"], s["mode"], s["dtype"]))
+    return ["  %-13s %s: %s" % (prov, ", ".join(groups), reason) for (prov, reason), groups in by.items()]
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -389,7 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="batch size for every case (default: the case's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--size", default="auto", choices=["auto", "gpu", "cpu"],
-                   help="case sizes: gpu = DESIGN.md's (batch 16, C=2048), cpu = scaled down (batch 2, C=512); "
+                   help="case sizes: gpu = docs/DESIGN.md's (batch 16, C=2048), cpu = scaled down (batch 2, C=512); "
                         "auto: by device")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for CPU runs (default: PyTorch's, one per core)")
@@ -397,7 +412,12 @@ def parse_args(argv=None):
     p.add_argument("--min-runs", type=int, default=None)
     p.add_argument("--max-runs", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=None, help="seconds of timed runs per provider and group")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for <date>_<device>.json/.md/.png (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="folder for <date>_<device>.json/.md/.png (default: ./%(default)s; the committed results: "
+                        "--out benchmarks/results)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compile provider (default: %(default)s, compiles in seconds; "
+                        "reduce-overhead / max-autotune capture CUDA graphs, max-autotune compiles for minutes)")
     p.add_argument("--compare", metavar="OLD.json", default=None,
                    help="flag records more than --threshold slower than in OLD.json (exit status 1)")
     p.add_argument("--threshold", type=float, default=REGRESSION_THRESHOLD, help="regression threshold (0.05 = 5%%)")
@@ -456,7 +476,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     ctx = {"device": device, "size": size, "budget": budget, "batch": args.batch, "providers": providers,
            "providers_explicit": args.providers is not None, "device_name": H.device_name(device),
-           "triton": H.triton_version(), "commit": H.git_commit(), "peaks": {}}
+           "triton": H.triton_version(), "commit": H.git_commit(), "peaks": {}, "compile_mode": args.compile_mode}
     load_start = H.load_average()
     progress = Progress(len(case_names) * len(dtypes) * len(modes))
     if load_start and not cuda and load_start[0] > 0.5 * (os.cpu_count() or 1):
@@ -506,8 +526,11 @@ def main(argv=None) -> int:
              "executed counts only (pixel, tap) pairs that touch the image",
              "peak_mem_mb: " + (H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE),
              "speedups are eager_cl median / provider median"]
+    cuda_graphs = cuda and "compile" in providers and args.compile_mode in C.GRAPH_MODES
     if "compile" in providers:
-        notes.append("compile: " + C._compile_note(device))
+        notes.append("compile: " + C._compile_note(device, args.compile_mode))
+    if cuda_graphs:
+        notes.append("CUDA graphs: the compile provider only; eager and fused providers launch without them")
     if cuda:
         notes.append("eager: cudnn.benchmark off (PyTorch's default); every other provider: on")
     else:
@@ -531,6 +554,8 @@ def main(argv=None) -> int:
                  "matmul_peak_tflops": {k: round(H.percentile(v, 50), 4) for k, v in ctx["peaks"].items()},
                  "peak_mem_source": H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE,
                  "budget": vars(budget), "wall_s": round(wall, 1), "cases": case_info,
+                 "compile_mode": args.compile_mode, "cuda_graphs": cuda_graphs,
+                 "triton_autotune": os.environ.get("ASPP_FUSED_TRITON_AUTOTUNE", "1") != "0",
                  "interrupted": interrupted, "notes": notes},
         "records": records,
         "skipped": skipped,
@@ -555,8 +580,8 @@ def main(argv=None) -> int:
     print(text_table(records))
     if skipped:
         print("\nskipped:")
-        for s in skipped:
-            print("  %-13s %-24s %-5s %-4s %s" % (s["provider"], s["case"], s["mode"], s["dtype"], s["reason"]))
+        for line in skipped_lines(skipped):
+            print(line)
     print()
     for n in notes:
         print("note: " + n)

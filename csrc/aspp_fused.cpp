@@ -2,7 +2,7 @@
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL CUDA).
 // Python wrappers, fake (meta) kernels and autograd live in aspp_fused/ops.py.
 //
-// Conventions shared by all ops (DESIGN.md, "The one primitive"):
+// Conventions shared by all ops (docs/DESIGN.md, "The one primitive"):
 //   x            [N, C, H, W] logical shape, any strides; kernels read it as NHWC.
 //   weights[b]   [O_b, C, k, k], k in {1, 3}, same dtype as x; tap (ky, kx) reads
 //                x at (h + (ky - k/2) * d_b, w + (kx - k/2) * d_b), zero outside.

@@ -13,6 +13,14 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def autotune_configs(configs):
+    """ASPP_FUSED_TRITON_AUTOTUNE=0 keeps the first config only: no autotuning. A GPU check sets it
+    to spend its minutes on checks instead of on compiling every candidate (read at import)."""
+    if os.environ.get("ASPP_FUSED_TRITON_AUTOTUNE", "1") == "0":
+        return list(configs[:1])
+    return list(configs)
+
 # Layouts shared by all kernels: activations are [N, H, W, C] row-major (NHWC) views; a pixel
 # index is ((n * H + h) * W + w) and is promoted to int64 before it is multiplied by a channel
 # stride, so N * H * W * C may pass 2^31.
@@ -49,7 +57,7 @@ def device_guard(t: torch.Tensor):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows PyTorch's conv TF32 switch (DESIGN.md, precision); bf16/fp16 ignore it."""
+    """fp32 follows PyTorch's conv TF32 switch (docs/DESIGN.md, precision); bf16/fp16 ignore it."""
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
     return "tf32"

@@ -1,4 +1,4 @@
-"""Multi-branch atrous conv as a tap-list implicit GEMM (DESIGN.md, "The one primitive").
+"""Multi-branch atrous conv as a tap-list implicit GEMM (docs/DESIGN.md, "The one primitive").
 
 Kernels
   tap_conv_kernel   forward of every branch in one launch (concat or sum mode) with the fused
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import autotune_configs
 from ._common import (INTERPRET, META_COLS, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl,
                       epilogue_store, launch, max_tiles, nhwc, pixel_tile, sm_count, tap_range)
 from .bn_act import epilogue_backward
@@ -65,7 +66,8 @@ else:
     ]
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"],
+@triton.autotune(configs=autotune_configs(FWD_CONFIGS),
+                 key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"],
                  reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
 def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr, psumsq_ptr,
@@ -146,7 +148,7 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
 
 # No reset_to_zero: every config writes every element of `part` it is launched for (each split
 # row, all (entry, C-block, O-block) programs), so benchmarked runs leave nothing behind.
-@triton.autotune(configs=WGRAD_CONFIGS, key=["N", "H", "W", "KC", "OMAX", "NE", "SPLIT"])
+@triton.autotune(configs=autotune_configs(WGRAD_CONFIGS), key=["N", "H", "W", "KC", "OMAX", "NE", "SPLIT"])
 @triton.jit
 def tap_wgrad_kernel(x_ptr, g_ptr, ent_ptr, part_ptr, N, H, W, CX, GO, KC, OMAX, NE, TOTAL, SPLIT,
                      DOT_PREC: tl.constexpr, X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, BM: tl.constexpr,

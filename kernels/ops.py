@@ -1,4 +1,4 @@
-"""The Triton ops, registered through torch.library (DESIGN.md, "Backends and dispatch").
+"""The Triton ops, registered through torch.library (docs/DESIGN.md, "Backends and dispatch").
 
     aspp_fused::triton_atrous_conv            (x, weights, dilations, scale, shift, bias, sum_mode, act,
                                                compute_stats) -> (out, ch_sum, ch_sumsq)

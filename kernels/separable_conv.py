@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import autotune_configs
 from ._common import (INTERPRET, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl, epilogue_store,
                       launch, max_tiles, nhwc, pixel_tile, tap_range)
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
@@ -53,7 +54,7 @@ else:
     DWB_BP, DWB_BC = 64, 64
 
 
-@triton.autotune(configs=SEP_CONFIGS, key=["N", "H", "W", "C", "OUT_STRIDE", "NB"],
+@triton.autotune(configs=autotune_configs(SEP_CONFIGS), key=["N", "H", "W", "C", "OUT_STRIDE", "NB"],
                  reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
 def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,

@@ -70,7 +70,7 @@ def test_conv_macs_matches_brute_force():
 
 
 def test_executed_fraction_of_design_rates():
-    """DESIGN.md: at OS16 (33x33, rates 6/12/18) and OS8 (65x65, rates 12/24/36) only 77% / 57% /
+    """docs/DESIGN.md: at OS16 (33x33, rates 6/12/18) and OS8 (65x65, rates 12/24/36) only 77% / 57% /
     40% of a dilated 3x3's (pixel, tap) pairs lie inside the image; at rate >= size only the centre."""
     for size, rates in ((33, (6, 12, 18)), (65, (12, 24, 36))):
         fracs = [H.valid_taps_1d(size, 3, 1, r, r) ** 2 / (9 * size * size) for r in rates]
@@ -216,3 +216,52 @@ def test_sigterm_writes_the_groups_measured_so_far(tmp_path, monkeypatch):
     assert doc["meta"]["interrupted"] == "SIGTERM after 1 of 2 groups"
     assert [(r["provider"], r["mode"]) for r in doc["records"]] == [("fused_torch", "infer")]
     assert any(n.startswith("INTERRUPTED") for n in doc["meta"]["notes"])
+
+
+# --------------------------------------------------------------------------- what a new user sees
+
+
+def test_default_out_is_not_the_committed_results(tmp_path, monkeypatch, capsys):
+    """The default --out is ./bench-results (gitignored); benchmarks/results/ only when asked."""
+    args = R.parse_args([])
+    assert args.out == "bench-results"
+    assert args.compile_mode == "default"
+    monkeypatch.chdir(tmp_path)
+    committed = os.path.join(ROOT, "benchmarks", "results")
+    before = sorted(os.listdir(committed))
+    rc = R.main(["--cases", "tiny", "--providers", "eager_cl,fused_triton", "--device", "cpu", "--quick",
+                 "--min-runs", "2", "--max-runs", "2"])
+    assert rc == 0
+    assert sorted(os.listdir(committed)) == before
+    (json_path,) = [p for p in (tmp_path / "bench-results").iterdir() if p.suffix == ".json"]
+    doc = json.loads(json_path.read_text())
+    assert doc["meta"]["compile_mode"] == "default" and doc["meta"]["cuda_graphs"] is False
+    # fused_triton is skipped on CPU: its reason is printed once, not once live and once at the end
+    captured = capsys.readouterr()
+    reason = doc["skipped"][0]["reason"]
+    assert (captured.out + captured.err).count(reason) == 1, captured
+
+
+def test_progress_counts_the_group_in_flight(monkeypatch, capsys):
+    """Without tqdm and a terminal: [1/2] while the first group runs (it read [0/2] for a whole group)."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    p = R.Progress(2)
+    assert p.bar is None
+    p.tty = False
+    p.status("a: warm-up x")
+    p.advance()
+    p.status("b: warm-up x")
+    p.advance()
+    p.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[1/2] a: warm-up x", "[2/2] b: warm-up x"]
+
+
+def test_compile_mode_flag_reaches_the_provider():
+    from benchmarks import cases as C
+
+    twin = ASPP(4, (2,), 4).eval()
+    prov = C.make_provider("compile", C.CASES["tiny"], twin, torch.device("cpu"), "reduce-overhead")
+    assert "reduce-overhead" in prov.note
+    with pytest.raises(SystemExit):
+        R.parse_args(["--compile-mode", "fastest"])

@@ -2,7 +2,7 @@
 
 Every case runs the op on the GPU and the CPU reference kernel on float64 copies of the same
 (dtype-rounded) inputs; forward, backward (each output_mask), eval and train (statistics).
-Tolerances (DESIGN.md): float64 1e-10; float32 with TF32 off 1e-5; TF32 on 2e-3 (the TF32
+Tolerances (docs/DESIGN.md): float64 1e-10; float32 with TF32 off 1e-5; TF32 on 2e-3 (the TF32
 rounding of both operands, 2 * 2^-11, bounds it); bf16 / fp16 at most 2x the error of
 PyTorch's own path in that dtype (torch_backend, autograd for the grads) against the same
 float64 reference. Errors are norm-relative (conftest.rel_err).
@@ -571,7 +571,7 @@ def test_errors_name_the_argument():
                            [torch.randn(3, 4, 1, 1, device=DEV)], s, t, None, 1, False)
 
 
-# --------------------------------------------------------------------------- DESIGN standard case
+# --------------------------------------------------------------------------- docs/DESIGN.md standard case
 
 
 @pytest.mark.skipif(SMALL_ONLY, reason="standard-size case: GPU only (skipped with ASPP_CUDA_TEST_SMALL / emulator)")

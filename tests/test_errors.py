@@ -175,3 +175,80 @@ def test_auto_backend_choice(monkeypatch):
     # Built CUDA kernels are not evidence: without a committed measurement auto stays on torch.
     monkeypatch.setattr(_extension, "cuda_kernels_built", lambda: True)
     assert functional.resolve_backend("auto", FakeCuda()) == "torch"
+
+
+# --------------------------------------------------------------------------- what a new user meets first
+
+
+def test_module_arguments_name_the_argument_and_the_expected_value():
+    from aspp_fused.nn import (FusedASPP, FusedASPPv2, FusedDeepLabHead, FusedLRASPPHead, FusedSeparableASPP)
+
+    with pytest.raises(TypeError, match=r"atrous_rates must be a sequence of positive ints .*got 6 \(int\)"):
+        FusedASPP(32, 6)  # was: 'int' object is not iterable
+    with pytest.raises(TypeError, match=r"^FusedASPP\(32, rates=\[2\]\): unexpected keyword argument 'rates'; "
+                                        r"expected FusedASPP\(in_channels: int, atrous_rates"):
+        FusedASPP(32, rates=[2])  # was: ASPP.__init__() got an unexpected keyword argument
+    for bad in (0, -3):  # 0 was accepted; -3 a raw torch error
+        with pytest.raises(ValueError, match=r"in_channels must be an int >= 1, got %d" % bad):
+            FusedASPP(bad, [6])
+    with pytest.raises(ValueError, match=r"out_channels must be an int >= 1, got 0"):
+        FusedSeparableASPP(8, 0, [2])
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 1, got 0"):
+        FusedDeepLabHead(8, 0, [2])
+    with pytest.raises(ValueError, match=r"inter_channels must be an int >= 1, got 0"):
+        FusedLRASPPHead(4, 8, 5, 0)
+    with pytest.raises(ValueError, match=r"atrous_rates must hold at least 1 rate\(s\), got \(\)"):
+        FusedASPPv2(32, 5, [])  # was: built, then IndexError at forward
+
+
+def test_input_dtype_is_checked_by_the_module():
+    from aspp_fused.nn import FusedASPP
+
+    m = FusedASPP(8, [2]).eval()
+    with pytest.raises(TypeError, match=r"^FusedASPP: input has dtype torch.float64, expected the module's "
+                                        r"parameter dtype torch.float32"):
+        m(torch.randn(1, 8, 5, 5, dtype=torch.float64))  # was: atrous_conv: weights[0] has dtype ...
+    assert m.double()(torch.randn(1, 8, 5, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_from_module_of_something_else_says_it_is_not_an_aspp():
+    from torch import nn
+
+    from aspp_fused.nn import FusedASPP, FusedASPPv2
+
+    with pytest.raises(ValueError, match=r"FusedASPP.from_module: module is a Conv2d, not an ASPP: expected a "
+                                         r"module with `convs`"):
+        FusedASPP.from_module(nn.Conv2d(8, 8, 3))  # was: convs is NoneType
+    with pytest.raises(ValueError, match=r"FusedASPPv2.from_module: module is a Conv2d, not an ASPP v2"):
+        FusedASPPv2.from_module(nn.Conv2d(8, 8, 3))
+    with pytest.raises(TypeError, match=r"module must be an nn.Module \(a ASPP\), got str"):
+        FusedASPP.from_module("aspp")
+
+
+def test_backend_cuda_points_to_cpp_when_constructed_and_when_set():
+    from aspp_fused.nn import FusedASPP
+
+    with pytest.raises(ValueError, match=r"got 'cuda': the CUDA kernels are backend='cpp' on CUDA tensors"):
+        FusedASPP(8, [2], backend="cuda")
+    m = FusedASPP(8, [2])
+    with pytest.raises(ValueError, match=r"backend='cpp'"):
+        m.backend = "cuda"  # was accepted, then failed at the next forward
+    assert m.backend == "auto"
+    m.backend = "torch"
+    assert m.backend == "torch" and "backend" not in dict(m.state_dict())
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'torch', 'cpp', 'triton', got 'gpu'"):
+        aspp_fused.convert(torch.nn.Sequential(), backend="gpu")
+
+
+def test_pretrained_directory_and_garbage_file(tmp_path):
+    from aspp_fused.models import deeplabv3_resnet50
+
+    with pytest.raises(IsADirectoryError, match=r"pretrained=.* is a directory, expected a checkpoint file"):
+        deeplabv3_resnet50(num_classes=2, pretrained=str(tmp_path))  # was: no such file
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(ValueError, match=r"could not be read by torch.load\(weights_only=True\)") as info:
+        deeplabv3_resnet50(num_classes=2, pretrained=str(bad))
+    # torch's advice to retry with weights_only=False is not something this API can take
+    assert "weights_only=False" not in str(info.value) and "weights_only` set to" not in str(info.value)
+    assert str(info.value).endswith("expected a state_dict of tensors saved with torch.save")

@@ -110,7 +110,7 @@ def _double(inp):
 
 
 def _compare(ref, fused, inp, train):
-    """fused (fp32) against the twin run in float64, to TOL (DESIGN.md, tolerance rule).
+    """fused (fp32) against the twin run in float64, to TOL (docs/DESIGN.md, tolerance rule).
 
     float64 is the yardstick because some quantities are ill-conditioned in fp32 for
     PyTorch itself (e.g. the pooling-branch weight grad in training: a sum of BN-backward

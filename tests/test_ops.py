@@ -238,7 +238,7 @@ def _to64(args):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_pytorch_error(dtype):
-    """DESIGN.md tolerance rule: error vs float64 at most 2x PyTorch's own path in that dtype."""
+    """docs/DESIGN.md tolerance rule: error vs float64 at most 2x PyTorch's own path in that dtype."""
     args = atrous_problem(n=2, c=16, h=9, w=11, branches=((1, 8, 1), (3, 8, 2), (3, 8, 6)), dtype=dtype)
     exact = torch_backend.atrous_conv(*_to64(args), 1, False)[0]
     ours = ops.atrous_conv(*args, 1, False)[0]

@@ -70,7 +70,7 @@ def test_fused_and_reference_train_side_by_side(backend, head, channels_last):
 @pytest.mark.parametrize("head", ["aspp", "sep_aspp"])
 def test_autocast_bf16_within_twice_pytorch_error(backend, head):
     """Forward and backward under torch.autocast(bfloat16): error against the float64 model at
-    most 2x that of PyTorch's own bf16 path (DESIGN.md tolerance rule)."""
+    most 2x that of PyTorch's own bf16 path (docs/DESIGN.md tolerance rule)."""
     torch.manual_seed(0)
     ref = TinyDeepLab(head).train()
     for m in ref.modules():

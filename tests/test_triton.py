@@ -6,9 +6,9 @@ O_b <= 4), yet they cover several 4 x 4 tiles per image with ragged edges, rates
 the map size (tap rectangles of 1, 2 and 3 taps per axis), C not a multiple of the channel
 block, batch 0 and 1, concat and sum mode, separable with and without the mid BN, stats on and
 off, and every gradient. With a GPU the same tests run compiled on CUDA tensors, and the
-`gpu`-marked tests check the DESIGN standard cases in bf16 / fp16 / fp32.
+`gpu`-marked tests check the docs/DESIGN.md standard cases in bf16 / fp16 / fp32.
 
-Tolerance (DESIGN.md): fp32 against the float64 reference 1e-5 relative (TF32 off); bf16 /
+Tolerance (docs/DESIGN.md): fp32 against the float64 reference 1e-5 relative (TF32 off); bf16 /
 fp16 at most 2x the error of PyTorch's own path in that dtype.
 """
 import copy
@@ -461,7 +461,7 @@ def test_kernels_build_for_sm90_with_pipelined_k_loops():
             name, shared, one_stage)
 
 
-# --------------------------------------------------------------------------- GPU: DESIGN standard cases
+# --------------------------------------------------------------------------- GPU: docs/DESIGN.md standard cases
 
 GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

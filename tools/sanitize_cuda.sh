@@ -5,13 +5,18 @@
 #   synccheck  barriers not reached by every thread of a block
 # Usage: tools/sanitize_cuda.sh [OUT_DIR]      (default $GPU_CHECK_OUT/sanitizer or gpu-check-out/sanitizer)
 #   SANITIZER_TOOLS="memcheck racecheck synccheck initcheck"  tools to run (initcheck is opt-in)
-#   COMPUTE_SANITIZER=/path/to/compute-sanitizer, PYTHON=python
+#   SANITIZE_SELECT="2x16x9x11"  a pytest -k selection for every tool (default: all of tests/test_cuda.py,
+#                                racecheck a subset of it)
+#   SANITIZER_TIMEOUT_S=N        stop each tool after N seconds (default: no limit)
+#   COMPUTE_SANITIZER=/path/to/compute-sanitizer, PYTHON=python (default: python, else python3)
 # One log per tool in OUT_DIR; exits nonzero when a tool reports an error or a test fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-${GPU_CHECK_OUT:-gpu-check-out}/sanitizer}
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+    if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+fi
 TOOLS=${SANITIZER_TOOLS:-memcheck racecheck synccheck}
 SAN=${COMPUTE_SANITIZER:-}
 if [ -z "$SAN" ]; then
@@ -43,10 +48,11 @@ for tool in $TOOLS; do
         racecheck) select="(test_atrous_conv or test_separable_conv) and (bfloat16 or float32 or float64) and 2x16x9x11 or more_branches or awkward" ;;
         *) select="" ;;
     esac
+    [ -n "${SANITIZE_SELECT:-}" ] && select=$SANITIZE_SELECT
     log="$OUT/$tool.log"
     echo "sanitize_cuda: $tool -> $log"
     start=$(date +%s)
-    "$SAN" --tool "$tool" --error-exitcode 97 --print-limit 100 --target-processes all \
+    ${SANITIZER_TIMEOUT_S:+timeout --kill-after=5 "$SANITIZER_TIMEOUT_S"} "$SAN" --tool "$tool" --error-exitcode 97 --print-limit 100 --target-processes all \
         $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py ${select:+-k "$select"} >"$log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)

@@ -81,14 +81,22 @@ def read_state_dict(path, owner: str, arg: str) -> Dict[str, torch.Tensor]:
         raise TypeError("%s: %s must be a path to a local file (str or os.PathLike), got %s"
                         % (owner, arg, type(path).__name__))
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError("%s: %s=%r is a directory, expected a checkpoint file (a state_dict saved with "
+                                "torch.save)" % (owner, arg, path))
     if not os.path.isfile(path):
         raise FileNotFoundError("%s: %s=%r: no such file (weights are only read from local files)"
                                 % (owner, arg, path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError("%s: %s=%r could not be read by torch.load(weights_only=True): %s"
-                         % (owner, arg, path, exc)) from exc
+        # torch's message goes on to advise weights_only=False, which this API never uses (it
+        # would run code from the file): keep its first line only.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split(" In PyTorch 2.6, we changed")[0].strip()
+        raise ValueError("%s: %s=%r could not be read by torch.load(weights_only=True) (%s: %s); expected a "
+                         "state_dict of tensors saved with torch.save" % (owner, arg, path, type(exc).__name__, first)
+                         ) from None
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):

@@ -5,6 +5,7 @@ objects), so it has exactly the same parameters, buffers and state_dict keys, an
 built before conversion keeps training the same tensors, and reverting just hands the
 original back. Only ``forward`` differs: it calls the fused ops (aspp_fused.functional).
 """
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -45,11 +46,31 @@ class FusedModule(nn.Module):
     twin: type = None  # the reference class this module reproduces
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
-        self._adopt(type(self).twin(*args, **kwargs), backend)
+        twin = type(self).twin
+        sig = inspect.signature(twin)
+        try:
+            unknown = [k for k in kwargs if k not in sig.parameters]
+            if unknown:
+                raise TypeError("unexpected keyword argument %s" % ", ".join(map(repr, unknown)))
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:  # name this class and its arguments, not the twin's __init__
+            raise TypeError("%s%s: %s; expected %s%s (the arguments of its twin %s, plus backend=)"
+                            % (type(self).__name__, _call_repr(args, kwargs), exc, type(self).__name__, sig,
+                               twin.__name__)) from None
+        self._adopt(twin(*args, **kwargs), backend)
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, value: str):
+        # Checked when set, so `m.backend = "cuda"` fails here and not at the next forward.
+        self.__dict__["_backend"] = AF.check_backend(value)
 
     def _adopt(self, source: nn.Module, backend: str):
         nn.Module.__init__(self)
-        self.backend = AF.check_backend(backend)
+        self.backend = backend
         for name, child in source.named_children():
             self._modules[name] = child
         self.training = source.training
@@ -63,6 +84,9 @@ class FusedModule(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedModule":
+        if not isinstance(module, nn.Module):
+            raise TypeError("%s.from_module: module must be an nn.Module (a %s), got %s"
+                            % (cls.__name__, cls.twin.__name__, type(module).__name__))
         cls.check_source(module)
         fused = cls.__new__(cls)
         fused._adopt(module, backend)
@@ -88,6 +112,10 @@ class FusedModule(nn.Module):
             "torch.export.export(model, args) / torch.onnx.export(model, args, dynamo=True) to deploy "
             "(torch.jit.trace also works); aspp_fused.revert(model) gives back scriptable modules"
             % type(self).__name__)
+
+
+def _call_repr(args, kwargs) -> str:
+    return "(%s)" % ", ".join([repr(a) for a in args] + ["%s=%r" % kv for kv in kwargs.items()])
 
 
 # --------------------------------------------------------------------------- structure checks
@@ -252,7 +280,8 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     return out
 
 
-def check_input(owner: str, x, channels: int):
+def check_input(owner: str, x, channels: int, weight: Optional[torch.Tensor] = None):
+    """``weight``: a parameter of the module; the input must have its dtype (outside autocast)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError("%s: input must be a torch.Tensor, got %s" % (owner, type(x).__name__))
     if x.dim() != 4:
@@ -260,6 +289,10 @@ def check_input(owner: str, x, channels: int):
     with size_checks():
         if x.shape[1] != channels:
             raise ValueError("%s: input has %d channels, expected %d" % (owner, x.shape[1], channels))
+    if (weight is not None and x.dtype != weight.dtype and x.is_floating_point()
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError("%s: input has dtype %s, expected the module's parameter dtype %s (convert one: "
+                        "module.to(%s) or input.to(%s))" % (owner, x.dtype, weight.dtype, x.dtype, weight.dtype))
 
 
 class FusedAtrousConvBNReLU(FusedModule, nn.Sequential):
@@ -272,7 +305,7 @@ class FusedAtrousConvBNReLU(FusedModule, nn.Sequential):
         check_cbr(cls.__name__, "module", module)
 
     def forward(self, x):
-        check_input(type(self).__name__, x, self[0].in_channels)
+        check_input(type(self).__name__, x, self[0].in_channels, self[0].weight)
         return like_input_format(conv_bn_act(x, [self[0]], [self[1]], self.backend, cache=fold_cache(self),
                                              cache_key=0), x)
 

@@ -1,7 +1,7 @@
 """Fused ASPP heads: v3 (FusedASPP), v3+ (FusedSeparableASPP), v2 (FusedASPPv2), LR-ASPP,
 and torchvision's DeepLabHead.
 
-ASPP v3 / v3+ forward (DESIGN.md): all conv branches in one fused launch writing their
+ASPP v3 / v3+ forward (docs/DESIGN.md): all conv branches in one fused launch writing their
 channel slice of one buffer; the image-pooling branch (constant over space) enters the
 projection as a per-sample bias, ``proj(cat(h_1..h_k, pool)) = W_main h + W_pool p``, so
 neither the pooled map nor the concat with it is ever materialised at H x W.
@@ -47,6 +47,9 @@ def _check_project(owner, project, in_channels):
 def _check_convs_list(owner, module):
     """module.convs: a ModuleList of conv branches followed by the image pooling."""
     convs = getattr(module, "convs", None)
+    if convs is None:
+        _fail(owner, "module", "is a %s, not an ASPP: expected a module with `convs` (an nn.ModuleList of conv "
+              "branches followed by the image pooling) and `project`, as torchvision's ASPP" % type(module).__name__)
     check_type(owner, "convs", convs, nn.ModuleList)
     if len(convs) < 2:
         _fail(owner, "convs", "has %d branches, expected conv branches followed by the pooling" % len(convs))
@@ -122,7 +125,7 @@ class FusedASPP(FusedModule):
 
     def forward(self, x):
         branches = list(self.convs)[:-1]
-        check_input(type(self).__name__, x, branches[0][0].in_channels)
+        check_input(type(self).__name__, x, branches[0][0].in_channels, branches[0][0].weight)
         h = conv_bn_act(x, [b[0] for b in branches], [b[1] for b in branches], self.backend, cache=fold_cache(self),
                         cache_key="branches")
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
@@ -164,7 +167,7 @@ class FusedSeparableASPP(FusedModule):
 
     def forward(self, x):
         branches = self._branches(self.convs)
-        check_input(type(self).__name__, x, branches[0][0][2].in_channels)
+        check_input(type(self).__name__, x, branches[0][0][2].in_channels, branches[0][0][2].weight)
         h = separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
 
@@ -178,6 +181,9 @@ class FusedASPPv2(FusedModule):
     def check_source(cls, module):
         owner = cls.__name__
         convs = getattr(module, "convs", None)
+        if convs is None:
+            _fail(owner, "module", "is a %s, not an ASPP v2: expected a module with `convs` (an nn.ModuleList of "
+                  "dilated 3x3 convs whose outputs are summed)" % type(module).__name__)
         check_type(owner, "convs", convs, nn.ModuleList)
         if len(convs) == 0:
             _fail(owner, "convs", "is empty")
@@ -189,7 +195,7 @@ class FusedASPPv2(FusedModule):
 
     def forward(self, x):
         convs = list(self.convs)
-        check_input(type(self).__name__, x, convs[0].in_channels)
+        check_input(type(self).__name__, x, convs[0].in_channels, convs[0].weight)
         dt = acc_dtype(x)
         shift = None
         for conv in convs:

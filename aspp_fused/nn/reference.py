@@ -16,18 +16,31 @@ __all__ = [
 ]
 
 
-def _check_rates(rates, name="atrous_rates"):
+def _check_rates(rates, name="atrous_rates", min_count=0):
+    if isinstance(rates, (int, float)) or not hasattr(rates, "__iter__"):
+        raise TypeError("%s must be a sequence of positive ints (e.g. [6, 12, 18]), got %r (%s)"
+                        % (name, rates, type(rates).__name__))
     rates = tuple(rates)
     for r in rates:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError("%s must be positive ints, got %r" % (name, rates))
+    if len(rates) < min_count:
+        raise ValueError("%s must hold at least %d rate(s), got %r" % (name, min_count, rates))
     return rates
+
+
+def _check_channels(**counts):
+    """Channel counts are ints >= 1 (a 0 built an empty conv that failed later; a negative, a raw torch error)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("%s must be an int >= 1, got %r" % (name, value))
 
 
 class AtrousConvBNReLU(nn.Sequential):
     """Conv2d(k x k, dilation, 'same' padding, no bias) -> BatchNorm2d -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1):
+        _check_channels(in_channels=in_channels, out_channels=out_channels)
         if kernel_size not in (1, 3):
             raise ValueError("kernel_size must be 1 or 3, got %r" % (kernel_size,))
         _check_rates([dilation], "dilation")
@@ -69,6 +82,7 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, dropout: float = 0.5):
         super().__init__()
+        _check_channels(in_channels=in_channels, out_channels=out_channels)
         rates = _check_rates(atrous_rates)
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
                                  nn.ReLU())]
@@ -92,7 +106,9 @@ class ASPPv2(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
-        rates = _check_rates(atrous_rates)
+        _check_channels(in_channels=in_channels, num_classes=num_classes)
+        # At least one rate: the sum of no branches has no output (it built, then failed at forward).
+        rates = _check_rates(atrous_rates, min_count=1)
         self.convs = nn.ModuleList(
             [nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates]
         )
@@ -143,6 +159,7 @@ class SeparableASPP(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 256, atrous_rates: Sequence[int] = (12, 24, 36),
                  dropout: float = 0.5, mid_norm: bool = False):
         super().__init__()
+        _check_channels(in_channels=in_channels, out_channels=out_channels)
         rates = _check_rates(atrous_rates)
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
                                  nn.ReLU())]
@@ -166,6 +183,8 @@ class LRASPPHead(nn.Module):
 
     def __init__(self, low_channels: int, high_channels: int, num_classes: int, inter_channels: int):
         super().__init__()
+        _check_channels(low_channels=low_channels, high_channels=high_channels, num_classes=num_classes,
+                        inter_channels=inter_channels)
         self.cbr = nn.Sequential(
             nn.Conv2d(high_channels, inter_channels, 1, bias=False),
             nn.BatchNorm2d(inter_channels),
@@ -193,6 +212,7 @@ class DeepLabHead(nn.Sequential):
     """torchvision's DeepLabHead: ASPP -> 3x3 conv-BN-ReLU -> 1x1 classifier."""
 
     def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (12, 24, 36)):
+        _check_channels(in_channels=in_channels, num_classes=num_classes)
         super().__init__(
             ASPP(in_channels, atrous_rates),
             nn.Conv2d(256, 256, 3, padding=1, bias=False),

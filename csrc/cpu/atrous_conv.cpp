@@ -1,7 +1,7 @@
 // CPU reference kernels of aspp_fused::atrous_conv and aspp_fused::atrous_conv_backward.
 //
 // The exact semantics are in the schema comments of csrc/aspp_fused.cpp; this file is the
-// readable loop version of the algorithm the GPU kernels use (DESIGN.md, "The one primitive"):
+// readable loop version of the algorithm the GPU kernels use (docs/DESIGN.md, "The one primitive"):
 // a tap-list implicit GEMM over 2-D tiles of output pixels that only visits the taps (and,
 // per tap, the pixels) that read inside the image, so no zero padding is ever multiplied.
 //
@@ -34,7 +34,7 @@
 namespace aspp_fused {
 namespace {
 
-// Output tile (DESIGN.md: 2-D tiles recover the padding skip, row-only tiles only ~25% of it).
+// Output tile (docs/DESIGN.md: 2-D tiles recover the padding skip, row-only tiles only ~25% of it).
 constexpr int64_t kTileH = 8;
 constexpr int64_t kTileW = 8;
 constexpr int64_t kTilePixels = kTileH * kTileW;

@@ -1,4 +1,4 @@
-// Tile-level tap ranges: the heart of the zero-padding skip (DESIGN.md).
+// Tile-level tap ranges: the heart of the zero-padding skip (docs/DESIGN.md).
 // Pure C++ (no torch headers) so the CUDA code can include it too.
 #pragma once
 #include <algorithm>

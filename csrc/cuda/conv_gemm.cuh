@@ -1,4 +1,4 @@
-// The one primitive on the GPU (DESIGN.md): a tap-list implicit GEMM over 2-D pixel tiles with
+// The one primitive on the GPU (docs/DESIGN.md): a tap-list implicit GEMM over 2-D pixel tiles with
 // a fused epilogue, and its separable twin with a depthwise prologue.
 //
 // A CTA owns a tile_h x tile_w block of pixels of one image (<= BM GEMM rows) and BN output

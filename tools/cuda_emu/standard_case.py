@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The CUDA kernels at DESIGN's aspp_v3_os16 / sep_aspp_os16 geometry, on the host SIMT emulator.
+"""The CUDA kernels at docs/DESIGN.md's aspp_v3_os16 / sep_aspp_os16 geometry, on the host SIMT emulator.
 
 tests/test_cuda.py runs its standard-size case on a GPU only (batch 16 is hours on the
 emulator). This runs the same geometry at a batch the emulator can afford: C=2048 input
