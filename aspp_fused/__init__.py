@@ -7,10 +7,10 @@
 ``python -m aspp_fused.info`` tells which backends work on this machine.
 """
 from aspp_fused import _extension, functional, nn, ops  # noqa: F401  (ops registers fake/autograd)
-from aspp_fused.convert import convert, list_fused, revert
+from aspp_fused.convert import convert, explain, list_fused, revert
 from aspp_fused.functional import BACKENDS, atrous_conv, separable_conv
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "revert", "list_fused", "atrous_conv", "separable_conv", "BACKENDS", "nn", "functional",
+__all__ = ["convert", "revert", "list_fused", "explain", "atrous_conv", "separable_conv", "BACKENDS", "nn", "functional",
            "__version__"]
