@@ -148,7 +148,7 @@ def _visit(m: nn.Module, path: str, backend: str, report: List[SiteReport], appl
         return m
     entries = []
     for s, why in owned:
-        what = ("fused %s in %s.forward" % (s.kind, type(m).__name__)) if why is None else why
+        what = ("fused %s in %s.forward%s" % (s.kind, type(m).__name__, _parts(s, path))) if why is None else why
         entries.append((s.label, s.kind, why is None, what))
         if s.kind in ("head", "v2-sum") and why is not None:
             warnings.warn("aspp_fused.convert: left %s (%s) unconverted: %s"
@@ -158,6 +158,13 @@ def _visit(m: nn.Module, path: str, backend: str, report: List[SiteReport], appl
         m.__dict__["forward"] = FusedForward(m, backend, entries, consumed)
     _visit_children(m, path, backend, report, apply, frozenset(consumed))
     return m
+
+
+def _parts(site, path):
+    """The modules a fused head / sum runs, for the report."""
+    if site.kind == "conv-bn-act":
+        return ""
+    return " (%s)" % ", ".join(_join(path, p) for p in site.modules)
 
 
 def _visit_children(m, path, backend, report, apply, consumed):

@@ -146,8 +146,20 @@ class _Graph:
 
     @staticmethod
     def only_user(n):
-        users = list(n.users)
+        """The one user of n that is not a shape query (x.size(), x.shape), or None."""
+        users = [u for u in n.users if not is_shape_query(u)]
         return users[0] if len(users) == 1 else None
+
+
+def is_shape_query(n) -> bool:
+    """x.shape / x.size(...) / x.dim() and indexing into them: reads no values."""
+    if n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",):
+        return True
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        return True
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        return is_shape_query(n.args[0])
+    return False
 
 
 def conv_reason(conv: nn.Conv2d, kernels=(1, 3), depthwise=False) -> Optional[str]:
@@ -377,10 +389,17 @@ def _match_head(g: _Graph, cat_n, sites_by_output, used) -> Optional[Site]:
     nodes = set(proj.nodes) | {cat_n} | (pool.nodes if pool is not None else set())
     for b in branches:
         nodes |= b.nodes
+    out, dropout = proj.output, None
+    after = g.only_user(out)
+    if isinstance(g.module(after), (nn.Dropout, nn.Dropout2d)) and after.args[0] is out:
+        # run inside the fused op (the module itself), so that a Sequential projection is covered whole
+        out, dropout = after, after.target
+        nodes.add(after)
+        reason = reason or _hook_reason(g, [after])
     spec = {"branches": [(b.kind, b.spec) for b in branches], "pool": pool.spec if pool is not None else None,
-            "pool_index": pool_index, "project": proj.spec}
+            "pool_index": pool_index, "project": proj.spec, "dropout": dropout}
     mods = [m for s in branches + ([pool] if pool else []) + [proj] for m in s.modules]
-    head = Site("head", x, proj.output, nodes, mods, spec, reason, label=proj.label,
+    head = Site("head", x, out, nodes, mods, spec, reason, label=proj.label,
                 children=branches + ([pool] if pool else []) + [proj])
     return head
 
@@ -451,17 +470,10 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> List[Site]:
         if h is not None:
             sites.append(h)
             used |= {id(c) for c in h.children}
-    for n in graph.nodes:
+    for n in reversed(list(graph.nodes)):  # outermost add of a chain first; its inner adds are inside it
         v = _match_v2(g, n)
         if v is not None and not any(v.nodes & s.nodes for s in sites):
-            # the outermost add of a chain only: skip inner adds already covered
-            if not any(n in s.nodes for s in sites):
-                sites.append(v)
-    inner_v2 = set()
-    for s in sites:
-        if s.kind == "v2-sum":
-            inner_v2 |= s.nodes - {s.output}
-    sites = [s for s in sites if not (s.kind == "v2-sum" and s.output in inner_v2)]
+            sites.append(v)
     sites += [s for s in basic if id(s) not in used]
     return sites
 
@@ -474,8 +486,7 @@ def is_whole_forward(graph: fx.Graph, site: Site) -> bool:
     for n in graph.nodes:
         if n.op in ("placeholder", "output") or n in site.nodes:
             continue
-        if n.op == "call_function" and n.target in (getattr, operator.getitem) or \
-                (n.op == "call_method" and n.target in ("size", "dim")):
+        if is_shape_query(n):
             continue
         return False
     return True

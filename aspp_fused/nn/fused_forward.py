@@ -97,6 +97,14 @@ class _SiteCall:
         return self._head(x, cache)
 
     def _head(self, x, cache):
+        out = self._head_conv(x, cache)
+        dropout = self.m(self.spec["dropout"])
+        if dropout is not None:
+            # The original draws its mask over the projection's NCHW output: same order, same mask.
+            out = like_input_format(dropout(out.contiguous()), x)
+        return out
+
+    def _head_conv(self, x, cache):
         branches = [self._branch(k, s) for k, s in self.spec["branches"]]
         if any(kind == "separable" for kind, _ in self.spec["branches"]):
             h = separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
@@ -172,6 +180,32 @@ class FusedForward:
         return fx.Interpreter(owner, graph=graph).run(*inputs)
 
 
+class _FakeShape:
+    """Stands in for a tensor that the fused op no longer materialises, for shape queries only."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self):
+        return len(self.shape)
+
+
+def _shape_of(x, channels):
+    return _FakeShape((x.shape[0], channels) + tuple(x.shape[2:]))
+
+
+def _channels(n, mods):
+    """Channels of an intermediate site value (a conv / BN output, or an activation of one)."""
+    while n.op != "call_module" or not hasattr(mods[n.target], "num_features") and \
+            not isinstance(mods[n.target], nn.Conv2d):
+        n = n.args[0]
+    m = mods[n.target]
+    return m.num_features if hasattr(m, "num_features") else m.out_channels
+
+
 def build_plan(owner: nn.Module, backend: str):
     """(rewritten graph, traced defaults), or None when nothing of owner's own forward fuses."""
     plan = analyse(owner)
@@ -181,10 +215,19 @@ def build_plan(owner: nn.Module, backend: str):
     fused = [s for s in sites if s.fused]
     if not fused:
         return None
+    mods = dict(owner.named_modules())
     for i, s in enumerate(fused):
         with graph.inserting_before(s.output):
             call = graph.call_function(_SiteCall(owner, s, i, backend), (s.input,))
         s.output.replace_all_uses_with(call)
+        for n in list(s.nodes):
+            if n is s.output:
+                continue
+            for u in [u for u in n.users if u not in s.nodes and recognize.is_shape_query(u)]:
+                # x4.size() of a branch x4 run inside the fused op: the same shape, from the input
+                with graph.inserting_before(u):
+                    shape = graph.call_function(_shape_of, (s.input, _channels(n, mods)))
+                u.replace_input_with(n, shape)
         for n in reversed(list(graph.nodes)):
             if n in s.nodes and not n.users:
                 graph.erase_node(n)
@@ -219,7 +262,8 @@ def analyse(owner: nn.Module):
             if not s.fused:
                 continue
             for path in _touched(s):
-                inside = [n for n in flat.nodes if path in n.meta.get("nn_module_stack", {})]
+                inside = [n for n in flat.nodes if path in n.meta.get("nn_module_stack", {})
+                          and not recognize.is_shape_query(n)]
                 if any(n not in covered for n in inside):
                     s.fused, s.why, changed = False, "covers only part of %s's forward" % path, True
                     break
