@@ -123,7 +123,6 @@ def test_keys_identity_hooks_revert(name):
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append("pre"))
     model.register_forward_hook(lambda m, a, o: calls.append("post"))
-    hooked = [n for n, _, _ in aspp_fused.list_fused(copy.deepcopy(model).apply(lambda m: None)) if n != "<root>"]
     out = _convert(model)
     assert out is model and type(model) is type(ref)
     assert list(model.state_dict()) == keys
@@ -144,7 +143,6 @@ def test_keys_identity_hooks_revert(name):
             model(x)
         h.remove()
         assert seen, path
-    del hooked
     assert aspp_fused.revert(model) is model
     assert [(n, id(m)) for n, m in model.named_modules()] == [(n, id(m)) for n, m in modules]
     assert all("forward" not in m.__dict__ for m in model.modules())
@@ -179,6 +177,22 @@ def test_copies_pickles_and_state_dict_into_unconverted(name):
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert_close_rel(fresh(x), y, 1e-10, "unconverted with the converted state_dict")
+
+
+def test_hooks_of_a_replaced_module_move_to_its_replacement():
+    model = _build("tv_layout").eval()
+    seen = []
+    model.classifier.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    handle = model.classifier.register_forward_hook(lambda m, a, o: seen.append("post"))
+    _convert(model)
+    assert type(model.classifier).__name__ == "FusedDeepLabHead"
+    with torch.no_grad():
+        model(torch.randn(*X_SHAPE, dtype=torch.float64))
+    assert seen == ["pre", "post"]
+    handle.remove()  # the handle still works on the replacement
+    with torch.no_grad():
+        model(torch.randn(*X_SHAPE, dtype=torch.float64))
+    assert seen == ["pre", "post", "pre"]
 
 
 def test_hook_on_inner_conv_leaves_site_unfused_and_reported():
