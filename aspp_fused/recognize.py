@@ -38,6 +38,9 @@ INTERPOLATE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_bilinear, F.upsam
 _INTERP_SIG = inspect.signature(F.interpolate)
 
 
+_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def is_primitive(m: nn.Module) -> bool:
     """torch.nn's own layers (not its containers): leaves of every trace."""
     return type(m).__module__.startswith("torch.nn.") and not isinstance(m, CONTAINERS)
@@ -88,7 +91,21 @@ def trace(module: nn.Module, opaque=frozenset(), cls=None) -> fx.Graph:
         root.__dict__.update(module.__dict__)
         root.__dict__.pop("forward", None)
     defaults = forward_defaults(root)
-    return _Tracer(opaque).trace(root, concrete_args=defaults or None)
+    # The tracer calls submodules through Module.__call__, which would run their hooks on
+    # proxies: a user's hook must see real calls only. Their dicts are put aside meanwhile
+    # (the same objects come back, so hook handles keep working).
+    saved = []
+    for m in module.modules():
+        for attr in _HOOK_ATTRS:
+            d = m.__dict__.get(attr)
+            if d:
+                saved.append((m, attr, d))
+                m.__dict__[attr] = type(d)()
+    try:
+        return _Tracer(opaque).trace(root, concrete_args=defaults or None)
+    finally:
+        for m, attr, d in saved:
+            m.__dict__[attr] = d
 
 
 # --------------------------------------------------------------------------- node predicates
