@@ -46,6 +46,13 @@ def is_primitive(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn.") and not isinstance(m, CONTAINERS)
 
 
+def is_frozen_bn(m: nn.Module) -> bool:
+    """A BN of buffers only (e.g. torchvision's FrozenBatchNorm2d): a leaf, so that its site is
+    reported (the fused ops take nn.BatchNorm2d / SyncBatchNorm)."""
+    return not is_primitive(m) and not list(m.children()) and not list(m.parameters(recurse=False)) and all(
+        isinstance(getattr(m, a, None), torch.Tensor) for a in ("running_mean", "running_var", "weight", "bias"))
+
+
 def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or getattr(m, "_backward_pre_hooks", None))
@@ -65,7 +72,7 @@ class _Tracer(fx.Tracer):
             return True
         if qualname in self.opaque:
             return True
-        return is_primitive(m)
+        return is_primitive(m) or is_frozen_bn(m)
 
 
 def forward_defaults(module: nn.Module) -> Dict[str, object]:
@@ -140,9 +147,7 @@ class _Graph:
         m = self.module(n)
         if isinstance(m, _BatchNorm):
             return True
-        # FrozenBatchNorm-like: a BN of buffers only (reported, never fused)
-        return m is not None and not is_primitive(m) and all(
-            hasattr(m, a) for a in ("running_mean", "running_var", "weight", "bias"))
+        return m is not None and is_frozen_bn(m)  # reported, never fused
 
     def act(self, n):
         """'relu', another activation's name, or None."""

@@ -246,3 +246,12 @@ def test_upsampling_a_1x1_map_is_a_constant_broadcast(dtype):
         y = F.interpolate(v, size=size, mode="bilinear", align_corners=False)
         ulp = 2 * torch.finfo(dtype).eps * v.abs()
         assert ((y - exact).abs() <= ulp).all()
+
+
+def test_frozen_batchnorm_site_is_reported(torchvision_models):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), FrozenBatchNorm2d(4), nn.ReLU())
+    report = aspp_fused.explain(model)
+    assert len(report) == 1 and not report[0].fused and report[0].path == "0"
+    assert "normalization is FrozenBatchNorm2d" in report[0].result
