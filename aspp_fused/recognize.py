@@ -387,7 +387,6 @@ def _match_head(g: _Graph, cat_n, sites_by_output, used) -> Optional[Site]:
         return None
     if any(g.only_user(b.output) is None for b in branches):
         return None
-    proj = sites_by_output.get(next(iter(cat_n.users)) if len(cat_n.users) == 1 else None)
     proj = None
     user = g.only_user(cat_n)
     if user is not None and g.is_conv(user):

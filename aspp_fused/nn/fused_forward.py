@@ -123,9 +123,12 @@ class _SiteCall:
         w = proj.weight
         if proj.kernel_size == (1, 1):
             # proj(cat(h, broadcast(p))) = W_main h + W_pool p: the pooled branch is a per-sample bias
-            w_main = torch.cat([w[:, :start], w[:, start + po:]], 1) if start + po < w.shape[1] else w[:, :start]
             if start == 0:
                 w_main = w[:, po:]
+            elif start + po == w.shape[1]:
+                w_main = w[:, :start]
+            else:
+                w_main = torch.cat([w[:, :start], w[:, start + po:]], 1)
             bias = p @ w[:, start:start + po, 0, 0].to(p.dtype).t()
             out = conv_bn_act(h, [proj], [proj_bn], self.backend, weights=[w_main], sample_bias=bias, cache=cache,
                               cache_key=(self.key, "project"))
