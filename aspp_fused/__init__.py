@@ -9,9 +9,9 @@
 __version__ = "0.1.0"  # first: aspp_fused.dispatch reads it at import (benchmark cache file check)
 
 from aspp_fused import _extension, functional, nn, ops  # noqa: F401  (ops registers fake/autograd)
-from aspp_fused.convert import convert, list_fused, revert
+from aspp_fused.convert import convert, explain, list_fused, revert
 from aspp_fused.dispatch import benchmark_enabled, set_benchmark
 from aspp_fused.functional import BACKENDS, atrous_conv, separable_conv
 
-__all__ = ["convert", "revert", "list_fused", "atrous_conv", "separable_conv", "BACKENDS", "nn", "functional",
-           "set_benchmark", "benchmark_enabled", "__version__"]
+__all__ = ["convert", "revert", "list_fused", "explain", "atrous_conv", "separable_conv", "BACKENDS", "nn",
+           "functional", "set_benchmark", "benchmark_enabled", "__version__"]

@@ -96,6 +96,13 @@ def _deeplabv3_resnet101(size):
     return model, (3, hw, hw)
 
 
+def _own_forward_deeplab(size):
+    from benchmarks.own_forward_deeplab import OwnForwardDeepLab
+
+    c = _channels(size)
+    return OwnForwardDeepLab(c), (c, 33, 33)
+
+
 def _tiny(size):
     return ann.ASPP(16, (2, 4, 6), 8), (16, 9, 9)
 
@@ -114,6 +121,9 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("deeplabv3_resnet101_os8", "torchvision deeplabv3_resnet101 (OS8, 21 classes), end to end; "
          "converted with aspp_fused.convert", _deeplabv3_resnet101, {"gpu": 16, "cpu": 2},
          notes={"gpu": "513x513 images", "cpu": "193x193 images (25x25 features)"}),
+    Case("own_forward_deeplab_os16", "user-style DeepLab v3 head (ASPP in the model's own forward, attribute "
+         "branches, align_corners=True pooling), 33x33, rates 6/12/18, 21 classes; converted with aspp_fused.convert",
+         _own_forward_deeplab, {"gpu": 16, "cpu": 2}),
     Case("tiny", "smoke test: ASPP 16 -> 8 ch, 9x9, rates 2/4/6", _tiny, {"gpu": 2, "cpu": 2}, ann.FusedASPP,
          standard=False),
 ]}

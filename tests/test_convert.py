@@ -141,7 +141,13 @@ def test_torchvision_lraspp_mobilenet_end_to_end(torchvision_models):
     randomize_bn(model)
     ref = copy.deepcopy(model)
     aspp_fused.convert(model)
-    assert [n for n, _, _ in aspp_fused.list_fused(model)] == ["classifier"]
+    fused = aspp_fused.list_fused(model)
+    assert ("classifier", "LRASPPHead", "FusedLRASPPHead") in fused
+    # recognised by structure: the backbone's 1x1 conv-BN-ReLU modules (torchvision's
+    # Conv2dNormActivation) are conv-BN-ReLU too; nothing else is fused
+    others = [(n, f) for n, _, f in fused if n != "classifier"]
+    assert others and all(f == "FusedAtrousConvBNReLU" and model.get_submodule(n)[0].kernel_size == (1, 1)
+                          for n, f in others), others
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         assert_close_rel(model(x)["out"], ref(x)["out"], 1e-5, "logits")

@@ -29,8 +29,8 @@ def _run_kind(first, bn, act):
                 return None  # only dilated 3x3 convs: plain convs gain nothing from the fused op
             check_bn("", "", bn, first.out_channels)
             return "cbr"
-        if type(first) is not nn.Sequential and not type(first).__name__ == "SeparableConv2d":
-            return None
+        if not isinstance(first, nn.Sequential) or type(first).forward is not nn.Sequential.forward:
+            return None  # a Sequential's forward is its children in order: known without tracing
         _, _, pw = separable_branch_args("", first, "")
         if pw.bias is not None:
             return None
