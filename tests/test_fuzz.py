@@ -134,7 +134,8 @@ SEP_COMBOS = [(ma, act, stats, bias) for ma in (0, 1) for act in (0, 1) for stat
 
 
 def draw_atrous(seed, small):
-    """(description, builder) of one atrous_conv case; small: the interpreter / emulator sizes."""
+    """The drawn configuration of atrous_conv case `seed`; small: map sides up to 9 (interpreter,
+    emulator) instead of 13."""
     rng = random.Random(seed)
     act, stats, bias, sum_mode = ATROUS_COMBOS[seed % 16]
     n = rng.choice([0, 1, 1, 2, 2, 3])
@@ -150,6 +151,7 @@ def draw_atrous(seed, small):
 
 
 def draw_separable(seed, small):
+    """The drawn configuration of separable_conv case `seed` (as draw_atrous)."""
     rng = random.Random(10 ** 6 + seed)
     mid_act, act, stats, bias = SEP_COMBOS[seed % 16]
     n = rng.choice([0, 1, 1, 2, 2, 3])
@@ -322,16 +324,11 @@ def _dtype_for(backend, seed):
     return torch.float32
 
 
-def _no_tf32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    return prev
-
-
 @pytest.fixture(autouse=True)
 def _exact_fp32():
     """fp32 parity is to 1e-5: the kernels follow cudnn.allow_tf32, so switch it off."""
-    prev = _no_tf32()
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = prev
 
