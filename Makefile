@@ -48,3 +48,7 @@ info:
 
 clean:
 	rm -rf build *.egg-info aspp_fused/_C*.so $(GPU_CHECK_OUT) bench-results
+
+.PHONY: fuzz
+fuzz: install       ## tests/test_fuzz.py at full count (500 random cases per op per backend, CUDA kernels' on a GPU); FUZZ_ARGS="-k triton"
+	$(PYTHON) -m pytest -q --run-slow tests/test_fuzz.py $(FUZZ_ARGS)

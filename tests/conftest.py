@@ -86,3 +86,18 @@ def smp():
     except Exception as exc:
         pytest.skip("segmentation_models_pytorch not usable: %s" % exc)
     return segmentation_models_pytorch
+
+
+# `slow` tests (the full-count fuzz, tests/test_fuzz.py) run only with --run-slow (`make fuzz`);
+# otherwise they are deselected, so CI's plain `pytest -q` stays bounded.
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]

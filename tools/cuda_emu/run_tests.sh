@@ -30,6 +30,6 @@ fi
 status=0
 for order in $orders; do
     echo "== ASPP_CUDA_EMU_ORDER=$order"
-    ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py "$@" || status=1
+    ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_fuzz.py "$@" || status=1
 done
 exit $status
