@@ -291,6 +291,8 @@ def explain_for(op: str, device: torch.device, dtype_name: str, shape_cls: str) 
 
 
 def static_choice(op: str, x: torch.Tensor) -> str:
+    if not TABLE:  # the per-call path: no device query while there is nothing to look up
+        return "torch"
     return explain(op, x)[0]
 
 
@@ -376,7 +378,13 @@ def choose(op: str, args: tuple, runner: Callable) -> str:
         _DECISIONS[key] = decision
         _CHOICES[key] = decision["backend"]
         if _CACHE_FILE:
-            save_cache(_CACHE_FILE)
+            try:
+                save_cache(_CACHE_FILE)
+            except OSError as exc:  # the decision stands in memory; say once why the file is not kept
+                if ("cache file", _CACHE_FILE) not in _WARNED:
+                    _WARNED.add(("cache file", _CACHE_FILE))
+                    warnings.warn("aspp_fused: cannot write the benchmark cache %s (%s); decisions are kept in "
+                                  "memory only" % (_CACHE_FILE, exc), RuntimeWarning, stacklevel=3)
         return decision["backend"]
 
 

@@ -419,3 +419,74 @@ def test_tolerance_rule():
     assert dispatch.tolerance(torch.float32, 1e-3) == 2e-3  # TF32 convolutions
     assert dispatch.tolerance(torch.bfloat16, 0.01) == 0.02
     assert dispatch.tolerance(torch.bfloat16, 0.0) == torch.finfo(torch.bfloat16).eps
+
+
+def test_separable_wrong_gradient_stand_in_rejected(bench):
+    """separable_conv: a stand-in whose forward and statistics are right but whose depthwise-weight
+    gradient is off by 1% is caught by the backward check."""
+    from test_ops import separable_problem
+
+    x, dw, d, ms, msh, pw, s, t, b = separable_problem(dtype=torch.float32)
+    for w in [x] + [w for w in dw if w is not None] + pw:
+        w.requires_grad_(True)
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    def wrong(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats):
+        dw = [None if w is None else ScaleGrad.apply(w) for w in dw]
+        return torch_backend.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats)
+
+    dispatch.register_stand_in("bad", {"separable_conv": wrong})
+    with pytest.warns(RuntimeWarning, match="backend 'bad' gave a wrong result"):
+        out = aspp_fused.separable_conv(x, dw, d, ms, msh, "relu", pw, s, t, b, compute_stats=True)
+    decision = list(dispatch._DECISIONS.values())[0]
+    assert decision["backend"] == "torch" and "gradient of input" in decision["rejected"]["bad"], decision
+    expected = torch_backend.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True)
+    for a, e in zip(out, expected):
+        assert torch.equal(a, e)
+
+
+def test_info_prints_picks_mode_and_cache(bench, capsys):
+    from aspp_fused import info
+
+    dispatch.register_stand_in("fast", {"atrous_conv": torch_runner()})
+    call(atrous_args())
+    info.print_auto_section()
+    text = capsys.readouterr().out
+    assert "cpu      atrous_conv     torch   no committed measurement for cpu: torch backend (oneDNN)" in text
+    assert "benchmark mode: on" in text and "cache: 1 decision(s)" in text
+    assert "atrous_conv cpu x2x5x7x9 float32 +grad -> " in text
+
+
+def test_environment_switch_and_cache_file_at_import(tmp_path, monkeypatch):
+    """ASPP_FUSED_BENCHMARK=1 and ASPP_FUSED_BENCHMARK_CACHE are read at import; the file's
+    decisions are there before any call (so a first compiled call can use them)."""
+    if not _extension.cpp_available():
+        pytest.skip("aspp_fused._C not built")
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "cache.json"
+    dispatch.clear_cache()
+    monkeypatch.setattr(dispatch, "_BENCHMARK", True)
+    monkeypatch.setattr(dispatch, "_CACHE_FILE", str(path))
+    monkeypatch.setattr(dispatch, "candidates", lambda op, x: ["cpp"])
+    try:
+        call(atrous_args())
+        key, backend = next(iter(dispatch._CHOICES.items()))
+    finally:
+        dispatch.clear_cache()
+    env = dict(os.environ, ASPP_FUSED_BENCHMARK="1", ASPP_FUSED_BENCHMARK_CACHE=str(path))
+    code = ("import aspp_fused; from aspp_fused import dispatch; "
+            "print(aspp_fused.benchmark_enabled(), len(dispatch._CHOICES), repr(list(dispatch._CHOICES.items())))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True 1 %r" % ([(key, backend)],)
