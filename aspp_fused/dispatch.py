@@ -354,13 +354,8 @@ def choose(op: str, args: tuple, runner: Callable) -> str:
     """The backend ``auto`` runs for this call. ``args``: the op's runner arguments (x first);
     ``runner(backend, *args)`` runs one backend."""
     x = args[0]
-    if torch.compiler.is_compiling():
-        if _BENCHMARK and all(isinstance(s, int) for s in x.shape):
-            cached = _CHOICES.get(make_key(op, args))
-            if cached is not None:
-                return cached
-        return static_choice(op, x)
-    if not _BENCHMARK or _tracing(x):
+    # is_compiling() first: dynamo folds it to True and never traces _tracing (is_fake is not traceable).
+    if torch.compiler.is_compiling() or not _BENCHMARK or _tracing(x):
         if _BENCHMARK and all(isinstance(s, int) for s in x.shape):
             cached = _CHOICES.get(make_key(op, args))
             if cached is not None:
