@@ -490,3 +490,34 @@ def test_environment_switch_and_cache_file_at_import(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True 1 %r" % ([(key, backend)],)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_auto_is_torch_until_measured_and_benchmark_verifies(dtype):
+    """On a real GPU: no committed row -> torch, saying why; benchmark mode verifies every available
+    backend (cpp CUDA kernels when built, Triton) on the input and picks among the verified ones."""
+    args = atrous_args(n=2, c=64, h=33, w=33, dtype=dtype, grad=True, stats=True)
+    args = tuple([t.cuda() for t in a] if isinstance(a, list) and isinstance(a[0], torch.Tensor)
+                 else a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    x = args[0]
+    p = torch.cuda.get_device_properties(x.device)
+    assert dispatch.explain("atrous_conv", x) == (
+        "torch", "no committed measurement for cuda:sm_%d%d: torch backend (cuDNN)" % (p.major, p.minor))
+    dispatch.clear_cache()
+    aspp_fused.set_benchmark(True)
+    try:
+        out = call(args)
+        decision = list(dispatch._DECISIONS.values())[0]
+        assert decision["backend"] in decision["times_ms"], decision
+        low = torch_backend.atrous_conv(*args[:1], list(args[1]), *args[2:])[0]
+        a64 = tuple([t.double() for t in a] if isinstance(a, list) and isinstance(a[0], torch.Tensor)
+                    else a.double() if isinstance(a, torch.Tensor) else a for a in args)
+        exact = torch_backend.atrous_conv(*a64)[0]
+        limit = dispatch.tolerance(dtype, dispatch._rel_err(low, exact))
+        assert dispatch._rel_err(out[0], exact) <= limit
+        print("benchmark decision:", decision)
+    finally:
+        aspp_fused.set_benchmark(False)
+        dispatch.clear_cache()
