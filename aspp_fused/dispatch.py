@@ -25,6 +25,15 @@ table's shape-generic rows (``"shape_class": "*"``), since a choice made at one 
 baked into a graph that runs at every size. All of it is plain Python that dynamo traces without
 a graph break.
 
+Candidates: the torch backend, the compiled backend (its CPU kernels on CPU tensors, its CUDA
+kernels when built), Triton on CUDA tensors only (on CPU it runs under the interpreter, a test
+tool). A backend that raises on an input is left out for that key, not banned. Inputs that
+cannot be verified (empty, or a non-finite float64 result) get the table's choice. The
+verification and timing runs use private copies of the arguments and a private RNG, so the
+caller's tensors, gradients and random stream are untouched. In benchmark mode the eval-mode
+modules do not use their folded-weight cache (aspp_fused/nn/fused.py), so that eager calls and
+compiled graphs look up the same keys; that costs one weight multiply per call.
+
 Thread safety: the decisions are made under one lock; a key is decided once and every thread
 then reads the same answer (a cached key is a lock-free dict read).
 
