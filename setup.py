@@ -95,6 +95,7 @@ setup(
     **_license(),
     packages=["aspp_fused", "aspp_fused.nn", "aspp_fused.models", "aspp_fused.kernels"],
     package_dir={"aspp_fused.kernels": "kernels"},
+    package_data={"aspp_fused": ["dispatch_table.json"]},  # what backend="auto" runs (aspp_fused/dispatch.py)
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -25,6 +25,15 @@ table's shape-generic rows (``"shape_class": "*"``), since a choice made at one 
 baked into a graph that runs at every size. All of it is plain Python that dynamo traces without
 a graph break.
 
+Candidates: the torch backend, the compiled backend (its CPU kernels on CPU tensors, its CUDA
+kernels when built), Triton on CUDA tensors only (on CPU it runs under the interpreter, a test
+tool). A backend that raises on an input is left out for that key, not banned. Inputs that
+cannot be verified (empty, or a non-finite float64 result) get the table's choice. The
+verification and timing runs use private copies of the arguments and a private RNG, so the
+caller's tensors, gradients and random stream are untouched. In benchmark mode the eval-mode
+modules do not use their folded-weight cache (aspp_fused/nn/fused.py), so that eager calls and
+compiled graphs look up the same keys; that costs one weight multiply per call.
+
 Thread safety: the decisions are made under one lock; a key is decided once and every thread
 then reads the same answer (a cached key is a lock-free dict read).
 
@@ -291,6 +300,8 @@ def explain_for(op: str, device: torch.device, dtype_name: str, shape_cls: str) 
 
 
 def static_choice(op: str, x: torch.Tensor) -> str:
+    if not TABLE:  # the per-call path: no device query while there is nothing to look up
+        return "torch"
     return explain(op, x)[0]
 
 
@@ -352,13 +363,8 @@ def choose(op: str, args: tuple, runner: Callable) -> str:
     """The backend ``auto`` runs for this call. ``args``: the op's runner arguments (x first);
     ``runner(backend, *args)`` runs one backend."""
     x = args[0]
-    if torch.compiler.is_compiling():
-        if _BENCHMARK and all(isinstance(s, int) for s in x.shape):
-            cached = _CHOICES.get(make_key(op, args))
-            if cached is not None:
-                return cached
-        return static_choice(op, x)
-    if not _BENCHMARK or _tracing(x):
+    # is_compiling() first: dynamo folds it to True and never traces _tracing (is_fake is not traceable).
+    if torch.compiler.is_compiling() or not _BENCHMARK or _tracing(x):
         if _BENCHMARK and all(isinstance(s, int) for s in x.shape):
             cached = _CHOICES.get(make_key(op, args))
             if cached is not None:
@@ -376,7 +382,13 @@ def choose(op: str, args: tuple, runner: Callable) -> str:
         _DECISIONS[key] = decision
         _CHOICES[key] = decision["backend"]
         if _CACHE_FILE:
-            save_cache(_CACHE_FILE)
+            try:
+                save_cache(_CACHE_FILE)
+            except OSError as exc:  # the decision stands in memory; say once why the file is not kept
+                if ("cache file", _CACHE_FILE) not in _WARNED:
+                    _WARNED.add(("cache file", _CACHE_FILE))
+                    warnings.warn("aspp_fused: cannot write the benchmark cache %s (%s); decisions are kept in "
+                                  "memory only" % (_CACHE_FILE, exc), RuntimeWarning, stacklevel=3)
         return decision["backend"]
 
 

@@ -84,11 +84,25 @@ def torch_runner(**wrap):
 # --------------------------------------------------------------------------- the default: table, else torch
 
 
-def test_table_ships_valid_and_empty():
-    """No kernel has run on a GPU: the shipped table has no rows, and every row would be validated."""
-    assert dispatch.load_table() == [] and dispatch.TABLE == []
-    with open(dispatch.TABLE_PATH) as f:
-        assert "rows" in json.load(f)
+def test_table_rows_only_from_committed_gpu_results():
+    """Every row cites a committed GPU results file; with none committed (today) the table is empty."""
+    import glob
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = dispatch.load_table()
+    assert rows == dispatch.TABLE
+    gpu_files = []
+    for path in glob.glob(os.path.join(root, "benchmarks", "results", "*.json")):
+        with open(path) as f:
+            if json.load(f).get("meta", {}).get("device_type") == "cuda":
+                gpu_files.append(os.path.relpath(path, root))
+    for row in rows:
+        cited = re.findall(r"benchmarks/results/[^\s:,;]+\.json", row["evidence"])
+        assert cited and all(c in gpu_files for c in cited), row
+    if not gpu_files:
+        assert rows == []
     with pytest.raises(ValueError, match="evidence must name the committed benchmarks/results/ file"):
         dispatch._validate_row(0, dict(device="cuda:sm_90", op="atrous_conv", dtype="*", shape_class="*",
                                        backend="triton", evidence="it felt fast"))
@@ -419,3 +433,105 @@ def test_tolerance_rule():
     assert dispatch.tolerance(torch.float32, 1e-3) == 2e-3  # TF32 convolutions
     assert dispatch.tolerance(torch.bfloat16, 0.01) == 0.02
     assert dispatch.tolerance(torch.bfloat16, 0.0) == torch.finfo(torch.bfloat16).eps
+
+
+def test_separable_wrong_gradient_stand_in_rejected(bench):
+    """separable_conv: a stand-in whose forward and statistics are right but whose depthwise-weight
+    gradient is off by 1% is caught by the backward check."""
+    from test_ops import separable_problem
+
+    x, dw, d, ms, msh, pw, s, t, b = separable_problem(dtype=torch.float32)
+    for w in [x] + [w for w in dw if w is not None] + pw:
+        w.requires_grad_(True)
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    def wrong(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats):
+        dw = [None if w is None else ScaleGrad.apply(w) for w in dw]
+        return torch_backend.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats)
+
+    dispatch.register_stand_in("bad", {"separable_conv": wrong})
+    with pytest.warns(RuntimeWarning, match="backend 'bad' gave a wrong result"):
+        out = aspp_fused.separable_conv(x, dw, d, ms, msh, "relu", pw, s, t, b, compute_stats=True)
+    decision = list(dispatch._DECISIONS.values())[0]
+    assert decision["backend"] == "torch" and "gradient of input" in decision["rejected"]["bad"], decision
+    expected = torch_backend.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True)
+    for a, e in zip(out, expected):
+        assert torch.equal(a, e)
+
+
+def test_info_prints_picks_mode_and_cache(bench, capsys):
+    from aspp_fused import info
+
+    dispatch.register_stand_in("fast", {"atrous_conv": torch_runner()})
+    call(atrous_args())
+    info.print_auto_section()
+    text = capsys.readouterr().out
+    assert "cpu      atrous_conv     torch   no committed measurement for cpu: torch backend (oneDNN)" in text
+    assert "benchmark mode: on" in text and "cache: 1 decision(s)" in text
+    assert "atrous_conv cpu x2x5x7x9 float32 +grad -> " in text
+
+
+def test_environment_switch_and_cache_file_at_import(tmp_path, monkeypatch):
+    """ASPP_FUSED_BENCHMARK=1 and ASPP_FUSED_BENCHMARK_CACHE are read at import; the file's
+    decisions are there before any call (so a first compiled call can use them)."""
+    if not _extension.cpp_available():
+        pytest.skip("aspp_fused._C not built")
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "cache.json"
+    dispatch.clear_cache()
+    monkeypatch.setattr(dispatch, "_BENCHMARK", True)
+    monkeypatch.setattr(dispatch, "_CACHE_FILE", str(path))
+    monkeypatch.setattr(dispatch, "candidates", lambda op, x: ["cpp"])
+    try:
+        call(atrous_args())
+        key, backend = next(iter(dispatch._CHOICES.items()))
+    finally:
+        dispatch.clear_cache()
+    env = dict(os.environ, ASPP_FUSED_BENCHMARK="1", ASPP_FUSED_BENCHMARK_CACHE=str(path))
+    code = ("import aspp_fused; from aspp_fused import dispatch; "
+            "print(aspp_fused.benchmark_enabled(), len(dispatch._CHOICES), repr(list(dispatch._CHOICES.items())))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True 1 %r" % ([(key, backend)],)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_auto_is_torch_until_measured_and_benchmark_verifies(dtype):
+    """On a real GPU: no committed row -> torch, saying why; benchmark mode verifies every available
+    backend (cpp CUDA kernels when built, Triton) on the input and picks among the verified ones."""
+    args = atrous_args(n=2, c=64, h=33, w=33, dtype=dtype, grad=True, stats=True)
+    args = tuple([t.cuda() for t in a] if isinstance(a, list) and isinstance(a[0], torch.Tensor)
+                 else a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    x = args[0]
+    p = torch.cuda.get_device_properties(x.device)
+    assert dispatch.explain("atrous_conv", x) == (
+        "torch", "no committed measurement for cuda:sm_%d%d: torch backend (cuDNN)" % (p.major, p.minor))
+    dispatch.clear_cache()
+    aspp_fused.set_benchmark(True)
+    try:
+        out = call(args)
+        decision = list(dispatch._DECISIONS.values())[0]
+        assert decision["backend"] in decision["times_ms"], decision
+        low = torch_backend.atrous_conv(*args[:1], list(args[1]), *args[2:])[0]
+        a64 = tuple([t.double() for t in a] if isinstance(a, list) and isinstance(a[0], torch.Tensor)
+                    else a.double() if isinstance(a, torch.Tensor) else a for a in args)
+        exact = torch_backend.atrous_conv(*a64)[0]
+        limit = dispatch.tolerance(dtype, dispatch._rel_err(low, exact))
+        assert dispatch._rel_err(out[0], exact) <= limit
+        print("benchmark decision:", decision)
+    finally:
+        aspp_fused.set_benchmark(False)
+        dispatch.clear_cache()

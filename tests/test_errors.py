@@ -166,6 +166,7 @@ def test_auto_backend_choice(monkeypatch):
     class FakeCuda:  # stands in for a CUDA tensor on this CPU-only machine
         is_cuda = True
         device = torch.device("cuda")
+        dtype = torch.float32
 
     from aspp_fused import dispatch
 
