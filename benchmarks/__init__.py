@@ -6,5 +6,6 @@
 
 Modules: ``harness`` (timing, memory, MAC counting, environment), ``cases`` (what is measured and
 how each provider runs it), ``run`` (the CLI: interleaved measurement, table, JSON / markdown / PNG,
-``--compare``). Results: ``benchmarks/results/<date>_<device>.json`` (schema in docs/DESIGN.md).
+``--compare``). Results: ``./bench-results/<date>_<device>.json`` (schema in docs/DESIGN.md); the committed
+figures in ``benchmarks/results/`` only with ``--out benchmarks/results``.
 """

@@ -140,3 +140,22 @@ def test_autotune_switch_keeps_the_first_config():
         counts[switch] = p.stdout.split()
     assert counts["0"] == ["1", "1", "1", "True"]
     assert all(int(n) > 1 for n in counts["1"][:3]), counts
+
+
+def test_matrix_script_runs_its_cells_on_cpu(tmp_path):
+    """tools/gpu_matrix.py (the matrix stages) on the CPU kernels: records, JSON, KEY line."""
+    from aspp_fused import _extension
+
+    if not _extension.cpp_available():
+        pytest.skip("aspp_fused._C not built")
+    out = tmp_path / "m.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_matrix.py"), "--device", "cpu",
+                        "--backends", "cpp", "--size", "smoke", "--cases", "aspp_v3_os16", "--dtypes", "fp32",
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("KEY: 3/3 cells ok"), p.stdout
+    recs = json.load(open(out))["records"]
+    assert [r["mode"] for r in recs] == ["eval", "train", "backward"]
+    assert all(r["ok"] and r["err"] <= r["limit"] for r in recs), recs
+    assert any(q.endswith("running_var") for q in recs[1]["quantities"])  # the first-call statistics
+    assert "grad x" in recs[2]["quantities"]

@@ -65,7 +65,7 @@ def test_readme_block_runs(lang, code, note, tmp_path, monkeypatch, request):
 
 
 def test_design_doc_is_in_the_repository_and_every_pointer_names_it():
-    assert os.path.isfile(os.path.join(ROOT, "docs", "DESIGN.md"))
+    assert os.path.isfile(os.path.join(ROOT, "docs/DESIGN.md"))
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")

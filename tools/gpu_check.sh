@@ -129,6 +129,10 @@ EOF
         build)
             local arch
             arch=$(cat "$GPU_CHECK_WORK/arch")
+            if [ -z "$arch" ]; then  # env was not run: ask the device here
+                arch=$("$PYTHON" -c "import torch; m, n = torch.cuda.get_device_capability(0); \
+print('%d.%d%s' % (m, n, 'a' if m == 9 else ''))") || return 2
+            fi
             export TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)}
             echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
             if [ -n "${GPU_CHECK_PREBUILT:-}" ]; then
