@@ -13,7 +13,7 @@ channels_last), which leaves need a gradient (so every backward output_mask occu
 scale / shift present or None; the act / stats / bias / sum_mode (atrous) and mid_act / act /
 stats / bias (separable) combination cycles with the seed, so every one of the 16 occurs in
 every 16 consecutive cases. Checked: outputs, batch statistics and every gradient of a loss on
-all three outputs. Tolerance (DESIGN.md): float32 against the float64 reference 1e-5
+all three outputs. Tolerance (docs/DESIGN.md): float32 against the float64 reference 1e-5
 norm-relative, float64 1e-10 (tests/conftest.rel_err).
 
 Counts (per op): in CI 500 for ``cpp`` (CPU kernels) and ``torch``, 60 for ``triton`` under the
