@@ -16,8 +16,8 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused import recognize
-from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
 from aspp_fused.nn.fused import acc_dtype, conv_bn_act, fold_cache, like_input_format, separable_bn_act
+from aspp_fused.nn.fused_heads import pool_vector
 
 __all__ = ["FusedForward", "pool_vector", "standalone_reason"]
 
@@ -40,25 +40,6 @@ def standalone_reason(site, whole_forward, sequential, mods):
     return None
 
 
-def pool_vector(conv, bn, x):
-    """Image pooling before its broadcast, [N, O]: mean over H, W -> 1x1 conv [-> BN] -> ReLU.
-
-    Tiny, so plain ATen; the BN through the fused heads' helpers (batch statistics, running
-    statistics, the batch-of-1 error, SyncBatchNorm)."""
-    dt = acc_dtype(x)
-    y = x.mean(dim=(2, 3), dtype=dt) @ conv.weight.flatten(1).to(dt).t()
-    if conv.bias is not None:
-        y = y + conv.bias.to(dt)
-    if bn is None:
-        return torch.relu(y)
-    n, o = y.shape
-    if uses_batch_stats(bn):
-        k = centers([bn], dt, x.device, estimate=y.mean(0) if n > 0 else None)
-        z = y - k
-        scale, shift = affine([bn], z.sum(0), (z * z).sum(0), n, (n, o, 1, 1), dt, x.device, center=k)
-        return torch.relu(z * scale + shift)
-    scale, shift = affine([bn], None, None, 0, None, dt, x.device)
-    return torch.relu(y * scale + shift)
 
 
 class _SiteCall:

@@ -64,18 +64,21 @@ def _check_pool_and_project(owner, module, branch_channels):
 
 
 def _pool_vector(pool, x):
-    """The image-pooling branch before its broadcast: [N, O].
+    """The image-pooling branch (GAP -> 1x1 conv -> BN -> ReLU) before its broadcast: [N, O]."""
+    return pool_vector(pool[1], pool[2], x)
 
-    GAP -> 1x1 conv -> BN -> ReLU on [N, C, 1, 1]: tiny, so plain ATen, with the BN through
-    the same helper as the fused branches (batch statistics, running-stat updates, the
-    batch-of-1 error, and SyncBatchNorm's cross-process statistics, on any device).
-    """
-    conv, bn = pool[1], pool[2]
+
+def pool_vector(conv, bn, x):
+    """Image pooling before its broadcast, [N, O]: mean over H, W -> 1x1 conv [-> BN] -> ReLU.
+
+    Tiny, so plain ATen; the BN through the fused heads' helpers (batch statistics, running
+    statistics, the batch-of-1 error, SyncBatchNorm)."""
     dt = acc_dtype(x)
-    g = x.mean(dim=(2, 3), dtype=dt)
-    y = g @ conv.weight.flatten(1).to(dt).t()
+    y = x.mean(dim=(2, 3), dtype=dt) @ conv.weight.flatten(1).to(dt).t()
     if conv.bias is not None:
         y = y + conv.bias.to(dt)
+    if bn is None:
+        return torch.relu(y)
     n, o = y.shape
     if uses_batch_stats(bn):
         k = centers([bn], dt, x.device, estimate=y.mean(0) if n > 0 else None)
