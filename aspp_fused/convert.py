@@ -38,8 +38,6 @@ _REPLACEMENTS = [
     fused_heads.FusedDeepLabHead, fused_heads.FusedASPP, fused_heads.FusedSeparableASPP, fused_heads.FusedASPPv2,
     fused_heads.FusedLRASPPHead, FusedSequential, FusedAtrousConvBNReLU, FusedSeparableAtrousConv,
 ]
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 class SiteReport(NamedTuple):
@@ -95,7 +93,7 @@ def _replacement(m) -> Optional[type]:
 
 
 def _share_hooks(src, dst):
-    for attr in _HOOK_DICTS:
+    for attr in recognize.HOOK_DICTS:
         if attr in src.__dict__:
             dst.__dict__[attr] = src.__dict__[attr]
 

@@ -64,6 +64,7 @@ Benchmark-mode cache file (JSON)::
 KEY is the in-memory key as nested lists (``make_key``). A file written by another version of
 aspp_fused or torch is ignored (its kernels or their speeds may differ) and overwritten.
 """
+import contextlib
 import json
 import math
 import os
@@ -550,7 +551,7 @@ def _decide(op, args, runner) -> dict:
         decision.update(backend=static, reason="benchmark mode: empty input, nothing to verify; " + static_why)
         return decision
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args))
-    with torch.autocast(dev_type, enabled=False) if dev_type in ("cpu", "cuda") else _null():
+    with torch.autocast(dev_type, enabled=False) if dev_type in ("cpu", "cuda") else contextlib.nullcontext():
         ref_args = _copy_args(args, needs_grad, torch.float64)
         ref_outs = _forward(runner, "torch", ref_args, needs_grad)
         upstream = _Upstream(ref_outs)
@@ -582,14 +583,6 @@ def _decide(op, args, runner) -> dict:
                         verified, "; not used: " + "; ".join("%s %s" % kv for kv in decision["rejected"].items())
                         if decision["rejected"] else ""))
     return decision
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- the cache file

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from aspp_fused.nn.fused import conv_problem
+
 __all__ = ["Site", "trace", "find_sites", "has_hooks", "is_primitive", "is_whole_forward"]
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -38,7 +40,10 @@ INTERPOLATE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_bilinear, F.upsam
 _INTERP_SIG = inspect.signature(F.interpolate)
 
 
-_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# Every per-module hook dict (the hooks, and the flag dicts keyed by hook id): convert moves all of
+# them with a replaced module, and tracing puts them aside so no hook sees proxies.
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def is_primitive(m: nn.Module) -> bool:
@@ -103,7 +108,7 @@ def trace(module: nn.Module, opaque=frozenset(), cls=None) -> fx.Graph:
     # (the same objects come back, so hook handles keep working).
     saved = []
     for m in module.modules():
-        for attr in _HOOK_ATTRS:
+        for attr in HOOK_DICTS:
             d = m.__dict__.get(attr)
             if d:
                 saved.append((m, attr, d))
@@ -185,24 +190,9 @@ def is_shape_query(n) -> bool:
 
 
 def conv_reason(conv: nn.Conv2d, kernels=(1, 3), depthwise=False) -> Optional[str]:
-    k, d, s = conv.kernel_size, conv.dilation, conv.stride
-    if tuple(s) != (1, 1):
-        return "stride %d" % s[0] if s[0] == s[1] else "stride %s" % (tuple(s),)
-    if k[0] != k[1] or k[0] not in kernels:
-        return "kernel %dx%d" % tuple(k)
-    if d[0] != d[1]:
-        return "dilation %s (unequal)" % (tuple(d),)
-    groups = conv.in_channels if depthwise else 1
-    if conv.groups != groups or (depthwise and conv.out_channels != conv.in_channels):
-        return "groups=%d" % conv.groups
-    if conv.padding_mode != "zeros":
-        return "padding_mode %r" % conv.padding_mode
-    if isinstance(conv.padding, str):
-        if conv.padding != "same" and k[0] != 1:
-            return "padding %r (not 'same')" % conv.padding
-    elif tuple(conv.padding) != (d[0] * (k[0] // 2),) * 2:
-        return "padding %s (not 'same')" % (tuple(conv.padding),)
-    return None
+    """The report's short reason (the rule is fused.conv_problem, shared with from_module)."""
+    problem = conv_problem(conv, kernels, depthwise)
+    return None if problem is None else problem[0]
 
 
 def bn_reason(bn, channels) -> Optional[str]:

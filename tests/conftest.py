@@ -32,6 +32,23 @@ def assert_close_rel(actual, expected, tol, what=""):
     assert err <= tol, "%s: relative error %.3g > %.3g" % (what, err, tol)
 
 
+
+def map_tensors(args, fn):
+    """An op's argument list with fn applied to every tensor (lists of tensors included), the
+    rest as is."""
+    def one(t):
+        return fn(t) if isinstance(t, torch.Tensor) else t
+
+    return [[one(t) for t in a] if isinstance(a, list) else one(a) for a in args]
+
+
+def tensors_of(args):
+    """Every tensor of an op's argument list, in order (lists of tensors flattened)."""
+    out = []
+    for a in args:
+        out += [t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    return out
+
 def cpp_backend_params():
     """The compiled backend is tested whenever it loads; CI requires it to load (see
     test_extension.py), so a broken build fails there instead of silently skipping."""

@@ -32,7 +32,7 @@ import torch
 import aspp_fused.nn as ann
 from aspp_fused import _extension
 from aspp_fused import functional as AF
-from conftest import randomize_bn, rel_err
+from conftest import map_tensors, randomize_bn, rel_err, tensors_of
 
 F64 = torch.float64
 TOL = {torch.float32: 1e-5, F64: 1e-10}
@@ -219,23 +219,13 @@ def build_separable(cfg, seed, dtype, device):
 # --------------------------------------------------------------------------- comparing
 
 
-def _map(args, fn):
-    def one(t):
-        return fn(t) if isinstance(t, torch.Tensor) else t
-
-    return [[one(t) for t in a] if isinstance(a, list) else one(a) for a in args]
-
-
 def _leaves(args):
-    out = []
-    for a in args:
-        out += [t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad]
-    return out
+    return [t for t in tensors_of(args) if t.requires_grad]
 
 
 def _to_reference(args):
     """float64 CPU copies with the same requires_grad flags."""
-    return _map(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(t.requires_grad))
+    return map_tensors(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(t.requires_grad))
 
 
 def _close(what, actual, expected, tol, cfg):
@@ -578,8 +568,8 @@ def test_fuzz_cuda_atrous_conv(seed):
     cfg = draw_atrous(seed, True)
     dtype = _dtype_for("cuda", seed)
     args = build_atrous(cfg, seed, dtype, CUDA_DEV)
-    args = _map(args, lambda t: t.detach())
-    ref_args = _map(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(True))
+    args = map_tensors(args, lambda t: t.detach())
+    ref_args = map_tensors(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(True))
     x, ws, d, _, _, b = args
     o = ws[0].shape[0] if cfg["sum_mode"] else sum(w.shape[0] for w in ws)
     s, t = _explicit(args, o, dtype, CUDA_DEV)
@@ -617,8 +607,8 @@ def test_fuzz_cuda_atrous_conv(seed):
 def test_fuzz_cuda_separable_conv(seed):
     cfg = draw_separable(seed, True)
     dtype = _dtype_for("cuda", seed)
-    args = _map(build_separable(cfg, seed, dtype, CUDA_DEV), lambda t: t.detach())
-    ref_args = _map(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(True))
+    args = map_tensors(build_separable(cfg, seed, dtype, CUDA_DEV), lambda t: t.detach())
+    ref_args = map_tensors(args, lambda t: t.detach().to(device="cpu", dtype=F64).requires_grad_(True))
     x, dw, d, ms, msh, pw, _, _, b = args
     o = sum(w.shape[0] for w in pw)
     s, t = _explicit(args, o, dtype, CUDA_DEV)

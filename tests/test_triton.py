@@ -22,7 +22,7 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
-from conftest import assert_close_rel, randomize_bn, rel_err
+from conftest import assert_close_rel, map_tensors, randomize_bn, rel_err, tensors_of
 
 try:
     import triton  # noqa: F401
@@ -94,20 +94,6 @@ def separable_problem(n, c, h, w, branches, bias, dtype=torch.float32, layout="n
     return [x, dw, dil, ms, msh, pw, scale, shift, b]
 
 
-def _map(args, fn):
-    def one(t):
-        return fn(t) if isinstance(t, torch.Tensor) else t
-
-    return [[one(t) for t in a] if isinstance(a, list) else one(a) for a in args]
-
-
-def _leaves(args):
-    out = []
-    for a in args:
-        out.extend(t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
-    return out
-
-
 def _atrous(backend, sum_mode, act, stats):
     return lambda x, ws, d, s, t, b: AF.atrous_conv(x, ws, d, s, t, b, sum_mode=sum_mode, act=act,
                                                     compute_stats=stats, backend=backend)
@@ -120,8 +106,8 @@ def _separable(backend, mid_act, act, stats):
 
 def _parity(make_fn, args, stats, tol=TOL):
     """Triton (fp32) against the torch backend in float64: outputs, stats, every gradient."""
-    a_t = _map(args, lambda t: t.detach().clone().requires_grad_(True))
-    a_r = _map(args, lambda t: t.detach().double().requires_grad_(True))
+    a_t = map_tensors(args, lambda t: t.detach().clone().requires_grad_(True))
+    a_r = map_tensors(args, lambda t: t.detach().double().requires_grad_(True))
     out_t = make_fn("triton")(*a_t)
     out_r = make_fn("torch")(*a_r)
     assert out_t[0].dtype == args[0].dtype and out_t[0].is_contiguous(memory_format=torch.channels_last)
@@ -137,7 +123,7 @@ def _parity(make_fn, args, stats, tol=TOL):
         g2 = torch.randn(out_t[2].shape, dtype=F64, device=DEV) / max(out_t[0].numel(), 1)
         loss_t = loss_t + (out_t[1].double() * g1).sum() + (out_t[2].double() * g2).sum()
         loss_r = loss_r + (out_r[1] * g1).sum() + (out_r[2] * g2).sum()
-    leaves_t, leaves_r = _leaves(a_t), _leaves(a_r)
+    leaves_t, leaves_r = tensors_of(a_t), tensors_of(a_r)
     grads_t = torch.autograd.grad(loss_t, leaves_t, allow_unused=True)
     grads_r = torch.autograd.grad(loss_r, leaves_r, allow_unused=True)
     for i, (gt, gr, leaf) in enumerate(zip(grads_t, grads_r, leaves_t)):
@@ -486,14 +472,14 @@ def test_gpu_standard_atrous(case, dtype):
     hw, rates, ob, sum_mode, act, bias = STANDARD_ATROUS[case]
     branches = ([] if sum_mode else [(1, ob, 1)]) + [(3, ob, r) for r in rates]
     args = atrous_problem(16, 2048, hw, hw, branches, sum_mode, bias, dtype=dtype)
-    exact = AF.atrous_conv(*_map(args, lambda t: t.double()), sum_mode=sum_mode, act=act, backend="torch")[0]
+    exact = AF.atrous_conv(*map_tensors(args, lambda t: t.double()), sum_mode=sum_mode, act=act, backend="torch")[0]
     ours = AF.atrous_conv(*args, sum_mode=sum_mode, act=act, backend="triton")[0]
     pytorch = AF.atrous_conv(*args, sum_mode=sum_mode, act=act, backend="torch")[0]
     assert ours.dtype == dtype
     assert rel_err(ours, exact) <= _low_precision_limit(ours, pytorch, exact, dtype)
     # Stats (training) on the same problem.
     _, s, ss = AF.atrous_conv(*args, sum_mode=sum_mode, act="none", compute_stats=True, backend="triton")
-    _, s_e, ss_e = AF.atrous_conv(*_map(args, lambda t: t.double()), sum_mode=sum_mode, act="none",
+    _, s_e, ss_e = AF.atrous_conv(*map_tensors(args, lambda t: t.double()), sum_mode=sum_mode, act="none",
                                   compute_stats=True, backend="torch")
     _, s_p, ss_p = AF.atrous_conv(*args, sum_mode=sum_mode, act="none", compute_stats=True, backend="torch")
     assert rel_err(ss, ss_e) <= max(_low_precision_limit(ss, ss_p, ss_e, dtype), 1e-4)
@@ -512,7 +498,7 @@ def test_gpu_standard_separable(mid, dtype):
     def run(a, backend):
         return AF.separable_conv(*a[:5], "relu", *a[5:], act="relu", backend=backend)[0]
 
-    exact = run(_map(args, lambda v: v.double()), "torch")
+    exact = run(map_tensors(args, lambda v: v.double()), "torch")
     ours = run(args, "triton")
     pytorch = run(args, "torch")
     assert ours.dtype == dtype
@@ -528,15 +514,15 @@ def test_gpu_standard_backward(dtype):
     args = atrous_problem(4, 2048, 33, 33, branches, False, True, dtype=dtype)
 
     def grads(a, backend):
-        a = _map(a, lambda v: v.detach().clone().requires_grad_(True))
+        a = map_tensors(a, lambda v: v.detach().clone().requires_grad_(True))
         out, cs, css = AF.atrous_conv(*a, act="relu", compute_stats=True, backend=backend)
         gen = torch.Generator(device=DEV).manual_seed(1)
         g0 = torch.rand(out.shape, generator=gen, device=DEV, dtype=F64) + 0.5
         g2 = torch.randn(css.shape, generator=gen, device=DEV, dtype=F64) / out.numel()
         loss = (out.double() * g0).sum() + (css.double() * g2).sum()
-        return torch.autograd.grad(loss, _leaves(a))
+        return torch.autograd.grad(loss, tensors_of(a))
 
-    exact = grads(_map(args, lambda v: v.double()), "torch")
+    exact = grads(map_tensors(args, lambda v: v.double()), "torch")
     ours = grads(args, "triton")
     pytorch = grads(args, "torch")
     for i, (o, p, e) in enumerate(zip(ours, pytorch, exact)):

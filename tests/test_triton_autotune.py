@@ -20,7 +20,7 @@ import torch
 import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import functional as AF
-from conftest import assert_close_rel, randomize_bn
+from conftest import assert_close_rel, map_tensors, randomize_bn, tensors_of
 
 triton = pytest.importorskip("triton")
 
@@ -129,27 +129,12 @@ def _separable_args(n=2, c=6, h=9, w=9):
             [d(t) for t in pw], d(scale), d(shift), None]
 
 
-def _as(args, fn):
-    """fn on every tensor of the argument list (lists of tensors included), the rest as is."""
-    def one(t):
-        return fn(t) if isinstance(t, torch.Tensor) else t
-
-    return [[one(t) for t in a] if isinstance(a, list) else one(a) for a in args]
-
-
-def _leaves(args):
-    out = []
-    for a in args:
-        out += [t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
-    return out
-
-
 def _first_call_matches_reference(op, args, bench_names, retuned, compiled):
     """op(backend, *args) -> (out, ch_sum, ch_sumsq). The first call (autotuning every config)
     against the reference: outputs, statistics, and every gradient of a loss on all three."""
     made = retuned()
-    ref_args = _as(args, lambda t: t.detach().double().requires_grad_(True))
-    tri_args = _as(args, lambda t: t.detach().clone().requires_grad_(True))
+    ref_args = map_tensors(args, lambda t: t.detach().double().requires_grad_(True))
+    tri_args = map_tensors(args, lambda t: t.detach().clone().requires_grad_(True))
     fn = (lambda *a: op("triton", *a))
     if compiled:
         torch._dynamo.reset()
@@ -165,8 +150,8 @@ def _first_call_matches_reference(op, args, bench_names, retuned, compiled):
     g2 = (torch.randn(ref[2].shape, generator=g, dtype=F64) / ref[0].numel()).to(DEV)
     loss = (out[0].double() * g0).sum() + (out[1].double() * g1).sum() + (out[2].double() * g2).sum()
     loss_r = (ref[0] * g0).sum() + (ref[1] * g1).sum() + (ref[2] * g2).sum()
-    grads = torch.autograd.grad(loss, _leaves(tri_args))
-    grads_r = torch.autograd.grad(loss_r, _leaves(ref_args))
+    grads = torch.autograd.grad(loss, tensors_of(tri_args))
+    grads_r = torch.autograd.grad(loss_r, tensors_of(ref_args))
     for i, (a, r) in enumerate(zip(grads, grads_r)):
         assert_close_rel(a, r, TOL, "grad of input %d (first backward call)" % i)
     for name in bench_names:

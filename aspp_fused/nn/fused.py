@@ -6,7 +6,8 @@ built before conversion keeps training the same tensors, and reverting just hand
 original back. Only ``forward`` differs: it calls the fused ops (aspp_fused.functional).
 """
 import inspect
-from typing import Optional, Sequence
+import os
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -131,28 +132,40 @@ def check_type(owner, where, module, types):
         _fail(owner, where, "is %s, expected %s" % (type(module).__name__, names))
 
 
-def check_conv(owner: str, where: str, conv, kernel_sizes=(1, 3), depthwise=False):
-    """A 'same'-padded, stride-1 conv the fused ops can run."""
-    check_type(owner, where, conv, nn.Conv2d)
-    k = conv.kernel_size
+def conv_problem(conv: nn.Conv2d, kernel_sizes=(1, 3), depthwise=False) -> Optional[Tuple[str, str]]:
+    """Why the fused ops cannot run ``conv`` (a 'same'-padded, stride-1, square conv, groups=1 or
+    depthwise), or None: (short reason for convert's report, "has X, expected Y" detail for
+    from_module's error). The one statement of the rule, checked in this order."""
+    k, d, s = conv.kernel_size, conv.dilation, conv.stride
+    if tuple(s) != (1, 1):
+        return ("stride %d" % s[0] if s[0] == s[1] else "stride %s" % (tuple(s),),
+                "has stride %s, expected 1" % (s,))
     if k[0] != k[1] or k[0] not in kernel_sizes:
-        _fail(owner, where, "has kernel_size %s, expected one of %s (square)" % (k, kernel_sizes))
-    d = conv.dilation
+        return "kernel %dx%d" % tuple(k), "has kernel_size %s, expected one of %s (square)" % (k, kernel_sizes)
     if d[0] != d[1]:
-        _fail(owner, where, "has dilation %s, expected equal rates for H and W" % (d,))
-    if tuple(conv.stride) != (1, 1):
-        _fail(owner, where, "has stride %s, expected 1" % (conv.stride,))
-    if isinstance(conv.padding, str):
-        if conv.padding != "same" and k[0] != 1:
-            _fail(owner, where, "has padding %r, expected 'same'" % conv.padding)
-    elif tuple(conv.padding) != (d[0] * (k[0] // 2),) * 2:
-        _fail(owner, where, "has padding %s, expected dilation * (k // 2) = %d" % (conv.padding, d[0] * (k[0] // 2)))
-    if conv.padding_mode != "zeros":
-        _fail(owner, where, "has padding_mode %r, expected 'zeros'" % conv.padding_mode)
+        return "dilation %s (unequal)" % (tuple(d),), "has dilation %s, expected equal rates for H and W" % (d,)
     groups = conv.in_channels if depthwise else 1
     if conv.groups != groups or (depthwise and conv.out_channels != conv.in_channels):
-        _fail(owner, where, "has groups=%d (in %d, out %d), expected %s" % (
-            conv.groups, conv.in_channels, conv.out_channels, "a depthwise conv" if depthwise else "groups=1"))
+        return "groups=%d" % conv.groups, "has groups=%d (in %d, out %d), expected %s" % (
+            conv.groups, conv.in_channels, conv.out_channels, "a depthwise conv" if depthwise else "groups=1")
+    if conv.padding_mode != "zeros":
+        return ("padding_mode %r" % conv.padding_mode,
+                "has padding_mode %r, expected 'zeros'" % conv.padding_mode)
+    if isinstance(conv.padding, str):
+        if conv.padding != "same" and k[0] != 1:
+            return "padding %r (not 'same')" % conv.padding, "has padding %r, expected 'same'" % conv.padding
+    elif tuple(conv.padding) != (d[0] * (k[0] // 2),) * 2:
+        return ("padding %s (not 'same')" % (tuple(conv.padding),),
+                "has padding %s, expected dilation * (k // 2) = %d" % (conv.padding, d[0] * (k[0] // 2)))
+    return None
+
+
+def check_conv(owner: str, where: str, conv, kernel_sizes=(1, 3), depthwise=False):
+    """A conv the fused ops can run (conv_problem), else from_module's ValueError."""
+    check_type(owner, where, conv, nn.Conv2d)
+    problem = conv_problem(conv, kernel_sizes, depthwise)
+    if problem is not None:
+        _fail(owner, where, problem[1])
 
 
 def check_bn(owner: str, where: str, bn, channels: int):

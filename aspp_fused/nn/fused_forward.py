@@ -19,7 +19,7 @@ from aspp_fused import recognize
 from aspp_fused.nn.fused import acc_dtype, conv_bn_act, fold_cache, like_input_format, separable_bn_act
 from aspp_fused.nn.fused_heads import pool_vector
 
-__all__ = ["FusedForward", "pool_vector", "standalone_reason"]
+__all__ = ["FusedForward", "standalone_reason"]
 
 
 def standalone_reason(site, whole_forward, sequential, mods):
@@ -38,8 +38,6 @@ def standalone_reason(site, whole_forward, sequential, mods):
         if conv.kernel_size == (1, 1) and not whole_forward:
             return "1x1 inside a larger forward (a plain 1x1 conv gains nothing from the fused op)"
     return None
-
-
 
 
 class _SiteCall:
@@ -153,15 +151,14 @@ class FusedForward:
         fwd = type(owner).forward
         if plan is None:
             return fwd(owner, *args, **kwargs)
-        graph, defaults = plan
-        bound = inspect.signature(fwd).bind(owner, *args, **kwargs)
+        graph, defaults, signature, placeholders = plan
+        bound = signature.bind(owner, *args, **kwargs)
         bound.apply_defaults()
         values = bound.arguments
         for name, d in defaults.items():
             if values.get(name) is not d:  # the trace holds the default: another value, the original forward
                 return fwd(owner, *args, **kwargs)
-        inputs = [values[n.target] for n in graph.nodes if n.op == "placeholder" and n.target not in defaults]
-        return fx.Interpreter(owner, graph=graph).run(*inputs)
+        return fx.Interpreter(owner, graph=graph).run(*[values[name] for name in placeholders])
 
 
 class _FakeShape:
@@ -191,7 +188,8 @@ def _channels(n, mods):
 
 
 def build_plan(owner: nn.Module, backend: str):
-    """(rewritten graph, traced defaults), or None when nothing of owner's own forward fuses."""
+    """(rewritten graph, traced defaults, forward's signature, the graph's input names), or None
+    when nothing of owner's own forward fuses."""
     plan = analyse(owner)
     if plan is None:
         return None
@@ -217,8 +215,10 @@ def build_plan(owner: nn.Module, backend: str):
                 graph.erase_node(n)
     graph.lint()
     defaults = recognize.forward_defaults(owner)
-    # placeholders of traced-as-constant defaults stay in the graph with their default value
-    return graph, defaults
+    # placeholders of traced-as-constant defaults stay in the graph with their default value;
+    # the signature and the names the graph takes are read once here, not on every call
+    placeholders = [n.target for n in graph.nodes if n.op == "placeholder" and n.target not in defaults]
+    return graph, defaults, inspect.signature(type(owner).forward), placeholders
 
 
 def analyse(owner: nn.Module):
