@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aspp_fused
+import zoo
 from conftest import assert_close_rel
 
 CASES = ["attr_branches", "own_forward", "seq_subclass", "tv_layout", "wrappers", "v2_sum"]
@@ -23,20 +24,7 @@ def _case(name):
 
 
 def _build(name, dtype=torch.float64):
-    torch.manual_seed(0)
-    model = _case(name).build().to(dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics and affine (fresh ones are 0 / 1)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-            # v2 classifiers start at zero bias: give every bias a value
-            if isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.uniform_(-0.5, 0.5)
-    return model
+    return zoo.build(name, dtype)
 
 
 def _heads(report):

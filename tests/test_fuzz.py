@@ -17,8 +17,8 @@ all three outputs. Tolerance (docs/DESIGN.md): float32 against the float64 refer
 norm-relative, float64 1e-10 (tests/conftest.rel_err).
 
 Counts (per op): in CI 500 for ``cpp`` (CPU kernels) and ``torch``, 60 for ``triton`` under the
-interpreter; the module fuzz (500 per backend) only with ``--run-slow`` (``make fuzz``, see
-MODULE_COUNTS), which also raises every op count to 500. The CUDA kernels' fuzz (30 per op in CI, 500 with
+interpreter; the fused-module-vs-twin fuzz 200 for ``torch`` and ``cpp`` (500 per backend with
+``--run-slow``: ``make fuzz``, see MODULE_COUNTS), which also raises every op count to 500. The CUDA kernels' fuzz (30 per op in CI, 500 with
 ``--run-slow``) is ``gpu``-marked: it runs on a GPU, or on the host emulator of the kernels
 in ``make emu-test`` (tools/cuda_emu/run_tests.sh).
 """
@@ -43,13 +43,17 @@ EMU_LIB = os.environ.get("ASPP_CUDA_EMU_LIB")
 
 # (CI count, count with --run-slow) per backend and test family.
 OP_COUNTS = {"torch": (500, 500), "cpp": (500, 500), "triton": (60, 500), "cuda": (30, 500)}
-# The module fuzz is not in CI yet (0 CI cases): at 1e-5 it fails about 1 train-mode case in
-# 10-15 on every backend alike (torch 11/120, cpp 7/120, triton 1/12; e.g. seeds 0, 21, 62, 85),
-# with errors 5-40x those of the fp32 twin on the same input (output up to 2e-5, weight grads
-# up to 2e-3 on 1x1 / 3x3 convs before a train-mode BN of few values). Same seeds on all three
-# backends: the shared train-mode batch statistics (aspp_fused/nn/_batchnorm.py, variance from
-# fp32 sums centred on the running mean), not a kernel. Run it with --run-slow (make fuzz).
-MODULE_COUNTS = {"torch": (0, 500), "cpp": (0, 500), "triton": (0, 500)}
+# The module fuzz: about 50 ms a case for torch / cpp, 1 s for triton under the interpreter.
+# Train-mode batch statistics centre on the batch mean computed from box sums of the input
+# (aspp_fused/nn/_batchnorm.conv_batch_mean); centred on the running mean, as before, 62 of
+# 1000 torch + cpp cases missed the tolerance (batch mean 2-450 standard deviations from the
+# centre); now 1 of 1000 (torch seed 465: 1.6e-5 on the BN weight gradient of a 1-channel
+# branch; the fp32 twin's own error 1.8e-6). Triton stays out of CI until its one known miss is
+# understood: seed 2, 1.2e-5 on the pooling conv's weight gradient with 1 output channel. Both
+# are where gradients from a training BN downstream cancel, and the BN backward composed from
+# the op's statistics (aspp_fused/nn/_batchnorm.affine, autograd) rounds worse there than
+# ATen's native batch_norm backward.
+MODULE_COUNTS = {"torch": (200, 500), "cpp": (200, 500), "triton": (0, 500)}
 
 
 def _triton_ok():
@@ -416,7 +420,14 @@ def draw_module(seed, backend):
             return rng.randint(1, max(h, w) - 1)
         return _rate(rng, h, w)
 
-    return dict(kind=kind, train=train, n=n, h=h, w=w, c=_channels(rng, 17), o=rng.randint(1, 7), mid=mid,
+    c = _channels(rng, 17)
+    if train and c == 1:
+        # Every kind has a 1x1 conv (or pointwise) of the input before a training BN; with one
+        # input channel its weight is a per-output scalar that the BN divides out, so its exact
+        # gradient is 0 up to the eps term, and relative errors compare rounding noise (PyTorch's
+        # own fp32 path misses 1e-5 there too). One input channel is drawn in eval mode.
+        c = 2
+    return dict(kind=kind, train=train, n=n, h=h, w=w, c=c, o=rng.randint(1, 7), mid=mid,
                 rates=[rate() for _ in range(rng.randint(1, 3))], layout=rng.choice(LAYOUTS),
                 k=rng.choice([1, 3]))
 
@@ -460,10 +471,32 @@ def _inputs_like(inp, fn):
     return {k: fn(v) for k, v in inp.items()} if isinstance(inp, dict) else fn(inp)
 
 
+def _run_module(model, inp, dtype, dev, train, g):
+    """Output, {input / parameter name: gradient}, {buffer name: value} of one (train) call."""
+    x = _inputs_like(inp, lambda t: t.detach().to(device=dev, dtype=dtype).requires_grad_(train))
+    torch.manual_seed(123)  # the same dropout masks on every side
+    y = model(x)
+    grads = {}
+    if train and y.numel():
+        y.backward(g.to(device=dev, dtype=dtype))
+        for name, t in (x if isinstance(x, dict) else {"x": x}).items():
+            grads["grad of input " + name] = t.grad
+        grads.update(("grad of " + n, p.grad) for n, p in model.named_parameters())
+    return y, grads, dict(model.named_buffers())
+
+
 @pytest.mark.parametrize("backend,seed", _seeds(("torch", "cpp", "triton"), MODULE_COUNTS))
 def test_fuzz_module_vs_twin(backend, seed):
     """A fused module (fp32, backend) against its twin in float64, mostly in train mode: output,
-    input and parameter gradients, running statistics and num_batches_tracked."""
+    input and parameter gradients, running statistics and num_batches_tracked.
+
+    Tolerance: the fp32 rule (1e-5 relative), or twice the error of PyTorch's own fp32 path on
+    the same input where that is larger (the low-precision rule of docs/DESIGN.md, applied to
+    fp32; that error estimated as the larger of the fp32 twin's in NCHW and in channels_last,
+    which take different kernels and summation orders): a
+    quantity that is ill-conditioned in exact arithmetic (the weight gradient of a 1-channel 1x1
+    conv before a training BN, which is invariant to that weight's scale up to eps) defeats
+    PyTorch's own fp32 path too, and is held to that path's accuracy."""
     cfg = draw_module(seed, backend)
     desc = "module backend=%s seed=%d %s" % (backend, seed, cfg)
     dev = "cuda" if (backend == "triton" and CUDA) else "cpu"
@@ -472,38 +505,43 @@ def test_fuzz_module_vs_twin(backend, seed):
     if backend == "triton" and hasattr(twin, "project"):
         twin.project[3].p = 0.0  # dropout masks: the twin's and the kernels' RNG draws differ in order
     ref64 = copy.deepcopy(twin).double()
+    twins32 = [copy.deepcopy(twin).to(dev), copy.deepcopy(twin).to(dev, memory_format=torch.channels_last)]
     fused = FUSED_CLASS[cfg["kind"]].from_module(twin.to(dev), backend=backend)
     gen = torch.Generator().manual_seed(seed)
     inp = _module_input(cfg, gen)
     train = cfg["train"]
-    inp64 = _inputs_like(inp, lambda t: t.detach().double().requires_grad_(train))
-    inp_f = _inputs_like(inp, lambda t: t.detach().to(dev).requires_grad_(train))
-    torch.manual_seed(123)  # the same dropout masks on both sides
-    y_ref = ref64(inp64)
-    torch.manual_seed(123)
-    y = fused(inp_f)
+    g = torch.rand(_expected_shape(ref64, inp), generator=gen, dtype=F64) + 0.5
+    y_ref, grads_ref, bufs_ref = _run_module(ref64, inp, F64, "cpu", train, g)
+    cl = _inputs_like(inp, lambda t: t.contiguous(memory_format=torch.channels_last))
+    twin_runs = [_run_module(twins32[0], inp, torch.float32, dev, train, g),
+                 _run_module(twins32[1], cl, torch.float32, dev, train, g)]
+    y, grads, bufs = _run_module(fused, inp, torch.float32, dev, train, g)
     assert y.dtype == torch.float32, desc
-    _close("output", y, y_ref, TOL[torch.float32], desc)
-    if train and y_ref.numel():
-        g = torch.rand(y_ref.shape, generator=gen, dtype=F64) + 0.5
-        y_ref.backward(g)
-        y.backward(g.float().to(dev))
-        for name in (inp_f if isinstance(inp_f, dict) else {"x": inp_f}):
-            a = inp_f[name] if isinstance(inp_f, dict) else inp_f
-            b = inp64[name] if isinstance(inp64, dict) else inp64
-            _close("grad of input " + name, a.grad, b.grad, TOL[torch.float32], desc)
-        ref_params = dict(ref64.named_parameters())
-        for name, p in fused.named_parameters():
-            gr = ref_params[name].grad
-            assert p.grad is not None or gr is None, "%s\ngrad of %s is None" % (desc, name)
-            if gr is not None:
-                _close("grad of " + name, p.grad, gr, TOL[torch.float32], desc)
-    ref_buffers = dict(ref64.named_buffers())
-    for name, b in fused.named_buffers():
+
+    def close(what, actual, twin_values, expected):
+        tol = TOL[torch.float32]
+        if actual.numel() and expected.numel():
+            tol = max([tol] + [2 * rel_err(t.detach().cpu(), expected.detach()) for t in twin_values])
+        _close(what, actual, expected, tol, desc)
+
+    close("output", y, [r[0] for r in twin_runs], y_ref)
+    assert list(grads) == list(grads_ref), desc
+    for name, gr in grads_ref.items():
+        assert (grads[name] is None) == (gr is None), "%s\n%s: None on one side only" % (desc, name)
+        if gr is not None:
+            close(name, grads[name], [r[1][name] for r in twin_runs], gr)
+    for name, b in bufs.items():
         if b.is_floating_point():
-            _close(name, b, ref_buffers[name], TOL[torch.float32], desc)
+            close(name, b, [r[2][name] for r in twin_runs], bufs_ref[name])
         else:
-            assert torch.equal(b.cpu(), ref_buffers[name]), "%s\n%s differs" % (desc, name)
+            assert torch.equal(b.cpu(), bufs_ref[name]), "%s\n%s differs" % (desc, name)
+
+
+def _expected_shape(model, inp):
+    """The output shape, from a float64 eval-mode copy (the real call must be the first, in train
+    mode, for the running statistics)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()(_inputs_like(inp, lambda t: t.double())).shape
 
 
 # --------------------------------------------------------------------------- the CUDA kernels

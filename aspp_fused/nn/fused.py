@@ -16,7 +16,7 @@ from aspp_fused import functional as AF
 from aspp_fused import torch_backend
 from aspp_fused._tracing import size_checks
 from aspp_fused.nn import reference
-from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
+from aspp_fused.nn._batchnorm import affine, centers, conv_batch_mean, running_centre, uses_batch_stats
 
 __all__ = ["FusedModule", "FusedAtrousConvBNReLU", "FusedSeparableAtrousConv", "conv_bn_act"]
 
@@ -193,8 +193,14 @@ class FoldCache:
     Folding costs a pass over the weights per forward (measured on the CPU end-to-end
     DeepLabV3 head: 144.5 ms per call refolding vs 130.3 ms cached, eager_cl 134.7 ms).
     Entries hold their source tensors and compare identity, version counter and storage
-    pointer, so an optimizer step, load_state_dict or .to() all invalidate them. The price
-    is one folded copy of the head's conv weights while the module is in eval mode.
+    pointer, so an optimizer step, load_state_dict, an in-place edit under no_grad, a replaced
+    parameter or .to() all invalidate them. The price is one folded copy of the head's conv
+    weights while the module is in eval mode.
+
+    The one edit no version counter sees is an in-place write through ``.data``
+    (``p.data.mul_(...)``: PyTorch gives ``.data`` a fresh counter, which is also why autograd
+    cannot catch it); after such an edit call ``aspp_fused.clear_caches(model)``, or run with
+    ``ASPP_FUSED_FOLD_CACHE=0`` (read at each call) to fold on every call.
     """
 
     def __init__(self):
@@ -213,6 +219,20 @@ class FoldCache:
         value = compute()
         self.entries[key] = (sig, value)
         return value
+
+
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Drop every folded-weight cache in ``model`` (see FoldCache: needed only after in-place
+    edits through ``.data``). Returns the model."""
+    for m in model.modules():
+        cache = m.__dict__.get("_fold_cache")
+        if cache is not None:
+            cache.entries.clear()
+    return model
+
+
+def fold_cache_enabled() -> bool:
+    return os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") != "0"
 
 
 def fold_cache(module: nn.Module) -> FoldCache:
@@ -248,8 +268,14 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
                                for b, w in zip(biases, weights)])
     n, _, h, w_ = x.shape
     if any(uses_batch_stats(bn) for bn in bns):
-        # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers).
-        k = centers(bns, dt, x.device)
+        # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers), K
+        # the batch mean computed from box sums of x (exact up to rounding, cheap).
+        mean = conv_batch_mean(x, weights, dilations, dt)
+        if conv_bias is not None:
+            mean = mean + conv_bias.detach()
+        if sample_bias is not None and n > 0:
+            mean = mean + sample_bias.detach().to(dt).mean(0)
+        k = centers(bns, dt, x.device, estimate=mean)
         shift0 = -k if conv_bias is None else conv_bias - k
         raw, s, ss = AF.atrous_conv(x, weights, dilations, None, shift0, sample_bias, act="none",
                                     compute_stats=True, backend=backend)
@@ -270,7 +296,8 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
     # mode: it measures per call arguments, and the folded ones would make the eager decisions
     # keys that a compiled graph (which never folds) does not look up.
-    if (cache is not None and AF.resolve_backend(backend, x) == "torch" and not torch.compiler.is_compiling()
+    if (cache is not None and fold_cache_enabled() and AF.resolve_backend(backend, x) == "torch"
+            and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and not (backend == "auto" and AF.dispatch.benchmark_enabled())
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
@@ -385,7 +412,17 @@ def separable_bn_act(x, branches, bns, backend):
     ms = [a[0] for a in mid_affines]
     msh = [a[1] for a in mid_affines]
     if any(uses_batch_stats(bn) for bn in bns):
-        k = centers(bns, dt, x.device)  # see _batchnorm.centers
+        # The centre K (see _batchnorm.centers): the batch mean of pointwise(depthwise(x)) where
+        # that is linear (no mid BN), else (a mid BN in eval mode, then ReLU) the running mean.
+        mean = conv_batch_mean(x, pws, dil, dt, depthwise=dws)
+        parts, offset = [], 0
+        for (_, mid, pw), bn in zip(branches, bns):
+            part = mean[offset:offset + pw.out_channels]
+            if mid is not None:
+                part = running_centre(bn, dt, x.device)
+            parts.append(part)
+            offset += pw.out_channels
+        k = centers(bns, dt, x.device, estimate=torch.cat(parts))
         raw, s, ss = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, None, -k, None, act="none",
                                        compute_stats=True, backend=backend)
         scale, shift = affine(bns, s, ss, n * h * w_, (n, o, h, w_), dt, x.device, center=k)
