@@ -32,6 +32,17 @@ def assert_close_rel(actual, expected, tol, what=""):
     assert err <= tol, "%s: relative error %.3g > %.3g" % (what, err, tol)
 
 
+def assert_grads_close(actual, expected, tol, what=""):
+    """{name: gradient} against {name: reference gradient}, each norm-relative; a reference that
+    is zero in exact arithmetic (below 1e-12 of the largest gradient: e.g. a bias that a training
+    BN downstream removes) only asks the other side to be rounding noise too."""
+    scale = max(g.abs().max().item() for g in expected.values())
+    for name, g in expected.items():
+        if g.abs().max().item() < 1e-12 * scale:
+            assert actual[name].abs().max().item() < 1e-12 * scale, "%s grad of %s" % (what, name)
+        else:
+            assert_close_rel(actual[name], g, tol, "%s grad of %s" % (what, name))
+
 
 def map_tensors(args, fn):
     """An op's argument list with fn applied to every tensor (lists of tensors included), the
@@ -48,6 +59,7 @@ def tensors_of(args):
     for a in args:
         out += [t for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
     return out
+
 
 def cpp_backend_params():
     """The compiled backend is tested whenever it loads; CI requires it to load (see

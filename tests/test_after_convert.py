@@ -12,7 +12,7 @@ from torch import nn
 
 import aspp_fused
 import zoo
-from conftest import BACKENDS, assert_close_rel, rel_err
+from conftest import BACKENDS, assert_close_rel, assert_grads_close, rel_err
 
 STYLES = ["tv_layout", "own_forward", "attr_branches", "v2_sum"]
 X_SHAPE = (3, 3, 13, 11)
@@ -85,18 +85,10 @@ def test_requires_grad_changes(style, backend):
             what = "%s %s freeze=%s" % (style, mode, freeze)
             assert_close_rel(out_c, out_o, F64_TOL, what + " output")
             assert list(grads_c) == list(grads_o)
-            # Exactly-zero gradients (a BN bias before a training BN) compare against the
-            # largest gradient, as in test_convert_zoo; the rest norm-relative.
-            scale = max(g.abs().max().item() for g in grads_o.values() if g is not None)
             for name, g in grads_o.items():
-                if g is None:
-                    assert grads_c[name] is None, "%s: %s has a gradient, the original none" % (what, name)
-                    continue
-                assert grads_c[name] is not None, "%s: %s has no gradient" % (what, name)
-                if g.abs().max().item() < 1e-12 * scale:
-                    assert grads_c[name].abs().max().item() < 1e-12 * scale, what + " grad of " + name
-                else:
-                    assert_close_rel(grads_c[name], g, F64_TOL, what + " grad of " + name)
+                assert (grads_c[name] is None) == (g is None), "%s: %s has a gradient on one side only" % (
+                    what, name)
+            assert_grads_close(grads_c, {n: g for n, g in grads_o.items() if g is not None}, F64_TOL, what)
             _same_state(original, converted, what=what + " after the step")
 
 

@@ -116,7 +116,7 @@ def conv_batch_mean(x: torch.Tensor, weights, rates, dtype, depthwise=None) -> t
     rounding does not matter, only closeness to the batch mean.
     """
     n, _, h, w = x.shape
-    xsum = x.detach().to(dtype).sum(0)
+    xsum = x.detach().sum(0, dtype=dtype)  # accumulates in dtype without a full-size cast copy
     means = []
     for i, (wt, r) in enumerate(zip(weights, rates)):
         dw = None if depthwise is None else depthwise[i]
@@ -124,7 +124,7 @@ def conv_batch_mean(x: torch.Tensor, weights, rates, dtype, depthwise=None) -> t
         if dw is not None:  # pointwise(depthwise(x)): the depthwise's per-channel mean, then the 1x1
             box = _tap_box_sums(xsum, dw.shape[-1], r)
             means.append(wt.flatten(1) @ torch.einsum("cab,cab->c", dw.detach().to(dtype)[:, 0], box))
-        elif wt.shape[-1] == 1:
+        elif wt.shape[-1] == 1:  # the einsum below gives the same up to rounding; a matmul is cheaper
             means.append(wt.flatten(1) @ xsum.sum((1, 2)))
         else:
             means.append(torch.einsum("ocab,cab->o", wt, _tap_box_sums(xsum, wt.shape[-1], r)))

@@ -11,7 +11,9 @@ from torch import nn
 
 def build(name, dtype=torch.float64):
     """zoo.<name>.build() in ``dtype``, seeded, with non-trivial BN statistics and affine parameters
-    (fresh ones are 0 / 1) and a value in every conv bias (v2 classifiers start at zero)."""
+    (fresh ones are 0 / 1) and a value in every conv bias (v2 classifiers start at zero). One loop
+    in module order (not conftest.randomize_bn, then the biases): the tests' values come from this
+    draw order."""
     torch.manual_seed(0)
     model = importlib.import_module("zoo." + name).build().to(dtype)
     with torch.no_grad():
