@@ -12,7 +12,7 @@ from aspp_fused import _extension, functional, nn, ops  # noqa: F401  (ops regis
 from aspp_fused.convert import convert, explain, list_fused, revert
 from aspp_fused.dispatch import benchmark_enabled, set_benchmark
 from aspp_fused.functional import BACKENDS, atrous_conv, separable_conv
-from aspp_fused.nn.fused import clear_caches
+from aspp_fused.nn._fold_cache import clear_caches
 
 __all__ = ["convert", "revert", "list_fused", "explain", "atrous_conv", "separable_conv", "BACKENDS", "nn",
            "functional", "set_benchmark", "benchmark_enabled", "clear_caches", "__version__"]

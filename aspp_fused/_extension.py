@@ -1,10 +1,12 @@
-"""Loads the compiled extension aspp_fused._C, if it is there.
+"""Loads the backends' code: the compiled extension aspp_fused._C, if it is there, and the
+Triton kernels on first use (triton_kernels).
 
-``import aspp_fused`` must keep working without it (the ``torch`` backend needs nothing
+``import aspp_fused`` must keep working without the extension (the ``torch`` backend needs nothing
 compiled), so a missing or broken build is reported once as a warning, with the reason,
 and ``backend="cpp"`` raises an error that repeats that reason.
 """
 import importlib
+import threading
 import warnings
 
 import torch
@@ -32,3 +34,27 @@ def cpp_available() -> bool:
 def cuda_kernels_built() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("aspp_fused::atrous_conv", "CUDA")
+
+
+_triton_lock = threading.Lock()
+_triton_kernels = None
+
+
+def triton_kernels():
+    """The Triton backend, aspp_fused.kernels, with its ops' autograd registered (once).
+
+    Importing it imports triton, and Triton reads TRITON_INTERPRET then, once. The package
+    imports its backends, never the reverse: the autograd formulas shared with the compiled
+    ops (aspp_fused/_autograd.py) are tied to the Triton ops here, on first use.
+    """
+    global _triton_kernels
+    if _triton_kernels is None:
+        with _triton_lock:
+            if _triton_kernels is None:
+                from aspp_fused import _autograd, kernels
+
+                _autograd.register_atrous("aspp_fused::triton_atrous_conv", kernels.ops.triton_atrous_conv_backward)
+                _autograd.register_separable("aspp_fused::triton_separable_conv",
+                                             kernels.ops.triton_separable_conv_backward)
+                _triton_kernels = kernels
+    return _triton_kernels

@@ -31,7 +31,7 @@ tool). A backend that raises on an input is left out for that key, not banned. I
 cannot be verified (empty, or a non-finite float64 result) get the table's choice. The
 verification and timing runs use private copies of the arguments and a private RNG, so the
 caller's tensors, gradients and random stream are untouched. In benchmark mode the eval-mode
-modules do not use their folded-weight cache (aspp_fused/nn/fused.py), so that eager calls and
+modules do not use their folded-weight cache (aspp_fused/nn/_fold_cache.py), so that eager calls and
 compiled graphs look up the same keys; that costs one weight multiply per call.
 
 Thread safety: the decisions are made under one lock; a key is decided once and every thread

@@ -62,7 +62,7 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str = "atrous_conv") -> s
                 "rebuild with a CUDA build of torch (see README, build knobs) or use backend='torch'"
             )
     if backend == "triton":
-        from aspp_fused import kernels  # imports triton; TRITON_INTERPRET is read here, once
+        kernels = _extension.triton_kernels()  # imports triton; TRITON_INTERPRET is read then, once
 
         if x.device.type == "cpu":
             if not kernels.INTERPRET:
@@ -244,9 +244,8 @@ def run_atrous_conv(backend, x, weights, dilations, scale, shift, bias, sum_mode
         o = weights[0].shape[0] if sum_mode else sum(w.shape[0] for w in weights)
         scale, shift = _materialize(scale, shift, o, x)
         if backend == "triton":
-            from aspp_fused import kernels
-
-            return kernels.ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats)
+            return _extension.triton_kernels().ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode,
+                                                               act, compute_stats)
         from aspp_fused import ops
 
         return ops.atrous_conv(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats)
@@ -280,10 +279,9 @@ def run_separable_conv(backend, x, dw_weights, dilations, mid_scales, mid_shifts
     if backend in ("cpp", "triton"):
         scale, shift = _materialize(scale, shift, sum(w.shape[0] for w in pw_weights), x)
         if backend == "triton":
-            from aspp_fused import kernels
-
-            return kernels.ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights,
-                                              scale, shift, bias, act, compute_stats)
+            return _extension.triton_kernels().ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts,
+                                                                  mid_act, pw_weights, scale, shift, bias, act,
+                                                                  compute_stats)
         from aspp_fused import ops
 
         return ops.separable_conv(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift,

@@ -1,13 +1,13 @@
 """Python face of the compiled ops: thin wrappers, fake (meta) kernels and autograd.
 
 The schemas and their exact semantics are in csrc/aspp_fused.cpp. Registering the fake
-kernels and autograd formulas here, through torch.library, is what lets torch.compile
+kernels here and the autograd formulas (aspp_fused/_autograd.py), through torch.library, is what lets torch.compile
 (fullgraph), AMP, CUDA graphs and opcheck see the ops like any ATen op.
 """
-import functools
-
 import torch
 
+from aspp_fused import _autograd
+from aspp_fused._autograd import _present
 from aspp_fused._extension import cpp_available
 
 __all__ = ["atrous_conv", "separable_conv", "atrous_conv_backward", "separable_conv_backward"]
@@ -42,10 +42,6 @@ def separable_conv(
 
 def _absent_as_empty(tensors, x):
     return [x.new_empty((0,)) if t is None else t for t in tensors]
-
-
-def _present(t) -> bool:
-    return not (t.dim() == 1 and t.numel() == 0)
 
 
 def atrous_conv_backward(*args):
@@ -116,112 +112,7 @@ def _register_fakes():
                 per_branch(pw_weights)) + _fake_epilogue_grads(mask, scale, shift, bias)
 
 
-# --------------------------------------------------------------------------- autograd
-
-
-def _any(flags) -> bool:
-    if isinstance(flags, (list, tuple)):
-        return any(_any(f) for f in flags)
-    return bool(flags)
-
-
-def _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out):
-    # Autograd hands None for outputs that took no part in the loss (materialize_grads off).
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    if not ctx.compute_stats:
-        grad_sum = grad_sumsq = None
-    return grad_out, grad_sum, grad_sumsq
-
-
-def atrous_setup(ctx, inputs, output):
-    x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats = inputs
-    ctx.set_materialize_grads(False)
-    ctx.dilations, ctx.sum_mode, ctx.act, ctx.compute_stats = list(dilations), sum_mode, act, compute_stats
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(output[0], x, scale, shift, bias, *weights)
-
-
-def make_atrous_backward(backward_op):
-    """The autograd formula of an atrous_conv op whose backward op is ``backward_op`` (the
-    compiled op here, the Triton one in aspp_fused.kernels: same schema, same glue)."""
-    return functools.partial(_atrous_backward, backward_op)
-
-
-def make_separable_backward(backward_op):
-    """As make_atrous_backward, for separable_conv."""
-    return functools.partial(_separable_backward, backward_op)
-
-
-def _atrous_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
-    out, x, scale, shift, bias, *weights = ctx.saved_tensors
-    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
-    need = ctx.needs_input_grad
-    mask = [_any(need[0]), _any(need[1]), _any(need[3:6])]
-    gx, gws, gscale, gshift, gbias = backward_op(
-        grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode,
-        ctx.act, mask,
-    )
-    return (
-        gx if mask[0] else None,
-        list(gws) if mask[1] else [None] * len(weights),  # a list input needs a list of grads
-        None,
-        gscale if mask[2] else None,
-        gshift if mask[2] else None,
-        gbias if mask[2] and ctx.has_bias else None,
-        None,
-        None,
-        None,
-    )
-
-
-def separable_setup(ctx, inputs, output):
-    x, dw, dilations, mid_scales, mid_shifts, mid_act, pw, scale, shift, bias, act, compute_stats = inputs
-    ctx.set_materialize_grads(False)
-    nb = len(pw)
-    ctx.nb = nb
-    ctx.dilations, ctx.mid_act, ctx.act, ctx.compute_stats = list(dilations), mid_act, act, compute_stats
-    ctx.has_bias = bias is not None
-    ctx.dw_present = [_present(t) for t in dw]
-    ctx.mid_present = [_present(t) for t in mid_scales]
-    ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *dw, *mid_scales, *mid_shifts)
-
-
-def _separable_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
-    out, x, scale, shift, bias, *rest = ctx.saved_tensors
-    nb = ctx.nb
-    pw, dw, mid_scales, mid_shifts = rest[:nb], rest[nb:2 * nb], rest[2 * nb:3 * nb], rest[3 * nb:]
-    grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
-    need = ctx.needs_input_grad
-    mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
-    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = backward_op(
-        grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw,
-        scale, shift, bias, ctx.act, mask,
-    )
-
-    def per_branch(grads, present):
-        # Entries whose forward input was absent come back as empty placeholders.
-        return [g if p else None for g, p in zip(grads, present)] if mask[1] else [None] * nb
-
-    return (
-        gx if mask[0] else None,
-        per_branch(gdw, ctx.dw_present),
-        None,
-        per_branch(gms, ctx.mid_present),
-        per_branch(gmsh, ctx.mid_present),
-        None,
-        per_branch(gpw, [True] * nb),
-        gscale if mask[2] else None,
-        gshift if mask[2] else None,
-        gbias if mask[2] and ctx.has_bias else None,
-        None,
-        None,
-    )
-
-
 if cpp_available():
     _register_fakes()
-    torch.library.register_autograd("aspp_fused::atrous_conv", make_atrous_backward(atrous_conv_backward),
-                                    setup_context=atrous_setup)
-    torch.library.register_autograd("aspp_fused::separable_conv", make_separable_backward(separable_conv_backward),
-                                    setup_context=separable_setup)
+    _autograd.register_atrous("aspp_fused::atrous_conv", atrous_conv_backward)
+    _autograd.register_separable("aspp_fused::separable_conv", separable_conv_backward)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from aspp_fused.nn.fused import conv_problem
+from aspp_fused.nn._checks import conv_problem
 
 __all__ = ["Site", "trace", "find_sites", "has_hooks", "is_primitive", "is_whole_forward"]
 

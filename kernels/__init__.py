@@ -4,7 +4,8 @@ One file per kernel family, each with its launcher and a pure-torch ``*_ref`` be
   atrous_conv.py     multi-branch tap-list implicit GEMM (forward, dgrad) and its wgrad
   separable_conv.py  depthwise-prologue GEMM (v3+ separable branches) and the depthwise kernels
   bn_act.py          backward of the fused affine / BN statistics / ReLU epilogue
-  ops.py             torch.library registration (triton_op + wrap_triton; autograd)
+  ops.py             torch.library registration (triton_op + wrap_triton); the autograd is
+                     registered by aspp_fused (its _autograd.py), which imports this package
 
 Importing this package needs ``triton``. Kernels run on CUDA tensors, and on CPU tensors under
 the Triton interpreter, which must be switched on (TRITON_INTERPRET=1) before this package is

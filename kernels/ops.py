@@ -12,13 +12,15 @@ through ``wrap_triton``, so torch.compile sees the kernels and the fake (meta) k
 op's own Python traced with fake tensors. Under TRITON_INTERPRET=1 the interpreted kernels
 cannot be traced, so the ops are opaque ``custom_op``s instead, with the same Python run with
 launches skipped as their fake kernel.
+
+Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py), registered by the
+package when it loads this backend (aspp_fused._extension.triton_kernels): this package
+imports nothing of aspp_fused.
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-from aspp_fused.ops import atrous_setup, make_atrous_backward, make_separable_backward, separable_setup
 
 from ._common import INTERPRET, check_dtype, skip_launches
 from .atrous_conv import atrous_backward, atrous_forward
@@ -78,15 +80,6 @@ triton_atrous_conv = _define("aspp_fused::triton_atrous_conv", _triton_atrous_co
 triton_atrous_conv_backward = _define("aspp_fused::triton_atrous_conv_backward", _triton_atrous_conv_backward)
 triton_separable_conv = _define("aspp_fused::triton_separable_conv", _triton_separable_conv)
 triton_separable_conv_backward = _define("aspp_fused::triton_separable_conv_backward", _triton_separable_conv_backward)
-
-
-# --------------------------------------------------------------------------- autograd
-# The same formulas as the compiled ops (aspp_fused/ops.py), calling the Triton backward ops.
-
-torch.library.register_autograd("aspp_fused::triton_atrous_conv", make_atrous_backward(triton_atrous_conv_backward),
-                                setup_context=atrous_setup)
-torch.library.register_autograd("aspp_fused::triton_separable_conv",
-                                make_separable_backward(triton_separable_conv_backward), setup_context=separable_setup)
 
 
 # --------------------------------------------------------------------------- Python face

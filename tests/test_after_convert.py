@@ -126,7 +126,7 @@ def test_in_place_edits_and_load_state_dict(style, backend):
                     m.weight.data.mul_(-1.5)  # .data: autograd's version counter does not move
                     m.running_var.data.mul_(3.0)
         # .data has its own version counter: the fold cache cannot see this edit (documented
-        # in README and nn/fused.FoldCache); clear_caches is the documented remedy.
+        # in README and nn/_fold_cache.FoldCache); clear_caches is the documented remedy.
         aspp_fused.clear_caches(converted)
         assert_close_rel(converted(x), original(x), F64_TOL, "after an edit through .data + clear_caches")
         for model in (original, converted):

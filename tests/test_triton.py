@@ -320,6 +320,9 @@ def test_compile_fullgraph_eval_and_train():
 
 
 def test_opcheck_triton_ops():
+    from aspp_fused import _extension
+
+    _extension.triton_kernels()  # the package's loader: registers the ops' autograd (aspp_fused/_autograd.py)
     x, ws, d, s, t, b = atrous_problem(2, 3, 5, 4, ((1, 2, 1), (3, 2, 3)), False, True)
     ws = [w.requires_grad_() for w in ws]
     torch.library.opcheck(torch.ops.aspp_fused.triton_atrous_conv.default, (x, ws, d, s, t, b, False, 1, True),

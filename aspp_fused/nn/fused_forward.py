@@ -16,7 +16,8 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused import recognize
-from aspp_fused.nn.fused import acc_dtype, conv_bn_act, fold_cache, like_input_format, separable_bn_act
+from aspp_fused.nn._conv_bn import acc_dtype, conv_bn_act, like_input_format, separable_bn_act
+from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused_heads import pool_vector
 
 __all__ = ["FusedForward", "standalone_reason"]

@@ -12,11 +12,12 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
-from aspp_fused.nn._batchnorm import affine, centers, uses_batch_stats
-from aspp_fused.nn.fused import (
-    FusedModule, _fail, acc_dtype, fold_cache, check_bn, check_cbr, check_conv, check_input, check_type, conv_bn_act,
-    like_input_format, separable_branch_args, separable_bn_act,
-)
+from aspp_fused.nn._batchnorm import batch_norm_act, centers, eval_affine_all, uses_batch_stats
+from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_type,
+                                   separable_branch_args)
+from aspp_fused.nn._conv_bn import acc_dtype, conv_bn_act, like_input_format, separable_bn_act
+from aspp_fused.nn._fold_cache import fold_cache
+from aspp_fused.nn.fused import FusedModule
 
 __all__ = ["FusedASPP", "FusedSeparableASPP", "FusedASPPv2", "FusedLRASPPHead", "FusedDeepLabHead"]
 
@@ -79,13 +80,11 @@ def pool_vector(conv, bn, x):
         y = y + conv.bias.to(dt)
     if bn is None:
         return torch.relu(y)
-    n, o = y.shape
     if uses_batch_stats(bn):
-        k = centers([bn], dt, x.device, estimate=y.mean(0) if n > 0 else None)
-        z = y - k
-        scale, shift = affine([bn], z.sum(0), (z * z).sum(0), n, (n, o, 1, 1), dt, x.device, center=k)
-        return torch.relu(z * scale + shift)
-    scale, shift = affine([bn], None, None, 0, None, dt, x.device)
+        k = centers([bn], dt, x.device, estimate=y.mean(0) if y.shape[0] > 0 else None)
+        # As [N, O, 1, 1]: the batch-of-1 error names the shape the original BN saw.
+        return batch_norm_act((y - k)[:, :, None, None], [bn], k, 1).flatten(1)
+    scale, shift = eval_affine_all([bn], dt, x.device)
     return torch.relu(y * scale + shift)
 
 

@@ -10,10 +10,10 @@ from typing import Dict
 
 from torch import nn
 
-from aspp_fused.nn.fused import (
-    FusedModule, _fail, check_bn, check_conv, conv_bn_act, fold_cache, like_input_format, separable_branch_args,
-    separable_bn_act,
-)
+from aspp_fused.nn._checks import _fail, check_bn, check_conv, separable_branch_args
+from aspp_fused.nn._conv_bn import conv_bn_act, like_input_format, separable_bn_act
+from aspp_fused.nn._fold_cache import fold_cache
+from aspp_fused.nn.fused import FusedModule
 
 __all__ = ["FusedSequential", "fusable_runs"]
 

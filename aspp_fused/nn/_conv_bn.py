@@ -1,0 +1,156 @@
+"""The fused modules' calls of the ops: conv + BN + act and separable conv + BN + act.
+
+Eval: the BN is the ops' epilogue (scale, shift), folded into the weights once on the torch
+backend (FoldCache). Training: the ops return the raw conv output and its per-channel sums,
+and ``_batchnorm.batch_norm_act`` normalises it (the one train-mode BN step).
+"""
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from aspp_fused import functional as AF
+from aspp_fused import torch_backend
+from aspp_fused.nn._batchnorm import (batch_norm_act, centers, conv_batch_mean, eval_affine_all, running_centre,
+                                      uses_batch_stats)
+from aspp_fused.nn._fold_cache import FoldCache, fold_cache_enabled
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fused ops return channels_last; hand back the layout the caller gave us.
+
+    Drop-in means the same numbers *and* the same layout as the original (whose dropout
+    masks, for one, depend on it). Pass channels_last inputs to skip this copy.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def _bn_tensors(bns):
+    return [t for bn in bns for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+
+
+def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", weights=None,
+                sample_bias: Optional[torch.Tensor] = None, cache: Optional[FoldCache] = None, cache_key=None):
+    """act(BN(concat_b conv_b(x) + sample_bias)) with the BN as the fused epilogue.
+
+    ``weights`` overrides the convs' weights (e.g. a slice of the projection weight);
+    conv biases, if any, are folded in. ``sample_bias`` [N, O] is added before the BN.
+    In training the op returns the raw conv output and its per-channel sums, BN takes
+    the batch statistics from them, and the normalise + act runs as one elementwise pass.
+    """
+    dt = acc_dtype(x)
+    weights = [c.weight for c in convs] if weights is None else list(weights)
+    dilations = [c.dilation[0] for c in convs]
+    biases = [c.bias for c in convs]
+    conv_bias = None
+    if any(b is not None for b in biases):
+        conv_bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dt)
+                               for b, w in zip(biases, weights)])
+    n, _, h, w_ = x.shape
+    if any(uses_batch_stats(bn) for bn in bns):
+        # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers), K
+        # the batch mean computed from box sums of x (exact up to rounding, cheap).
+        mean = conv_batch_mean(x, weights, dilations, dt)
+        if conv_bias is not None:
+            mean = mean + conv_bias.detach()
+        if sample_bias is not None and n > 0:
+            mean = mean + sample_bias.detach().to(dt).mean(0)
+        k = centers(bns, dt, x.device, estimate=mean)
+        shift0 = -k if conv_bias is None else conv_bias - k
+        raw, s, ss = AF.atrous_conv(x, weights, dilations, None, shift0, sample_bias, act="none",
+                                    compute_stats=True, backend=backend)
+        return batch_norm_act(raw, bns, k, AF.act_code(act), s, ss, out_dtype=x.dtype)
+
+    def bn_affine():
+        sc, sh = eval_affine_all(bns, dt, x.device)
+        if conv_bias is not None:
+            sh = sh + conv_bias * sc
+        return sc, sh
+
+    sources = list(weights) + biases + _bn_tensors(bns)
+    # Not while tracing either: a traced graph would hold the folded weights as constants, and a
+    # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
+    # mode: it measures per call arguments, and the folded ones would make the eager decisions
+    # keys that a compiled graph (which never folds) does not look up.
+    if (cache is not None and fold_cache_enabled() and AF.resolve_backend(backend, x) == "torch"
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not (backend == "auto" and AF.dispatch.benchmark_enabled())
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources))):
+        # The ATen composition multiplies the BN scale into the weights itself: do that
+        # once and reuse it while nothing changes (see FoldCache).
+        def fold_weights():
+            sc, sh = bn_affine()
+            splits = sc.split([w.shape[0] for w in weights])
+            return sc, sh, [torch_backend.fold(w, sc_b.to(w.dtype)) for w, sc_b in zip(weights, splits)]
+
+        scale, shift, folded = cache.get(cache_key, sources, fold_weights)
+        if sample_bias is not None:
+            sample_bias = sample_bias.to(dt) * scale
+        out, _, _ = AF.atrous_conv(x, folded, dilations, None, shift, sample_bias, act=act, backend=backend)
+        return out
+    scale, shift = bn_affine()
+    if sample_bias is not None:
+        sample_bias = sample_bias.to(dt) * scale
+    out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
+    return out
+
+
+def separable_bn_act(x, branches, bns, backend):
+    """Concat over branches of ReLU(BN(pointwise(mid(depthwise(x))))).
+
+    ``branches``: (depthwise conv or None, mid BN or None, pointwise conv) per branch.
+    Eval: one separable_conv launch for all branches. Training with a mid BN needs the batch
+    statistics of the depthwise output before the pointwise can start, so that case runs
+    in two steps (depthwise + mid BN, then the pointwise through the fused 1x1 path).
+    """
+    dt = acc_dtype(x)
+    c = x.shape[1]
+    for _, _, pw in branches:
+        if pw.bias is not None:
+            raise ValueError("separable_conv: pointwise convs with a bias are not supported by the fused path")
+    mids_in_batch_mode = any(mid is not None and uses_batch_stats(mid) for _, mid, _ in branches)
+    if mids_in_batch_mode:
+        outs = []
+        for (dw, mid, pw), bn in zip(branches, bns):
+            if dw is None:
+                y = x
+            else:
+                y = torch.nn.functional.conv2d(x, dw.weight, None, padding=dw.padding, dilation=dw.dilation, groups=c)
+                if mid is not None:
+                    yd = y.to(dt)
+                    k = centers([mid], dt, x.device, estimate=yd.mean((0, 2, 3)) if yd.numel() else None)
+                    y = batch_norm_act(yd - k.view(1, -1, 1, 1), [mid], k, 1, out_dtype=x.dtype)
+            outs.append(conv_bn_act(y, [pw], [bn], backend))
+        return torch.cat(outs, dim=1)
+    dws = [dw.weight if dw is not None else None for dw, _, _ in branches]
+    dil = [dw.dilation[0] if dw is not None else 1 for dw, _, _ in branches]
+    mid_affines = [eval_affine_all([mid], dt, x.device) if mid is not None else (None, None)
+                   for _, mid, _ in branches]
+    pws = [pw.weight for _, _, pw in branches]
+    ms = [a[0] for a in mid_affines]
+    msh = [a[1] for a in mid_affines]
+    if any(uses_batch_stats(bn) for bn in bns):
+        # The centre K (see _batchnorm.centers): the batch mean of pointwise(depthwise(x)) where
+        # that is linear (no mid BN), else (a mid BN in eval mode, then ReLU) the running mean.
+        mean = conv_batch_mean(x, pws, dil, dt, depthwise=dws)
+        parts, offset = [], 0
+        for (_, mid, pw), bn in zip(branches, bns):
+            part = mean[offset:offset + pw.out_channels]
+            if mid is not None:
+                part = running_centre(bn, dt, x.device)
+            parts.append(part)
+            offset += pw.out_channels
+        k = centers(bns, dt, x.device, estimate=torch.cat(parts))
+        raw, s, ss = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, None, -k, None, act="none",
+                                       compute_stats=True, backend=backend)
+        return batch_norm_act(raw, bns, k, 1, s, ss, out_dtype=x.dtype)
+    scale, shift = eval_affine_all(bns, dt, x.device)
+    out, _, _ = AF.separable_conv(x, dws, dil, ms, msh, "relu", pws, scale, shift, None, act="relu", backend=backend)
+    return out

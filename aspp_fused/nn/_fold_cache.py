@@ -1,0 +1,61 @@
+"""The folded-weight cache of the eval-mode fused modules (see FoldCache)."""
+import os
+
+from torch import nn
+
+
+class FoldCache:
+    """Eval-mode BN folded into the conv weights, kept until one of its sources changes.
+
+    Folding costs a pass over the weights per forward (measured on the CPU end-to-end
+    DeepLabV3 head: 144.5 ms per call refolding vs 130.3 ms cached, eager_cl 134.7 ms).
+    Entries hold their source tensors and compare identity, version counter and storage
+    pointer, so an optimizer step, load_state_dict, an in-place edit under no_grad, a replaced
+    parameter or .to() all invalidate them. The price is one folded copy of the head's conv
+    weights while the module is in eval mode.
+
+    The one edit no version counter sees is an in-place write through ``.data``
+    (``p.data.mul_(...)``: PyTorch gives ``.data`` a fresh counter, which is also why autograd
+    cannot catch it); after such an edit call ``aspp_fused.clear_caches(model)``, or run with
+    ``ASPP_FUSED_FOLD_CACHE=0`` (read at each call) to fold on every call.
+    """
+
+    def __init__(self):
+        self.entries = {}
+
+    @staticmethod
+    def _signature(sources):
+        return [(t, t._version, t.data_ptr()) for t in sources if t is not None]
+
+    def get(self, key, sources, compute):
+        sig = self._signature(sources)
+        entry = self.entries.get(key)
+        if entry is not None and len(entry[0]) == len(sig) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0], sig)):
+            return entry[1]
+        value = compute()
+        self.entries[key] = (sig, value)
+        return value
+
+
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Drop every folded-weight cache in ``model`` (see FoldCache: needed only after in-place
+    edits through ``.data``). Returns the model."""
+    for m in model.modules():
+        cache = m.__dict__.get("_fold_cache")
+        if cache is not None:
+            cache.entries.clear()
+    return model
+
+
+def fold_cache_enabled() -> bool:
+    return os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") != "0"
+
+
+def fold_cache(module: nn.Module) -> FoldCache:
+    """The module's FoldCache (a plain attribute: no state_dict keys, copied by deepcopy)."""
+    cache = module.__dict__.get("_fold_cache")
+    if cache is None:
+        cache = FoldCache()
+        object.__setattr__(module, "_fold_cache", cache)
+    return cache
