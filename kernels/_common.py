@@ -6,6 +6,7 @@ when a kernel is defined (``@triton.jit`` returns an interpreted function under 
 import contextlib
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,8 +26,77 @@ def autotune_configs(configs):
 # index is ((n * H + h) * W + w) and is promoted to int64 before it is multiplied by a channel
 # stride, so N * H * W * C may pass 2^31.
 
-# Columns of the per-branch metadata rows (int32) of the tap-conv kernels.
+# ----------------------------------------------------------------------------- plan rows
+# Every kernel reads its branches / taps from a table of int32 rows (``meta_tensor``), one row
+# per work item, META_COLS wide. Each table's columns are named once, here: the host builds rows
+# as these NamedTuples (by field name), the kernels load columns through the constexpr indices
+# below (``tl.load(row + TAP_N_B)``), both derived from the same field order.
+
 META_COLS = 8
+ROW = tl.constexpr(META_COLS)  # a row's stride in the table, for the kernels
+
+
+class TapRow(NamedTuple):
+    """tap_conv_kernel, one per branch: tap (ky, kx) reads pixel (h + (ky - k//2) * step,
+    w + (kx - k//2) * step) at input channels [in_off, in_off + k_b) and multiplies the weights
+    [k*k][k_b][n_b] at w_off; the branch writes output channels [out_off, out_off + n_b).
+    step = +dilation forward, -dilation for the dgrad."""
+    w_off: int
+    step: int
+    k: int
+    k_b: int
+    in_off: int
+    n_b: int
+    out_off: int
+
+
+class WgradEntry(NamedTuple):
+    """tap_wgrad_kernel, one per (branch, tap): part[w_off + c * n_e + o] sums
+    x[p + (dy, dx)][x_off + c] * g[p][g_off + o] over the pixels p whose source is inside."""
+    w_off: int
+    dy: int
+    dx: int
+    n_e: int
+    g_off: int
+    x_off: int
+
+
+class SepRow(NamedTuple):
+    """sep_conv_kernel, one per branch: depthwise [k*k][C] fp32 at dw_off (dilation ``step``),
+    mid [scale C | shift C] at mid_off (applied with the mid act when has_mid), pointwise
+    [C][n_b] at pw_off, output channels [out_off, out_off + n_b)."""
+    pw_off: int
+    step: int
+    k: int
+    n_b: int
+    out_off: int
+    has_mid: int
+    dw_off: int
+    mid_off: int
+
+
+class DwSlot(NamedTuple):
+    """dw_kernel / dw_bwd_kernel, one per depthwise slot: input channels from in_coff, taps
+    [k*k][C] at dw_off with dilation ``step``, mid affine at mid_off (has_mid), output channels
+    from out_coff."""
+    in_coff: int
+    dw_off: int
+    step: int
+    k: int
+    mid_off: int
+    has_mid: int
+    out_coff: int
+
+
+def _columns(row_type):
+    assert len(row_type._fields) <= META_COLS
+    return tuple(tl.constexpr(i) for i in range(len(row_type._fields)))
+
+
+TAP_W_OFF, TAP_STEP, TAP_K, TAP_K_B, TAP_IN_OFF, TAP_N_B, TAP_OUT_OFF = _columns(TapRow)
+WG_W_OFF, WG_DY, WG_DX, WG_N_E, WG_G_OFF, WG_X_OFF = _columns(WgradEntry)
+SEP_PW_OFF, SEP_STEP, SEP_K, SEP_N_B, SEP_OUT_OFF, SEP_HAS_MID, SEP_DW_OFF, SEP_MID_OFF = _columns(SepRow)
+DW_IN_COFF, DW_DW_OFF, DW_STEP, DW_K, DW_MID_OFF, DW_HAS_MID, DW_OUT_COFF = _columns(DwSlot)
 
 _skip = threading.local()
 

@@ -11,8 +11,9 @@ Layouts
   input    [N, H, W, CIN_STRIDE] dense; branch b reads channels [in_off, in_off + K_b)
   weights  one flat buffer; branch b at w_off as [k*k][K_b][N_b] (tap = ky * k + kx)
   out      [N, H, W, OUT_STRIDE] dense; branch b writes [out_off, out_off + N_b) (0 in sum mode)
-  meta     int32 rows (w_off, step, k, K_b, in_off, N_b, out_off, 0): tap (ky, kx) reads pixel
-           (h + (ky - k//2) * step, w + (kx - k//2) * step); step = +dilation forward, -dilation dgrad
+  meta     int32 rows, one per branch: _common.TapRow (w_off, step, k, k_b, in_off, n_b, out_off);
+           tap (ky, kx) reads pixel (h + (ky - k//2) * step, w + (kx - k//2) * step); step =
+           +dilation forward, -dilation dgrad
 
 Each program owns a TH x TW tile of one image and BN output channels of one branch (concat) or
 of the shared accumulator (sum mode). The taps that can touch the tile form a rectangle
@@ -21,7 +22,7 @@ those taps x channel blocks of BK, a single flattened loop with computed bounds 
 inside, loads masked only where the tap leaves the image or the channel block is ragged.
 """
 import functools
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,10 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (INTERPRET, META_COLS, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl,
-                      epilogue_store, launch, max_tiles, nhwc, pixel_tile, sm_count, tap_range)
+from ._common import (INTERPRET, META_COLS, PARTIAL_STATS_ARGS, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
+                      TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
+                      WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc,
+                      pixel_tile, sm_count, tap_range)
 from .bn_act import epilogue_backward
 
 
@@ -97,28 +100,28 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
         o0 = 0
         start = 0
         for b in range(NB):
-            nb_b = tl.load(meta_ptr + b * 8 + 5)
+            nb_b = tl.load(meta_ptr + b * ROW + TAP_N_B)
             nblk = tl.cdiv(nb_b, BN)
             hit = (pid_o >= start) & (pid_o < start + nblk)
             b_lo = tl.where(hit, b, b_lo)
             o0 = tl.where(hit, (pid_o - start) * BN, o0)
             start += nblk
         b_hi = b_lo + 1
-        n_sel = tl.multiple_of(tl.load(meta_ptr + b_lo * 8 + 5), W_ALIGN)
-        out_off = tl.multiple_of(tl.load(meta_ptr + b_lo * 8 + 6), W_ALIGN)
+        n_sel = tl.multiple_of(tl.load(meta_ptr + b_lo * ROW + TAP_N_B), W_ALIGN)
+        out_off = tl.multiple_of(tl.load(meta_ptr + b_lo * ROW + TAP_OUT_OFF), W_ALIGN)
 
     ocols = tl.multiple_of(o0, BN) + tl.arange(0, BN)
     omask = ocols < n_sel
     img = n.to(tl.int64) * H
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b in range(b_lo, b_hi):
-        row = meta_ptr + b * 8
-        w_off = tl.multiple_of(tl.load(row + 0), W_ALIGN)
-        step = tl.load(row + 1)
-        k = tl.load(row + 2)
-        kb = tl.multiple_of(tl.load(row + 3), A_ALIGN)
-        in_off = tl.multiple_of(tl.load(row + 4), A_ALIGN)
-        nb = tl.multiple_of(tl.load(row + 5), W_ALIGN)
+        row = meta_ptr + b * ROW
+        w_off = tl.multiple_of(tl.load(row + TAP_W_OFF), W_ALIGN)
+        step = tl.load(row + TAP_STEP)
+        k = tl.load(row + TAP_K)
+        kb = tl.multiple_of(tl.load(row + TAP_K_B), A_ALIGN)
+        in_off = tl.multiple_of(tl.load(row + TAP_IN_OFF), A_ALIGN)
+        nb = tl.multiple_of(tl.load(row + TAP_N_B), W_ALIGN)
         half = k // 2
         ky0, ky1 = tap_range(h0, h1, H, k, step)
         kx0, kx1 = tap_range(w0, w1, W, k, step)
@@ -154,7 +157,7 @@ def tap_wgrad_kernel(x_ptr, g_ptr, ent_ptr, part_ptr, N, H, W, CX, GO, KC, OMAX,
                      DOT_PREC: tl.constexpr, X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr):
     """part[split][w_off + c * N_e + o] = sum over this split's pixels p of the tap's valid region
-    of x[p + tap][x_off + c] * g[p][g_off + o]; entry rows (w_off, dy, dx, N_e, g_off, x_off)."""
+    of x[p + tap][x_off + c] * g[p][g_off + o]; entry rows: _common.WgradEntry."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_cblk = tl.cdiv(KC, BM)
@@ -163,13 +166,13 @@ def tap_wgrad_kernel(x_ptr, g_ptr, ent_ptr, part_ptr, N, H, W, CX, GO, KC, OMAX,
     rem = pid % (n_cblk * n_oblk)
     cblk = rem // n_oblk
     oblk = rem % n_oblk
-    row = ent_ptr + e * 8
-    w_off = tl.multiple_of(tl.load(row + 0), G_ALIGN).to(tl.int64)
-    dy = tl.load(row + 1)
-    dx = tl.load(row + 2)
-    no = tl.multiple_of(tl.load(row + 3), G_ALIGN)
-    g_off = tl.multiple_of(tl.load(row + 4), G_ALIGN)
-    x_off = tl.multiple_of(tl.load(row + 5), X_ALIGN)  # hints: see tap_conv_kernel
+    row = ent_ptr + e * ROW
+    w_off = tl.multiple_of(tl.load(row + WG_W_OFF), G_ALIGN).to(tl.int64)
+    dy = tl.load(row + WG_DY)
+    dx = tl.load(row + WG_DX)
+    no = tl.multiple_of(tl.load(row + WG_N_E), G_ALIGN)
+    g_off = tl.multiple_of(tl.load(row + WG_G_OFF), G_ALIGN)
+    x_off = tl.multiple_of(tl.load(row + WG_X_OFF), X_ALIGN)  # hints: see tap_conv_kernel
     # Output pixels whose source pixel (h + dy, w + dx) is inside the image.
     h_lo = tl.maximum(0, -dy)
     h_hi = tl.minimum(H, H - dy)
@@ -212,9 +215,9 @@ _META_CACHE = {}
 
 
 def meta_tensor(rows, device) -> torch.Tensor:
-    """int32 [len(rows), 8] table on device. Eager calls reuse one tensor per (device, rows), so a
-    CUDA-graph capture after a warm-up copies nothing from the host; under tracing it is a
-    fresh constant of the graph."""
+    """int32 [len(rows), META_COLS] table of plan rows (_common.TapRow, ...) on device. Eager
+    calls reuse one tensor per (device, rows), so a CUDA-graph capture after a warm-up copies
+    nothing from the host; under tracing it is a fresh constant of the graph."""
     rows = tuple(tuple(int(v) for v in r) + (0,) * (META_COLS - len(r)) for r in rows)
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -264,8 +267,8 @@ def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor,
                bias if bias is not None else dummy, psum if stats else dummy, psumsq if stats else dummy,
                N, H, W, cin, o_stride, len(rows),
                SUM_MODE=bool(sum_mode), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=int(act),
-               STATS=bool(stats), DOT_PREC=prec, A_ALIGN=pow2_align(cin, *(v for r in rows for v in (r[3], r[4]))),
-               W_ALIGN=pow2_align(o_stride, *(v for r in rows for v in (r[0], r[5], r[6]))))
+               STATS=bool(stats), DOT_PREC=prec, A_ALIGN=pow2_align(cin, *(v for r in rows for v in (r.k_b, r.in_off))),
+               W_ALIGN=pow2_align(o_stride, *(v for r in rows for v in (r.w_off, r.n_b, r.out_off))))
     return (psum, psumsq) if stats else None
 
 
@@ -288,8 +291,8 @@ def tap_wgrad(x: torch.Tensor, g: torch.Tensor, entries, total: int, kc: int, om
     grid = lambda META: (len(entries) * triton.cdiv(kc, META["BM"]) * triton.cdiv(omax, META["BN"]), split)  # noqa
     with device_guard(x):
         launch(tap_wgrad_kernel, grid, x, g, ent, part, N, H, W, cx, go, kc, omax, len(entries), total, split,
-               DOT_PREC=prec, X_ALIGN=pow2_align(cx, *(e[5] for e in entries)),
-               G_ALIGN=pow2_align(go, *(v for e in entries for v in (e[0], e[3], e[4]))))
+               DOT_PREC=prec, X_ALIGN=pow2_align(cx, *(e.x_off for e in entries)),
+               G_ALIGN=pow2_align(go, *(v for e in entries for v in (e.w_off, e.n_e, e.g_off))))
     return part[0] if split == 1 else part.sum(0)
 
 
@@ -316,7 +319,7 @@ def pack_forward(weights: Sequence[torch.Tensor], dilations: Sequence[int], offs
     for w, d, off in zip(weights, dilations, offs):
         ob, c, k, _ = w.shape
         parts.append(w.to(dtype).permute(2, 3, 1, 0).reshape(-1))
-        rows.append((w_off, d, k, c, 0, ob, off))
+        rows.append(TapRow(w_off=w_off, step=d, k=k, k_b=c, in_off=0, n_b=ob, out_off=off))
         w_off += w.numel()
     return torch.cat(parts), rows
 
@@ -387,7 +390,7 @@ def atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, 
         for w, d, off in zip(weights, dilations, offs):
             ob, _, k, _ = w.shape
             parts.append(w.to(x.dtype).permute(2, 3, 0, 1).reshape(-1))
-            rows.append((w_off, -d, k, ob, off, C, 0))
+            rows.append(TapRow(w_off=w_off, step=-d, k=k, k_b=ob, in_off=off, n_b=C, out_off=0))
             w_off += w.numel()
         gx_n = grad_x.permute(0, 2, 3, 1)
         tap_conv(g_acc, torch.cat(parts), rows, gx_n, lambda bn: triton.cdiv(C, bn), sum_mode=True, prec=prec)
@@ -397,7 +400,8 @@ def atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, 
             ob, _, k, _ = w.shape
             half = k // 2
             for t in range(k * k):
-                entries.append((w_off + t * C * ob, (t // k - half) * d, (t % k - half) * d, ob, off, 0))
+                entries.append(WgradEntry(w_off=w_off + t * C * ob, dy=(t // k - half) * d, dx=(t % k - half) * d, n_e=ob,
+                                          g_off=off, x_off=0))
             w_off += w.numel()
         flat = tap_wgrad(nhwc(x), g_acc, entries, w_off, C, max(w.shape[0] for w in weights), prec)
         w_off = 0

@@ -23,8 +23,10 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (INTERPRET, PARTIAL_STATS_ARGS, device_guard, dot_precision, empty_nchw_cl, epilogue_store,
-                      launch, max_tiles, nhwc, pixel_tile, tap_range)
+from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
+                      PARTIAL_STATS_ARGS, ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
+                      SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
+                      empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc, pixel_tile, tap_range)
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
 from .bn_act import epilogue_backward
 
@@ -62,7 +64,7 @@ def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr
                     MID_ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                     STATS: tl.constexpr, DOT_PREC: tl.constexpr, W_ALIGN: tl.constexpr, D_ALIGN: tl.constexpr,
                     TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """meta rows (pw_off, dilation, k, O_b, out_off, has_mid, dw_off, mid_off); dw [k*k][C] fp32,
+    """meta rows: _common.SepRow (pw_off, step, k, n_b, out_off, has_mid, dw_off, mid_off); dw [k*k][C] fp32,
     mid [scale C | shift C] fp32 (ones / zeros when absent), pw [C][O_b] in x's dtype.
     W_ALIGN / D_ALIGN: divisibility hints of (pw_off, O_b, out_off) / (dw_off, mid_off), see
     atrous_conv.tap_conv_kernel (without them the masked weight loads are not pipelined)."""
@@ -73,20 +75,20 @@ def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr
     o0 = 0
     start = 0
     for b in range(NB):
-        nblk = tl.cdiv(tl.load(meta_ptr + b * 8 + 3), BN)
+        nblk = tl.cdiv(tl.load(meta_ptr + b * ROW + SEP_N_B), BN)
         hit = (pid_o >= start) & (pid_o < start + nblk)
         b_sel = tl.where(hit, b, b_sel)
         o0 = tl.where(hit, (pid_o - start) * BN, o0)
         start += nblk
-    row = meta_ptr + b_sel * 8
-    pw_off = tl.multiple_of(tl.load(row + 0), W_ALIGN)
-    step = tl.load(row + 1)
-    k = tl.load(row + 2)
-    nb = tl.multiple_of(tl.load(row + 3), W_ALIGN)
-    out_off = tl.multiple_of(tl.load(row + 4), W_ALIGN)
-    has_mid = tl.load(row + 5)
-    dw_off = tl.multiple_of(tl.load(row + 6), D_ALIGN)
-    mid_off = tl.multiple_of(tl.load(row + 7), D_ALIGN)
+    row = meta_ptr + b_sel * ROW
+    pw_off = tl.multiple_of(tl.load(row + SEP_PW_OFF), W_ALIGN)
+    step = tl.load(row + SEP_STEP)
+    k = tl.load(row + SEP_K)
+    nb = tl.multiple_of(tl.load(row + SEP_N_B), W_ALIGN)
+    out_off = tl.multiple_of(tl.load(row + SEP_OUT_OFF), W_ALIGN)
+    has_mid = tl.load(row + SEP_HAS_MID)
+    dw_off = tl.multiple_of(tl.load(row + SEP_DW_OFF), D_ALIGN)
+    mid_off = tl.multiple_of(tl.load(row + SEP_MID_OFF), D_ALIGN)
     half = k // 2
     ky0, ky1 = tap_range(h0, h1, H, k, step)
     kx0, kx1 = tap_range(w0, w1, W, k, step)
@@ -131,8 +133,7 @@ def dw_kernel(in_ptr, dw_ptr, mid_ptr, meta_ptr, d_ptr, m_ptr, add_ptr, N, H, W,
               SUM_MODE: tl.constexpr, STORE_D: tl.constexpr, STORE_M: tl.constexpr, HAS_ADD: tl.constexpr,
               MID_ACT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """d[p][out_coff + c] = (add[p][c] +) sum_{slots, valid taps} in[p + tap][in_coff + c] * dw[tap][c];
-    m = mid_act(d * ms + msh) rounded to m's dtype. meta rows (in_coff, dw_off, step, k, mid_off,
-    has_mid, out_coff)."""
+    m = mid_act(d * ms + msh) rounded to m's dtype. meta rows: _common.DwSlot."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -146,15 +147,15 @@ def dw_kernel(in_ptr, dw_ptr, mid_ptr, meta_ptr, d_ptr, m_ptr, add_ptr, N, H, W,
     else:
         s_lo = pid_s
         s_hi = pid_s + 1
-        out_coff = tl.load(meta_ptr + pid_s * 8 + 6)
+        out_coff = tl.load(meta_ptr + pid_s * ROW + DW_OUT_COFF)
     img = n.to(tl.int64) * H
     d = tl.zeros((BM, BC), dtype=tl.float32)
     for s in range(s_lo, s_hi):
-        row = meta_ptr + s * 8
-        in_coff = tl.load(row + 0)
-        dw_off = tl.load(row + 1)
-        step = tl.load(row + 2)
-        k = tl.load(row + 3)
+        row = meta_ptr + s * ROW
+        in_coff = tl.load(row + DW_IN_COFF)
+        dw_off = tl.load(row + DW_DW_OFF)
+        step = tl.load(row + DW_STEP)
+        k = tl.load(row + DW_K)
         half = k // 2
         ky0, ky1 = tap_range(h0, h1, H, k, step)
         kx0, kx1 = tap_range(w0, w1, W, k, step)
@@ -177,8 +178,8 @@ def dw_kernel(in_ptr, dw_ptr, mid_ptr, meta_ptr, d_ptr, m_ptr, add_ptr, N, H, W,
     if STORE_D:
         tl.store(d_ptr + dst, d.to(d_ptr.dtype.element_ty), mask=m2)
     if STORE_M:
-        mid_off = tl.load(meta_ptr + pid_s * 8 + 4)
-        has_mid = tl.load(meta_ptr + pid_s * 8 + 5)
+        mid_off = tl.load(meta_ptr + pid_s * ROW + DW_MID_OFF)
+        has_mid = tl.load(meta_ptr + pid_s * ROW + DW_HAS_MID)
         ms = tl.load(mid_ptr + mid_off + c, mask=cm, other=1.0)
         msh = tl.load(mid_ptr + mid_off + C + c, mask=cm, other=0.0)
         v = d * ms[None, :] + msh[None, :]
@@ -196,10 +197,10 @@ def dw_bwd_kernel(g_ptr, d_ptr, x_ptr, dw_meta_ptr, mid_ptr, pms_ptr, pmsh_ptr, 
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     j = tl.program_id(2)
-    row = dw_meta_ptr + j * 8
-    step = tl.load(row + 2)
-    mid_off = tl.load(row + 4)
-    has_mid = tl.load(row + 5)
+    row = dw_meta_ptr + j * ROW
+    step = tl.load(row + DW_STEP)
+    mid_off = tl.load(row + DW_MID_OFF)
+    has_mid = tl.load(row + DW_HAS_MID)
     p = pid0 * BP + tl.arange(0, BP)
     pm = p < P
     c = pid1 * BC + tl.arange(0, BC)
@@ -260,7 +261,8 @@ def _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights):
             mids += [torch.ones(C, dtype=f32, device=dev), torch.zeros(C, dtype=f32, device=dev)]
         pws.append(pw.to(x.dtype).reshape(ob, C).t().reshape(-1))
         k = 3 if has_dw else 1
-        rows.append((pw_off, d, k, ob, out_off, int(has_mid), dw_off, 2 * C * b))
+        rows.append(SepRow(pw_off=pw_off, step=d, k=k, n_b=ob, out_off=out_off, has_mid=int(has_mid), dw_off=dw_off,
+                           mid_off=2 * C * b))
         dw_off += k * k * C
         pw_off += C * ob
         out_off += ob
@@ -294,8 +296,8 @@ def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
                    psum if compute_stats else dummy, psumsq if compute_stats else dummy, N, H, W, C, O, len(rows),
                    MID_ACT=int(mid_act), HAS_SCALE=has_scale, HAS_BIAS=bias is not None, ACT=int(act),
                    STATS=bool(compute_stats), DOT_PREC=dot_precision(x.dtype),
-                   W_ALIGN=pow2_align(O, *(v for r in rows for v in (r[0], r[3], r[4]))),
-                   D_ALIGN=pow2_align(C, *(v for r in rows for v in (r[6], r[7]))))
+                   W_ALIGN=pow2_align(O, *(v for r in rows for v in (r.pw_off, r.n_b, r.out_off))),
+                   D_ALIGN=pow2_align(C, *(v for r in rows for v in (r.dw_off, r.mid_off))))
     if compute_stats:
         return out, psum.sum(0), psumsq.sum(0)
     e = x.new_empty((0,), dtype=f32)
@@ -326,7 +328,6 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
     N, C, H, W = x.shape
     f32, dev = torch.float32, x.device
     nb = len(pw_weights)
-    O = sum(w.shape[0] for w in pw_weights)
     offs = [sum(w.shape[0] for w in pw_weights[:b]) for b in range(nb)]
     absent = x.new_empty((0,))
     grad_x = x.new_empty((0,))
@@ -381,7 +382,8 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
         midb = torch.cat([torch.cat([mid_scales[b].to(f32).reshape(-1), mid_shifts[b].to(f32).reshape(-1)])
                           if has_mid[b] else torch.cat([torch.ones(C, dtype=f32, device=dev),
                                                         torch.zeros(C, dtype=f32, device=dev)]) for b in dw_idx])
-        fwd_slots = [(0, 9 * C * j, dilations[b], 3, 2 * C * j, int(has_mid[b]), C * j) for j, b in enumerate(dw_idx)]
+        fwd_slots = [DwSlot(in_coff=0, dw_off=9 * C * j, step=dilations[b], k=3, mid_off=2 * C * j, has_mid=int(has_mid[b]),
+                            out_coff=C * j) for j, b in enumerate(dw_idx)]
         # d (fp32, before the mid affine) and m (the rounded GEMM operand) of every depthwise branch.
         D = torch.empty((N, H, W, J * C), dtype=f32, device=dev)
         M = torch.empty((N, H, W, J * C), dtype=x.dtype, device=dev)
@@ -392,7 +394,7 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
         for j, b in enumerate(dw_idx):
             ob = pw_weights[b].shape[0]
             pw_t.append(pw_weights[b].to(x.dtype).reshape(-1))  # [O_b][C] = [tap][K][N] transposed
-            rows.append((w_off, 1, 1, ob, offs[b], C, j * C))
+            rows.append(TapRow(w_off=w_off, step=1, k=1, k_b=ob, in_off=offs[b], n_b=C, out_off=j * C))
             w_off += ob * C
         tap_conv(g_acc, torch.cat(pw_t), rows, GM, _blocks([C] * J), sum_mode=False, prec=prec)
         # Through the mid affine/act (g_d in place of g_m) + partials of the dw and mid grads.
@@ -415,13 +417,14 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
             for b in plain_idx:
                 ob = pw_weights[b].shape[0]
                 pw_t.append(pw_weights[b].to(x.dtype).reshape(-1))
-                rows.append((w_off, 1, 1, ob, offs[b], C, 0))
+                rows.append(TapRow(w_off=w_off, step=1, k=1, k_b=ob, in_off=offs[b], n_b=C, out_off=0))
                 w_off += ob * C
             tap_conv(g_acc, torch.cat(pw_t), rows, target, lambda bn: triton.cdiv(C, bn), sum_mode=True, prec=prec)
             add = target if J else None
         if J:
             # Depthwise branches: the transposed depthwise (negated taps) of every g_d, summed.
-            bwd_slots = [(C * j, 9 * C * j, -dilations[b], 3, 0, 0, 0) for j, b in enumerate(dw_idx)]
+            bwd_slots = [DwSlot(in_coff=C * j, dw_off=9 * C * j, step=-dilations[b], k=3, mid_off=0, has_mid=0, out_coff=0)
+                         for j, b in enumerate(dw_idx)]
             depthwise(GM, dwb, midb, bwd_slots, gx_n, None, add, sum_mode=True, mid_act=0, C=C)
 
     if need_w:
@@ -434,7 +437,7 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
             entries, w_off = [], 0
             for j, b in enumerate(idx):
                 ob = pw_weights[b].shape[0]
-                entries.append((w_off, 0, 0, ob, offs[b], C * j if slot else 0))
+                entries.append(WgradEntry(w_off=w_off, dy=0, dx=0, n_e=ob, g_off=offs[b], x_off=C * j if slot else 0))
                 w_off += C * ob
             flat = tap_wgrad(src, g_acc, entries, w_off, C, max(pw_weights[b].shape[0] for b in idx), prec)
             w_off = 0

@@ -47,12 +47,16 @@ OP_COUNTS = {"torch": (500, 500), "cpp": (500, 500), "triton": (60, 500), "cuda"
 # Train-mode batch statistics centre on the batch mean computed from box sums of the input
 # (aspp_fused/nn/_batchnorm.conv_batch_mean); centred on the running mean, as before, 62 of
 # 1000 torch + cpp cases missed the tolerance (batch mean 2-450 standard deviations from the
-# centre); now 1 of 1000 (torch seed 465: 1.6e-5 on the BN weight gradient of a 1-channel
-# branch; the fp32 twin's own error 1.8e-6). Triton stays out of CI until its one known miss is
-# understood: seed 2, 1.2e-5 on the pooling conv's weight gradient with 1 output channel. Both
-# are where gradients from a training BN downstream cancel, and the BN backward composed from
-# the op's statistics (aspp_fused/nn/_batchnorm.affine, autograd) rounds worse there than
-# ATen's native batch_norm backward.
+# centre); then 1 of 1000 (torch seed 465: 1.6e-5 on the BN weight gradient of a 1-channel
+# branch, twin 1.8e-6), where the BN backward composed through autograd from the op's
+# statistics rounded worse than ATen's. The train-mode BN now has BatchNorm's closed-form
+# backward (_batchnorm.batch_norm_act): 465 passes, and 1 of 1000 still misses, cpp seed 429:
+# 2.0e-5 against 1.3e-5 on the weight gradient of the pooling branch's BN (1 channel, batch 4).
+# That gradient is a 4-term sum g . xhat cancelling 12x; its error comes from the upstream
+# gradient g (the projection's per-sample bias gradient: 9.4e-7 relative, twin 3.8e-7), not
+# from the BN step. Triton stays out of CI until its known misses are understood: seed 2
+# (2.6e-5 against 1.3e-5, BN weight gradient of a 1-channel branch), seed 231 (1.2e-5 against
+# 1e-5, a 1-channel separable branch's BN weight), the same cancelling kind.
 MODULE_COUNTS = {"torch": (200, 500), "cpp": (200, 500), "triton": (0, 500)}
 
 

@@ -238,9 +238,9 @@ class _NormAct(torch.autograd.Function):
 
     ``mean`` / ``invstd`` are constants to autograd; for the channels marked ``batch`` they are
     the batch's own moments, and the backward adds their dependence on z in closed form:
-    g_z = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)), the means over the batch
-    (``count`` elements; SyncBatchNorm: both sums over the process group of each ``synced``
-    (offset, channels, group) segment). The other channels are a plain affine: g_z = g *
+    g_z = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd,
+    the means over the batch (``count`` elements; SyncBatchNorm: both sums over the process
+    group of each ``synced`` (offset, channels, group) segment). The other channels are a plain affine: g_z = g *
     weight * invstd. g_weight / g_bias are the local sums of g * xhat / g, as nn.BatchNorm2d's.
     Not twice differentiable (the moments' second-order terms are not modelled): a double
     backward raises.
@@ -264,27 +264,30 @@ class _NormAct(torch.autograd.Function):
         dt = mean.dtype
         shape = [1, -1] + [1] * (z.dim() - 2)
         dims = [d for d in range(z.dim()) if d != 1]
-        xhat = (z.to(dt) - mean.view(shape)) * invstd.view(shape)
+        # In the order of ATen's CPU batch_norm backward: centred values, their dot product with
+        # g, and invstd applied to the sums (not to every term).
+        centred = z.to(dt) - mean.view(shape)
         g = g.to(dt)
         if ctx.act == 1:
-            g = torch.where(xhat * weight.view(shape) + bias.view(shape) > 0, g, torch.zeros((), dtype=dt,
-                                                                                            device=g.device))
-        sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
-        grad_w = sum_gx if ctx.needs_input_grad[3] else None
+            y = centred * (invstd * weight).view(shape) + bias.view(shape)
+            g = torch.where(y > 0, g, torch.zeros((), dtype=dt, device=g.device))
+        sum_g, dotp = g.sum(dims), (g * centred).sum(dims)
+        grad_w = dotp * invstd if ctx.needs_input_grad[3] else None
         grad_b = sum_g if ctx.needs_input_grad[4] else None
         grad_z = None
         if ctx.needs_input_grad[0]:
-            glob_g, glob_gx = sum_g, sum_gx
+            glob_g, glob_dotp = sum_g, dotp
             if ctx.synced:
                 import torch.distributed as dist
 
-                glob_g, glob_gx = sum_g.clone(), sum_gx.clone()
+                glob_g, glob_dotp = sum_g.clone(), dotp.clone()
                 for offset, c, group in ctx.synced:
-                    packed = torch.cat([glob_g[offset:offset + c], glob_gx[offset:offset + c]])
+                    packed = torch.cat([glob_g[offset:offset + c], glob_dotp[offset:offset + c]])
                     dist.all_reduce(packed, group=group)
-                    glob_g[offset:offset + c], glob_gx[offset:offset + c] = packed[:c], packed[c:]
+                    glob_g[offset:offset + c], glob_dotp[offset:offset + c] = packed[:c], packed[c:]
             zero = torch.zeros((), dtype=dt, device=g.device)
             mean_g = torch.where(batch, glob_g / count, zero)
-            mean_gx = torch.where(batch, glob_gx / count, zero)
-            grad_z = ((g - mean_g.view(shape) - xhat * mean_gx.view(shape)) * (weight * invstd).view(shape)).to(z.dtype)
+            proj = torch.where(batch, glob_dotp * invstd * invstd / count, zero)
+            grad_z = ((g - mean_g.view(shape) - centred * proj.view(shape)) * (invstd * weight).view(shape))
+            grad_z = grad_z.to(z.dtype)
         return grad_z, None, None, grad_w, grad_b, None, None, None, None, None

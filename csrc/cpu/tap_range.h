@@ -1,5 +1,6 @@
-// Tile-level tap ranges: the heart of the zero-padding skip (docs/DESIGN.md).
-// Pure C++ (no torch headers) so the CUDA code can include it too.
+// Tile-level tap ranges: the heart of the zero-padding skip (docs/DESIGN.md), for the CPU
+// kernels. The CUDA kernels' device twin is tap_range in csrc/cuda/common.cuh, the Triton
+// kernels' is tap_range in kernels/_common.py (each backend's op tests cover the edge cases).
 #pragma once
 #include <algorithm>
 #include <cstdint>

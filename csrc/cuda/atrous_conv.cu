@@ -9,7 +9,7 @@
 //             3. dgrad: the same GEMM in sum mode over g_acc with negated taps and transposed
 //                weights [tap][O_b][C] (tensor cores, like the forward)
 //             4. wgrad: per (branch, tap) GEMM over the tap's valid pixel region, split over
-//                pixels with atomic reduction (FFMA, see reduce_kernels.cuh)
+//                pixels with atomic reduction (wgrad_gemm_kernel in conv_gemm.cuh, tensor cores)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -7,10 +7,11 @@ torch.ops.aspp_fused_emu.* (schemas copied from csrc/aspp_fused.cpp) for CPU ten
 CUDA code path can be compared with the CPU reference kernels on a machine without a GPU:
 
     python tools/cuda_emu/build.py [--asan]      # -> build/cuda_emu/libaspp_cuda_emu[_asan].so
-    python -m pytest -q tools/cuda_emu/test_emu.py
+    tools/cuda_emu/run_tests.sh [--asan]         # builds, then runs tests/test_cuda.py on it
 
-Not part of the package or of CI (the emulator runs a CTA's threads as fibers: fine for the
-small shapes of the tests, far too slow for anything else).
+`make emu-test` (run by CI) is the second line. Not part of the package (the emulator runs a
+CTA's threads as fibers: fine for the small shapes of the tests, far too slow for anything
+else).
 """
 import argparse
 import concurrent.futures
