@@ -19,6 +19,7 @@ if ROOT not in sys.path:  # benchmarks/ is a folder of the repository, not part 
     sys.path.insert(0, ROOT)
 
 from benchmarks import harness as H  # noqa: E402
+from benchmarks import report as REP  # noqa: E402
 from benchmarks import run as R  # noqa: E402
 from aspp_fused.nn import ASPP  # noqa: E402
 
@@ -165,15 +166,15 @@ def test_compare_flags_a_regression(tiny_run):
     old = copy.deepcopy(new)
     old[0]["ms_median"] = new[0]["ms_median"] / 2      # now twice as slow: a regression
     old[1]["ms_median"] = new[1]["ms_median"] * 1.04   # faster than before: not flagged
-    rows, regressions = R.compare(old, new)
+    rows, regressions = REP.compare(old, new)
     assert len(rows) == 2
     assert [(g["case"], g["provider"]) for g in regressions] == [(new[0]["case"], new[0]["provider"])]
     old[1]["ms_median"] = new[1]["ms_median"] / 1.04   # 4% slower: within the 5% threshold
-    assert len(R.compare(old, new)[1]) == 1
+    assert len(REP.compare(old, new)[1]) == 1
     old[1]["ms_median"] = new[1]["ms_median"] / 1.06   # 6% slower: flagged
-    assert len(R.compare(old, new)[1]) == 2
+    assert len(REP.compare(old, new)[1]) == 2
     other = dict(old[0], batch=old[0]["batch"] + 1)     # records match on case/provider/mode/dtype/batch
-    assert R.compare([other], new) == ([], [])
+    assert REP.compare([other], new) == ([], [])
 
 
 def test_cli_compare_exit_status(tiny_run, tmp_path, capsys):
