@@ -50,6 +50,30 @@ using SeparableConvBackward = SeparableBackwardResult(
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
     c10::List<bool> output_mask);
 
+// An atrous backward's result before any work (both backends' kernels start from it): the
+// grads not asked for (mask) are empty [0] tensors of their tensor's dtype, as the fake kernel
+// (aspp_fused/ops.py) says. With `no_pixels` (N * H * W == 0) the asked-for grads are final:
+// zeros, and grad_x an empty tensor of x's shape.
+inline AtrousBackwardResult atrous_backward_start(const at::Tensor& x, at::TensorList weights,
+                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                  const std::optional<at::Tensor>& bias, int64_t N, int64_t O,
+                                                  bool need_input, bool need_weights, bool need_epilogue,
+                                                  bool no_pixels) {
+  const bool has_bias = bias.has_value();
+  AtrousBackwardResult r{at::empty({0}, x.options()), {}, at::empty({0}, scale.options()),
+                         at::empty({0}, shift.options()), at::empty({0}, has_bias ? bias->options() : scale.options())};
+  if (!no_pixels) return r;
+  if (need_input) std::get<0>(r) = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (need_weights)
+    for (const at::Tensor& w : weights) std::get<1>(r).push_back(at::zeros(w.sizes(), w.options()));
+  if (need_epilogue) {
+    std::get<2>(r) = at::zeros({O}, scale.options());
+    std::get<3>(r) = at::zeros({O}, shift.options());
+    if (has_bias) std::get<4>(r) = at::zeros({N, O}, bias->options());
+  }
+  return r;
+}
+
 }  // namespace sig
 }  // namespace aspp_fused
 

@@ -1,5 +1,6 @@
 # Triton reads TRITON_INTERPRET when a kernel is defined, so without a GPU it must be set before
 # aspp_fused.kernels is first imported: the Triton backend's tests then run interpreted on CPU.
+import copy
 import os
 import sys
 import types
@@ -76,17 +77,84 @@ def _seed():
     torch.manual_seed(0)
 
 
-def randomize_bn(module: torch.nn.Module, gen=None):
-    """Non-trivial BN running stats and affine parameters (fresh ones are 0/1: too easy)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-    return module
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
+    sys.path.insert(0, ROOT)
+from benchmarks.cases import randomize_bn  # noqa: E402,F401  (one statement for tests and benchmarks)
+
+
+def _input_leaves(inp):
+    return list(inp.values()) if isinstance(inp, dict) else [inp]
+
+
+def _clone_inputs(inp):
+    if isinstance(inp, dict):
+        return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    return inp.detach().clone().requires_grad_(inp.requires_grad)
+
+
+def _double_inputs(inp):
+    if isinstance(inp, dict):
+        return {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inp.items()}
+    return inp.detach().double().requires_grad_(inp.requires_grad)
+
+
+def compare_with_twin(ref, fused, inp, train, tol=1e-5):
+    """A fused module (fp32) against its twin ``ref`` run in float64, to ``tol`` (docs/DESIGN.md,
+    tolerance rule): output (shape, dtype, the input's memory format), and in training the input
+    and parameter gradients; running statistics and num_batches_tracked. ``inp``: a tensor or a
+    dict of them (the model's inputs). The fp32 twin's running statistics follow the float64 run.
+
+    float64 is the yardstick because some quantities are ill-conditioned in fp32 for
+    PyTorch itself (e.g. the pooling-branch weight grad in training: a sum of BN-backward
+    terms that cancel), so fp32-vs-fp32 differences would measure PyTorch's error too.
+    """
+    ref64 = copy.deepcopy(ref).double()
+    inp64 = _double_inputs(inp)
+    inp_f = _clone_inputs(inp)
+    fused.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # same dropout masks on all sides
+    y_ref32 = ref(_clone_inputs(inp))
+    torch.manual_seed(123)
+    y_ref = ref64(inp64)
+    torch.manual_seed(123)
+    y = fused(inp_f)
+    assert y.shape == y_ref32.shape and y.dtype == y_ref32.dtype
+    # Fused outputs keep the input's memory format (the twins' depends on their internals).
+    x0 = inp["low"] if isinstance(inp, dict) else inp
+    if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    assert_close_rel(y, y_ref, tol, "output")
+    if train:
+        g = torch.randn(y.shape, dtype=torch.float64, device=y_ref.device)
+        y_ref.backward(g)
+        y.backward(g.float())
+        for a, b in zip(_input_leaves(inp_f), _input_leaves(inp64)):
+            if b.requires_grad:
+                assert_close_rel(a.grad, b.grad, tol, "input grad")
+        ref_params = dict(ref64.named_parameters())
+        for name, p in fused.named_parameters():
+            assert_close_rel(p.grad, ref_params[name].grad, tol, "grad of " + name)
+    ref_buffers = dict(ref64.named_buffers())
+    for name, b in fused.named_buffers():
+        if b.is_floating_point():
+            assert_close_rel(b, ref_buffers[name], tol, name)
+        else:
+            assert torch.equal(b, ref_buffers[name]), name
+    # Keep the fp32 twin's running stats in step with the fused module's for the next call.
+    ref.load_state_dict(ref64.float().state_dict())
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 parity is to 1e-5: the kernels follow cudnn.allow_tf32 (as PyTorch's convolutions), so
+    tests of the exact fp32 path switch it off (``pytestmark = pytest.mark.usefixtures("no_tf32")``)."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ from torch import nn
 
 import aspp_fused
 import aspp_fused.nn as ann
-from conftest import BACKENDS, assert_close_rel, randomize_bn
-from test_modules import _compare
+from conftest import BACKENDS, assert_close_rel, compare_with_twin, randomize_bn
 
 
 class TinySegmenter(nn.Module):
@@ -102,7 +101,7 @@ def test_torchvision_aspp_matches(torchvision_models, backend, train):
     ref = copy.deepcopy(twin)
     fused = aspp_fused.convert(twin, backend=backend)
     assert isinstance(fused, ann.FusedASPP)
-    _compare(ref, fused, torch.randn(3, 8, 7, 9, requires_grad=train), train)
+    compare_with_twin(ref, fused, torch.randn(3, 8, 7, 9, requires_grad=train), train)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +114,7 @@ def test_torchvision_lraspp_head_matches(torchvision_models, backend, train):
     fused = aspp_fused.convert(twin, backend=backend)
     assert isinstance(fused, ann.FusedLRASPPHead)
     inp = {"low": torch.randn(3, 4, 13, 17, requires_grad=train), "high": torch.randn(3, 8, 7, 9, requires_grad=train)}
-    _compare(ref, fused, inp, train)
+    compare_with_twin(ref, fused, inp, train)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,7 +174,7 @@ def test_generic_sequential_runs_fused_with_same_keys(backend, train):
     from aspp_fused.nn.fused_sequential import fusable_runs
 
     assert fusable_runs(fused) == {1: "cbr", 4: "sep"}
-    _compare(ref, fused, torch.randn(3, 8, 7, 9, requires_grad=train), train)
+    compare_with_twin(ref, fused, torch.randn(3, 8, 7, 9, requires_grad=train), train)
     assert aspp_fused.revert(fused) is seq
 
 

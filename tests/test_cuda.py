@@ -39,20 +39,13 @@ else:
     WHY = "needs CUDA and aspp_fused built with its CUDA kernels"
 REF = torch.ops.aspp_fused  # the CPU reference kernels
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=WHY)]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=WHY),
+              pytest.mark.usefixtures("no_tf32")]  # conftest: the exact fp32 path unless a test asks for TF32
 
 DTYPES = [F64, torch.float32, torch.bfloat16, torch.float16]
 LOW = (torch.bfloat16, torch.float16)
 TF32_TOL = 2e-3
 
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """float32 tests check the exact (FFMA) path unless they ask for TF32."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
 
 
 @contextlib.contextmanager

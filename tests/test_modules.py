@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import aspp_fused.nn as ann
-from conftest import BACKENDS, assert_close_rel, randomize_bn
+from conftest import BACKENDS, assert_close_rel, compare_with_twin, randomize_bn
 
 TOL = 1e-5  # fp32 against fp32 PyTorch; the algebra differs (folded BN, pooling as a bias)
 
@@ -85,73 +85,12 @@ def _inputs(case, n, h, w, channels_last, requires_grad):
     return mk(8, h, w)
 
 
-def _leaves(inp):
-    return list(inp.values()) if isinstance(inp, dict) else [inp]
-
-
-def _clone(inp):
-    if isinstance(inp, dict):
-        return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inp.items()}
-    return inp.detach().clone().requires_grad_(inp.requires_grad)
-
-
 def _pair(case, backend, train):
     twin, fused_cls = CASES[case]()
     randomize_bn(twin)
     twin.train(train)
     ref = copy.deepcopy(twin)
     return ref, fused_cls.from_module(twin, backend=backend)
-
-
-def _double(inp):
-    if isinstance(inp, dict):
-        return {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inp.items()}
-    return inp.detach().double().requires_grad_(inp.requires_grad)
-
-
-def _compare(ref, fused, inp, train):
-    """fused (fp32) against the twin run in float64, to TOL (docs/DESIGN.md, tolerance rule).
-
-    float64 is the yardstick because some quantities are ill-conditioned in fp32 for
-    PyTorch itself (e.g. the pooling-branch weight grad in training: a sum of BN-backward
-    terms that cancel), so fp32-vs-fp32 differences would measure PyTorch's error too.
-    """
-    ref64 = copy.deepcopy(ref).double()
-    inp64 = _double(inp)
-    inp_f = _clone(inp)
-    fused.zero_grad(set_to_none=True)
-    torch.manual_seed(123)  # same dropout masks on all sides
-    y_ref32 = ref(_clone(inp))
-    torch.manual_seed(123)
-    y_ref = ref64(inp64)
-    torch.manual_seed(123)
-    y = fused(inp_f)
-    assert y.shape == y_ref32.shape and y.dtype == y_ref32.dtype
-    # Fused outputs keep the input's memory format (the twins' depends on their internals).
-    x0 = inp["low"] if isinstance(inp, dict) else inp
-    if x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous():
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    else:
-        assert y.is_contiguous()
-    assert_close_rel(y, y_ref, TOL, "output")
-    if train:
-        g = torch.randn(y.shape, dtype=torch.float64)
-        y_ref.backward(g)
-        y.backward(g.float())
-        for a, b in zip(_leaves(inp_f), _leaves(inp64)):
-            if b.requires_grad:
-                assert_close_rel(a.grad, b.grad, TOL, "input grad")
-        ref_params = dict(ref64.named_parameters())
-        for name, p in fused.named_parameters():
-            assert_close_rel(p.grad, ref_params[name].grad, TOL, "grad of " + name)
-    ref_buffers = dict(ref64.named_buffers())
-    for name, b in fused.named_buffers():
-        if b.is_floating_point():
-            assert_close_rel(b, ref_buffers[name], TOL, name)
-        else:
-            assert torch.equal(b, ref_buffers[name]), name
-    # Keep the fp32 twin's running stats in step with the fused module's for the next call.
-    ref.load_state_dict(ref64.float().state_dict())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,18 +100,18 @@ def _compare(ref, fused, inp, train):
 def test_fused_matches_twin(case, backend, train, shape):
     n, h, w = shape
     ref, fused = _pair(case, backend, train)
-    _compare(ref, fused, _inputs(case, n, h, w, channels_last=False, requires_grad=train), train)
+    compare_with_twin(ref, fused, _inputs(case, n, h, w, channels_last=False, requires_grad=train), train)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["aspp", "sep_aspp", "lraspp"])
 def test_channels_last_and_noncontiguous_inputs(case, backend):
     ref, fused = _pair(case, backend, True)
-    _compare(ref, fused, _inputs(case, 3, 7, 9, channels_last=True, requires_grad=True), True)
+    compare_with_twin(ref, fused, _inputs(case, 3, 7, 9, channels_last=True, requires_grad=True), True)
     x = torch.randn(3, 8, 9, 7).transpose(2, 3)  # non-contiguous view
     if case != "lraspp":
         ref.eval(), fused.eval()
-        _compare(ref, fused, x, False)
+        compare_with_twin(ref, fused, x, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,8 +125,8 @@ def test_several_train_steps_then_eval(backend):
     fused = ann.FusedASPP.from_module(twin, backend=backend)
     for _ in range(3):
         x = torch.randn(3, 8, 6, 7) * 2 + 0.5
-        _compare(ref.train(), fused.train(), x, True)
-    _compare(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7), False)
+        compare_with_twin(ref.train(), fused.train(), x, True)
+    compare_with_twin(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7), False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +135,7 @@ def test_bn_without_running_stats_uses_batch_stats_in_eval(backend):
     twin[1] = nn.BatchNorm2d(6, track_running_stats=False)
     ref = copy.deepcopy(twin).eval()
     fused = ann.FusedAtrousConvBNReLU.from_module(twin.eval(), backend=backend)
-    _compare(ref, fused, torch.randn(2, 8, 5, 6), False)
+    compare_with_twin(ref, fused, torch.randn(2, 8, 5, 6), False)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

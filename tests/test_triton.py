@@ -22,7 +22,7 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
-from conftest import assert_close_rel, map_tensors, randomize_bn, rel_err, tensors_of
+from conftest import assert_close_rel, compare_with_twin, map_tensors, randomize_bn, rel_err, tensors_of
 
 try:
     import triton  # noqa: F401
@@ -37,19 +37,11 @@ DEV = "cuda" if CUDA else "cpu"
 F64 = torch.float64
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(
-    TRITON_ERROR is not None or not (CUDA or INTERPRET),
-    reason="triton not importable (%s) or neither CUDA nor TRITON_INTERPRET=1" % TRITON_ERROR,
-)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 parity is to 1e-5: the kernels follow cudnn.allow_tf32, so switch it off."""
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = [
+    pytest.mark.skipif(TRITON_ERROR is not None or not (CUDA or INTERPRET),
+                       reason="triton not importable (%s) or neither CUDA nor TRITON_INTERPRET=1" % TRITON_ERROR),
+    pytest.mark.usefixtures("no_tf32"),  # conftest: the exact fp32 path (tests that want TF32 set it)
+]
 
 
 # --------------------------------------------------------------------------- problem builders
@@ -217,35 +209,6 @@ def _module_inputs(n, h, w, train):
     return torch.randn(n, 8, h, w, device=DEV).requires_grad_(train)
 
 
-def _compare_modules(ref, fused, x, train, tol):
-    """The converted module (fp32, Triton) against its twin run in float64 (test_modules._compare)."""
-    ref64 = copy.deepcopy(ref).double()
-    x64 = x.detach().double().requires_grad_(x.requires_grad)
-    xf = x.detach().clone().requires_grad_(x.requires_grad)
-    fused.zero_grad(set_to_none=True)
-    torch.manual_seed(123)
-    y_ref = ref64(x64)
-    torch.manual_seed(123)
-    y = fused(xf)
-    assert y.shape == y_ref.shape and y.dtype == x.dtype
-    assert_close_rel(y, y_ref, tol, "output")
-    if train:
-        g = torch.randn(y.shape, dtype=F64, device=DEV)
-        y_ref.backward(g)
-        y.backward(g.float())
-        assert_close_rel(xf.grad, x64.grad, tol, "input grad")
-        ref_params = dict(ref64.named_parameters())
-        for name, p in fused.named_parameters():
-            assert_close_rel(p.grad, ref_params[name].grad, tol, "grad of " + name)
-    ref_buffers = dict(ref64.named_buffers())
-    for name, b in fused.named_buffers():
-        if b.is_floating_point():
-            assert_close_rel(b, ref_buffers[name], tol, name)
-        else:
-            assert torch.equal(b, ref_buffers[name]), name
-    ref.load_state_dict(ref64.float().state_dict())  # keep the fp32 twin's running stats in step
-
-
 def _aspp_v2():
     m = ann.ASPPv2(8, 5, [1, 6, 12])
     with torch.no_grad():  # the DeepLab v2 init (std 0.01, zero bias) makes outputs tiny
@@ -278,7 +241,7 @@ def test_convert_to_triton_matches_twin(case, train):
     ref = copy.deepcopy(twin)
     fused = aspp_fused.convert(twin, backend="triton")
     assert isinstance(fused, MODULE_TYPES[case]) and fused.backend == "triton"
-    _compare_modules(ref, fused, _module_inputs(n, h, w, train), train, TOL)
+    compare_with_twin(ref, fused, _module_inputs(n, h, w, train), train, TOL)
 
 
 def test_convert_several_train_steps_then_eval():
@@ -289,8 +252,8 @@ def test_convert_several_train_steps_then_eval():
     fused = aspp_fused.convert(twin, backend="triton")
     for _ in range(2):
         x = torch.randn(3, 8, 6, 7, device=DEV) * 2 + 0.5
-        _compare_modules(ref.train(), fused.train(), x.requires_grad_(), True, TOL)
-    _compare_modules(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7, device=DEV), False, TOL)
+        compare_with_twin(ref.train(), fused.train(), x.requires_grad_(), True, TOL)
+    compare_with_twin(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7, device=DEV), False, TOL)
 
 
 # --------------------------------------------------------------------------- torch.compile, opcheck

@@ -30,15 +30,8 @@ DEV = "cuda" if CUDA else "cpu"
 F64 = torch.float64
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="neither CUDA nor TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = prev
+pytestmark = [pytest.mark.skipif(not (CUDA or INTERPRET), reason="neither CUDA nor TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("no_tf32")]  # conftest: the exact fp32 path
 
 
 def _tile_cfg(th, tw, bm, bn=16, bk=16):

@@ -77,28 +77,38 @@ class ASPPPooling(nn.Sequential):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-class ASPP(nn.Module):
+def _build_concat_aspp(m: nn.Module, in_channels: int, out_channels: int, branches, dropout: float):
+    """The v3 / v3+ layout on ``m``: convs = [1x1 conv-BN-ReLU, *branches, image pooling] and
+    project = 1x1 conv-BN-ReLU + dropout over their concatenation (torchvision's / smp's keys)."""
+    modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                             nn.ReLU())]
+    modules += list(branches)
+    modules.append(ASPPPooling(in_channels, out_channels))
+    m.convs = nn.ModuleList(modules)
+    m.project = nn.Sequential(
+        nn.Conv2d(len(m.convs) * out_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+    )
+
+
+class _ConcatASPP(nn.Module):
+    """The forward of the v3 / v3+ layout (``_build_concat_aspp``): every branch, concat, project."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class ASPP(_ConcatASPP):
     """DeepLab v3 ASPP (torchvision layout): 1x1 + one 3x3 per rate + image pooling, concat, project."""
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, dropout: float = 0.5):
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels)
         rates = _check_rates(atrous_rates)
-        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                                 nn.ReLU())]
-        modules += [ASPPConv(in_channels, out_channels, r) for r in rates]
-        modules.append(ASPPPooling(in_channels, out_channels))
-        self.convs = nn.ModuleList(modules)
-        self.project = nn.Sequential(
-            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = torch.cat([conv(x) for conv in self.convs], dim=1)
-        return self.project(res)
+        _build_concat_aspp(self, in_channels, out_channels, [ASPPConv(in_channels, out_channels, r) for r in rates],
+                           dropout)
 
 
 class ASPPv2(nn.Module):
@@ -153,7 +163,7 @@ class SeparableAtrousConv(nn.Sequential):
         )
 
 
-class SeparableASPP(nn.Module):
+class SeparableASPP(_ConcatASPP):
     """DeepLab v3+ ASPP (smp layout): 1x1 + one separable 3x3 per rate + image pooling, project."""
 
     def __init__(self, in_channels: int, out_channels: int = 256, atrous_rates: Sequence[int] = (12, 24, 36),
@@ -161,21 +171,8 @@ class SeparableASPP(nn.Module):
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels)
         rates = _check_rates(atrous_rates)
-        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                                 nn.ReLU())]
-        modules += [SeparableAtrousConv(in_channels, out_channels, r, mid_norm=mid_norm) for r in rates]
-        modules.append(ASPPPooling(in_channels, out_channels))
-        self.convs = nn.ModuleList(modules)
-        self.project = nn.Sequential(
-            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = torch.cat([conv(x) for conv in self.convs], dim=1)
-        return self.project(res)
+        _build_concat_aspp(self, in_channels, out_channels,
+                           [SeparableAtrousConv(in_channels, out_channels, r, mid_norm=mid_norm) for r in rates], dropout)
 
 
 class LRASPPHead(nn.Module):

@@ -329,27 +329,12 @@ BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::
   const at::Tensor x = x_in.contiguous(cl);
   const bool has_bias = bias.has_value();
 
-  // Ungranted grads come back empty, with the dtype of the tensor they belong to (as the fake kernel).
-  at::Tensor grad_x = at::empty({0}, x.options());
-  std::vector<at::Tensor> grad_weights;
-  at::Tensor grad_scale = at::empty({0}, scale.options());
-  at::Tensor grad_shift = at::empty({0}, shift.options());
-  at::Tensor grad_bias = at::empty({0}, has_bias ? bias->options() : scale.options());
-  if (!need_input && !need_weights && !need_epilogue) {
-    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
-  }
-
-  if (N * H * W == 0) {  // no pixels: every grad is zero (grad_x has no elements)
-    if (need_input) grad_x = at::empty(x.sizes(), x.options().memory_format(cl));
-    if (need_weights)
-      for (const at::Tensor& w : weights) grad_weights.push_back(at::zeros(w.sizes(), w.options()));
-    if (need_epilogue) {
-      grad_scale = at::zeros({O}, scale.options());
-      grad_shift = at::zeros({O}, shift.options());
-      if (has_bias) grad_bias = at::zeros({N, O}, bias->options());
-    }
-    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
-  }
+  // Ungranted grads stay empty placeholders; no work or no pixels: the result as it stands.
+  const bool no_pixels = N * H * W == 0;
+  BackwardResult res = sig::atrous_backward_start(x, weights, scale, shift, bias, N, O, need_input, need_weights,
+                                                  need_epilogue, no_pixels);
+  if (!(need_input || need_weights || need_epilogue) || no_pixels) return res;
+  auto& [grad_x, grad_weights, grad_scale, grad_shift, grad_bias] = res;
 
   // z (or acc) is needed exactly when out cannot stand in for it: grad_scale needs acc, and
   // relu hides the negative z that 2 z grad_sumsq needs. Otherwise out gives the relu mask
@@ -473,7 +458,7 @@ BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::
   // Pass 3, wgrad.
   if (need_weights) grad_weights = atrous_wgrad<scalar_t, acc_t>(x_data, g_acc.data(), weights, dilations, s);
 
-  return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
+  return res;
 }
 
 BackwardResult atrous_conv_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,

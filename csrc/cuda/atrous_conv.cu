@@ -3,13 +3,13 @@
 // checks, output dtypes, memory formats and empty placeholders this file mirrors).
 //
 //   forward   one tap-list GEMM launch over all branches (concat or sum mode), epilogue and
-//             batch statistics fused (tap_gemm.cu / conv_gemm.cuh)
+//             batch statistics fused (tap_gemm.cu / tap_gemm.cuh)
 //   backward  1. (when acc or z is needed) the forward GEMM again, raw, into an fp32 buffer
 //             2. epilogue backward: g_z, g_acc = g_z * scale (x dtype), grad_scale/shift/bias
 //             3. dgrad: the same GEMM in sum mode over g_acc with negated taps and transposed
 //                weights [tap][O_b][C] (tensor cores, like the forward)
 //             4. wgrad: per (branch, tap) GEMM over the tap's valid pixel region, split over
-//                pixels with atomic reduction (wgrad_gemm_kernel in conv_gemm.cuh, tensor cores)
+//                pixels with atomic reduction (wgrad_gemm_kernel in wgrad_gemm.cuh, tensor cores)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -96,31 +96,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cuda(const at::Tensor
   check_device("atrous_conv");
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::Tensor xc = x.contiguous(kCL);
-  at::Tensor out = at::empty({s.N, s.O, s.H, s.W}, x.options().memory_format(kCL));
-  at::Tensor ch_sum, ch_sumsq;
-  if (compute_stats) {
-    ch_sum = at::zeros({s.O}, x.options().dtype(at::kDouble));
-    ch_sumsq = at::zeros({s.O}, x.options().dtype(at::kDouble));
-  }
+  const ForwardOutputs res(x, s.N, s.O, s.H, s.W, compute_stats);
   if (s.N * s.H * s.W > 0 && s.O > 0) {
     std::vector<int64_t> offs;
     std::vector<int> ldbs;
     const at::Tensor packed = pack_weights(weights, /*transpose=*/false, &offs, &ldbs);
     const at::Tensor sc = acc_vector(scale, acc), sh = acc_vector(shift, acc), bi = acc_vector(bias, acc);
-    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, out.data_ptr(), false);
+    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, res.out.data_ptr(), false);
     call.ep.scale = sc.data_ptr();
     call.ep.shift = sh.data_ptr();
     call.ep.bias = ptr<void>(bi);
-    call.ep.ch_sum = compute_stats ? ch_sum.data_ptr<double>() : nullptr;
-    call.ep.ch_sumsq = compute_stats ? ch_sumsq.data_ptr<double>() : nullptr;
+    res.into(call.ep);
     call.ep.o_total = static_cast<int>(s.O);
     call.ep.act = static_cast<int>(act);
     run_tap_gemm(call);
   }
-  if (!compute_stats) {
-    return {out, at::empty({0}, x.options().dtype(acc)), at::empty({0}, x.options().dtype(acc))};
-  }
-  return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
+  return res.result(acc);
 }
 
 using BackwardResult = sig::AtrousBackwardResult;
@@ -140,26 +131,11 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
   const bool has_bias = bias.has_value();
   const int64_t N = s.N, C = s.C, H = s.H, W = s.W, O = s.O, P = N * H * W;
 
-  // Ungranted grads come back empty, with the dtype of the tensor they belong to.
-  at::Tensor grad_x = at::empty({0}, x.options());
-  std::vector<at::Tensor> grad_weights;
-  at::Tensor grad_scale = at::empty({0}, scale.options());
-  at::Tensor grad_shift = at::empty({0}, shift.options());
-  at::Tensor grad_bias = at::empty({0}, has_bias ? bias->options() : scale.options());
-  if (!need_input && !need_weights && !need_epilogue) {
-    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
-  }
-  if (P == 0) {  // no pixels: every grad is zero (grad_x has no elements)
-    if (need_input) grad_x = at::empty(x.sizes(), x.options().memory_format(kCL));
-    if (need_weights)
-      for (const at::Tensor& w : weights) grad_weights.push_back(at::zeros(w.sizes(), w.options()));
-    if (need_epilogue) {
-      grad_scale = at::zeros({O}, scale.options());
-      grad_shift = at::zeros({O}, shift.options());
-      if (has_bias) grad_bias = at::zeros({N, O}, bias->options());
-    }
-    return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
-  }
+  // Ungranted grads stay empty placeholders; no work or no pixels: the result as it stands.
+  BackwardResult res = sig::atrous_backward_start(x, weights, scale, shift, bias, N, O, need_input, need_weights,
+                                                  need_epilogue, P == 0);
+  if (!(need_input || need_weights || need_epilogue) || P == 0) return res;
+  auto& [grad_x, grad_weights, grad_scale, grad_shift, grad_bias] = res;
 
   const at::ScalarType dtype = x.scalar_type(), acc = acc_dtype(dtype);
   const at::Tensor xc = x.contiguous(kCL);
@@ -280,7 +256,7 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
       grad_weights.push_back(g.to(weights[b].scalar_type(), false, /*copy=*/true).contiguous());
     }
   }
-  return {grad_x, grad_weights, grad_scale, grad_shift, grad_bias};
+  return res;
 }
 
 }  // namespace
@@ -290,11 +266,7 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::atrous_conv_cuda, AtrousConv);
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::atrous_conv_backward_cuda, AtrousConvBackward);
 
-#if !defined(ASPP_CUDA_EMULATE)
-TORCH_LIBRARY_IMPL(aspp_fused, CUDA, m) {
-#else
-TORCH_LIBRARY_IMPL(aspp_fused_emu, CPU, m) {
-#endif
+ASPP_CUDA_LIBRARY_IMPL(m) {  // cuda/launch.h: aspp_fused for CUDA (the emulator's: aspp_fused_emu for CPU)
   m.impl("atrous_conv", &aspp_fused::cuda::atrous_conv_cuda);
   m.impl("atrous_conv_backward", &aspp_fused::cuda::atrous_conv_backward_cuda);
 }

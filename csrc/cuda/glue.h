@@ -2,9 +2,10 @@
 // stream, dynamic shared memory opt-in, C10_CUDA_KERNEL_LAUNCH_CHECK after every launch),
 // dtype mapping, and the runners of the kernels that more than one op uses.
 //
-// With ASPP_CUDA_EMULATE (tools/cuda_emu) the same glue runs on CPU tensors: launches go to
-// the SIMT emulator and the ops register as aspp_fused_emu::* for CPU, so the whole CUDA path
-// (packing, tiling, kernels) can be checked against the CPU reference without a GPU.
+// How a launch reaches the GPU is cuda/launch.h's; the host emulator (tools/cuda_emu) puts its
+// own cuda/launch.h ahead on the include path, so this same glue runs on CPU tensors there and
+// the ops register as aspp_fused_emu::* (the whole CUDA path, packing, tiling and kernels,
+// checked against the CPU backend without a GPU).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,14 +20,7 @@
 #include "common.cuh"
 #include "params.cuh"
 
-#if !defined(ASPP_CUDA_EMULATE)
-// The light c10 headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS / cuSPARSE headers):
-// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
+#include "cuda/launch.h"  // current stream, device guard, SM count, launch helper, op registration
 
 namespace aspp_fused {
 namespace cuda {
@@ -47,60 +41,6 @@ struct DevType<at::Half> {
 
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-#if !defined(ASPP_CUDA_EMULATE)
-
-using DeviceGuard = c10::cuda::CUDAGuard;
-
-inline int num_sms() {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return n;
-}
-inline at::Device current_device() { return at::Device(at::kCUDA, c10::cuda::current_device()); }
-
-// The kernels use cp.async and bf16 / tf32 mma.sync: compute capability 8.0 or newer.
-inline void check_device(const char* op) {
-  int major = 0, minor = 0;
-  const int dev = c10::cuda::current_device();
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  TORCH_CHECK(major >= 8, op, ": the aspp_fused CUDA kernels need compute capability 8.0 or newer, cuda:", dev,
-              " is ", major, ".", minor, "; use backend='torch' or backend='triton' on this GPU");
-}
-
-// Launches kernel<<<grid, block, smem, current stream>>>(args...) and checks the launch.
-// A zero grid launches nothing (CUDA rejects it).
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t grid, dim3 block, size_t smem, const Args&... args) {
-  if (grid <= 0) return;
-  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "aspp_fused: grid of ", grid, " blocks is too large");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<static_cast<unsigned>(grid), block, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-#else  // ASPP_CUDA_EMULATE
-
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Device&) {}
-};
-
-// The grid-sizing heuristics (pixel splits of wgrad, chunks of the channel reductions) depend on
-// the SM count: ASPP_CUDA_EMU_SMS (default 4; an H100 has 132) picks the one they see.
-inline int num_sms() { return ::emu::num_sms(); }
-inline at::Device current_device() { return at::Device(at::kCPU); }
-inline void check_device(const char*) {}
-
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t grid, dim3 block, size_t smem, const Args&... args) {
-  if (grid <= 0) return;
-  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "aspp_fused: grid of ", grid, " blocks is too large");
-  ::emu::launch(dim3(static_cast<unsigned>(grid)), block, smem, [&]() { kernel(args...); });
-}
-
-#endif
 
 // The TF32 decision for float32 inputs, as PyTorch's convolutions make it. The query has had
 // three shapes across the supported torch releases, told apart here by overload resolution
@@ -186,7 +126,37 @@ inline int64_t channel_grid_blocks(const ChannelGrid& cg) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Runners shared by the ops (defined in tap_gemm.cu and reduce_kernels.cu).
+// The outputs of a forward op (csrc/aspp_fused.cpp): out [N, O, H, W] channels_last in x's
+// dtype, and with compute_stats the per-channel sums the epilogue's atomics add up in double.
+
+struct ForwardOutputs {
+  at::Tensor out, ch_sum, ch_sumsq;
+  bool stats;
+
+  ForwardOutputs(const at::Tensor& x, int64_t N, int64_t O, int64_t H, int64_t W, bool compute_stats)
+      : out(at::empty({N, O, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast))),
+        stats(compute_stats) {
+    if (stats) {
+      ch_sum = at::zeros({O}, x.options().dtype(at::kDouble));
+      ch_sumsq = at::zeros({O}, x.options().dtype(at::kDouble));
+    }
+  }
+  // Where the epilogue adds the statistics (nullptr: none).
+  void into(Epilogue& ep) const {
+    ep.ch_sum = stats ? ch_sum.data_ptr<double>() : nullptr;
+    ep.ch_sumsq = stats ? ch_sumsq.data_ptr<double>() : nullptr;
+  }
+  // The op's result: the statistics in the accumulation dtype, or empty [0] tensors.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(at::ScalarType acc) const {
+    if (!stats) {
+      return {out, at::empty({0}, out.options().dtype(acc)), at::empty({0}, out.options().dtype(acc))};
+    }
+    return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Runners shared by the ops (defined in tap_gemm.cu and depthwise_epilogue.cu).
 
 // The tap-list implicit GEMM. `in` and `out` are NHWC storage ([N*H*W][stride]); `out` is of
 // the input dtype or (out_acc) of its accumulation type. Any number of branches: concat mode

@@ -2,7 +2,7 @@
 // comments in csrc/aspp_fused.cpp; CPU reference csrc/cpu/separable_conv.cpp, whose checks,
 // output dtypes, memory formats and empty placeholders this file mirrors).
 //
-//   forward   one launch of separable_gemm_kernel for all branches (conv_gemm.cuh): depthwise
+//   forward   one launch of separable_gemm_kernel for all branches (separable_gemm.cuh): depthwise
 //             prologue (acc type, valid taps only) -> mid affine + act -> rounded to x.dtype in
 //             shared memory -> pointwise GEMM on tensor cores -> epilogue + statistics.
 //   backward  1. (when z is needed) the forward again, raw, into an fp32 buffer
@@ -26,7 +26,7 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "glue.h"
-#include "conv_gemm.cuh"
+#include "separable_gemm.cuh"
 
 namespace aspp_fused {
 namespace cuda {
@@ -166,12 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
   check_device("separable_conv");
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::Tensor xc = x.contiguous(kCL);
-  at::Tensor out = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options().memory_format(kCL));
-  at::Tensor ch_sum, ch_sumsq;
-  if (compute_stats) {
-    ch_sum = at::zeros({pb.O}, x.options().dtype(at::kDouble));
-    ch_sumsq = at::zeros({pb.O}, x.options().dtype(at::kDouble));
-  }
+  const ForwardOutputs res(x, pb.N, pb.O, pb.H, pb.W, compute_stats);
   if (pb.N * pb.H * pb.W > 0 && pb.O > 0) {
     const SepPacked pk = pack_separable(pb, x.scalar_type());
     const at::Tensor sc = scale.to(acc).contiguous(), sh = shift.to(acc).contiguous();
@@ -180,17 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
     ep.scale = sc.data_ptr();
     ep.shift = sh.data_ptr();
     ep.bias = ptr<void>(bi);
-    ep.ch_sum = compute_stats ? ch_sum.data_ptr<double>() : nullptr;
-    ep.ch_sumsq = compute_stats ? ch_sumsq.data_ptr<double>() : nullptr;
+    res.into(ep);
     ep.o_total = static_cast<int>(pb.O);
     ep.act = pb.act;
-    run_separable(pb, xc, pk, ep, out.data_ptr(), pb.O, false);
+    run_separable(pb, xc, pk, ep, res.out.data_ptr(), pb.O, false);
   }
-  if (!compute_stats) {
-    const at::Tensor empty = at::empty({0}, x.options().dtype(acc));
-    return {out, empty, empty.clone()};
-  }
-  return {out, ch_sum.to(acc), ch_sumsq.to(acc)};
+  return res.result(acc);
 }
 
 using BackwardResult = sig::SeparableBackwardResult;
@@ -456,11 +446,7 @@ BackwardResult separable_conv_backward_cuda(
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_cuda, SeparableConv);
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_backward_cuda, SeparableConvBackward);
 
-#if !defined(ASPP_CUDA_EMULATE)
-TORCH_LIBRARY_IMPL(aspp_fused, CUDA, m) {
-#else
-TORCH_LIBRARY_IMPL(aspp_fused_emu, CPU, m) {
-#endif
+ASPP_CUDA_LIBRARY_IMPL(m) {  // cuda/launch.h: aspp_fused for CUDA (the emulator's: aspp_fused_emu for CPU)
   m.impl("separable_conv", &aspp_fused::cuda::separable_conv_cuda);
   m.impl("separable_conv_backward", &aspp_fused::cuda::separable_conv_backward_cuda);
 }

@@ -1,12 +1,13 @@
-// Launch glue of the tap-list implicit GEMM and the wgrad GEMM (conv_gemm.cuh): tiling, math
+// Launch glue of the tap-list implicit GEMM and the wgrad GEMM (tap_gemm.cuh, wgrad_gemm.cuh): tiling, math
 // and load-path choice, branch grouping, pixel splits. Used by the atrous ops (forward, acc
 // recompute, dgrad, wgrad) and by the separable backward (its 1x1 GEMMs and grad_pw).
 #include <algorithm>
 #include <type_traits>
 
 #include "glue.h"  // first: the torch headers must not see the emulator's CUDA keyword macros
-#include "conv_gemm.cuh"
-#include "reduce_kernels.cuh"
+#include "epilogue_kernels.cuh"
+#include "tap_gemm.cuh"
+#include "wgrad_gemm.cuh"
 
 namespace aspp_fused {
 namespace cuda {

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Builds the CUDA kernels and launch glue of csrc/cuda for the host SIMT emulator.
 
-The real sources (csrc/cuda/*.cu and *.cuh) are compiled as C++ with ASPP_CUDA_EMULATE, next
-to tools/cuda_emu/cuda_emu.cpp, into one shared library. Loading it registers the ops as
+The real sources (csrc/cuda/*.cu and *.cuh) are compiled as C++, next to
+tools/cuda_emu/cuda_emu.cpp, into one shared library. shim/ comes first on the include path: its
+cuda/ptx.cuh (the PTX wrappers) and cuda/launch.h (launches, registration) replace csrc/cuda's,
+so the product sources carry nothing of the emulator. Loading it registers the ops as
 torch.ops.aspp_fused_emu.* (schemas copied from csrc/aspp_fused.cpp) for CPU tensors, so the
 CUDA code path can be compared with the CPU reference kernels on a machine without a GPU:
 
@@ -23,7 +25,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-GLUE = ["atrous_conv.cu", "separable_conv.cu", "tap_gemm.cu", "reduce_kernels.cu"]
+GLUE = ["atrous_conv.cu", "separable_conv.cu", "tap_gemm.cu", "depthwise_epilogue.cu"]
 
 
 def schemas_source():
@@ -77,8 +79,9 @@ def main():
             f.write(src)
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-std=c++17", "-fPIC", args.opt, "-g", "-DASPP_CUDA_EMULATE", "-D_GLIBCXX_USE_CXX11_ABI=%d" % abi,
-             "-Wno-unknown-pragmas", "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE, "-I" + cuda_include()]
+    flags = ["-std=c++17", "-fPIC", args.opt, "-g", "-D_GLIBCXX_USE_CXX11_ABI=%d" % abi,
+             "-Wno-unknown-pragmas", "-I" + os.path.join(HERE, "shim"), "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE,
+             "-I" + cuda_include()]  # shim/ first: its cuda/ptx.cuh and cuda/launch.h replace csrc/cuda's
     flags += ["-I" + p for p in cpp_extension.include_paths()]
     if args.asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
@@ -88,6 +91,7 @@ def main():
     units += [(os.path.join(HERE, "cuda_emu.cpp"), False), (schemas, False)]
     headers = [os.path.join(ROOT, "csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
                if f.endswith((".cuh", ".h"))] + [os.path.join(HERE, "cuda_emu.h")]
+    headers += [os.path.join(HERE, "shim", "cuda", f) for f in os.listdir(os.path.join(HERE, "shim", "cuda"))]
     newest_header = max(os.path.getmtime(h) for h in headers)
 
     def compile_unit(unit):

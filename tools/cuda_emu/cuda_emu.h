@@ -1,6 +1,6 @@
 // A small SIMT emulator that runs the CUDA kernels of csrc/cuda on the host, for machines
 // without a GPU. Not part of the product: tools/cuda_emu/build.py compiles the real kernel
-// sources and launch glue with ASPP_CUDA_EMULATE against this header.
+// sources and launch glue against this header (through shim/cuda/ptx.cuh and launch.h).
 //
 // Model: a launch runs its CTAs one after another; the threads of a CTA are fibers
 // (ucontext), switching only at __syncthreads and at warp-collective operations. Warp

@@ -1,7 +1,8 @@
 // cuda-check translation unit (no torch headers): instantiates every tap-list GEMM and wgrad
 // GEMM kernel the launch glue (tap_gemm.cu) can launch, so `make cuda-check` compiles each one
 // with ptxas -v. Keep in sync with run_typed / launch_group / run_wgrad_typed in tap_gemm.cu.
-#include "../conv_gemm.cuh"
+#include "../tap_gemm.cuh"
+#include "../wgrad_gemm.cuh"
 
 namespace aspp_fused {
 namespace cuda {

@@ -2,8 +2,9 @@
 // dynamic shared memory of every GEMM kernel family, for the cuda-check report.
 #include <cstdio>
 
-#include "../conv_gemm.cuh"
-#include "../reduce_kernels.cuh"
+#include "../channel_reduce.cuh"
+#include "../gemm_core.cuh"
+#include "../separable_gemm.cuh"
 
 using namespace aspp_fused::cuda;
 

@@ -1,6 +1,6 @@
 // cuda-check translation unit (no torch headers): every fused separable kernel the launch glue
 // (separable_conv.cu, run_separable_typed) can launch.
-#include "../conv_gemm.cuh"
+#include "../separable_gemm.cuh"
 
 namespace aspp_fused {
 namespace cuda {

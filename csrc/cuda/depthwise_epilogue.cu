@@ -1,8 +1,10 @@
-// Launch glue of the small kernels (reduce_kernels.cuh): dtype dispatch and grid sizes.
+// Launch glue of the small kernels (epilogue_kernels.cuh, depthwise_kernels.cuh): dtype dispatch
+// and grid sizes.
 #include <algorithm>
 
 #include "glue.h"  // first: the torch headers must not see the emulator's CUDA keyword macros
-#include "reduce_kernels.cuh"
+#include "depthwise_kernels.cuh"
+#include "epilogue_kernels.cuh"
 
 namespace aspp_fused {
 namespace cuda {

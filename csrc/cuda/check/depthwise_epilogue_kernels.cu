@@ -1,6 +1,7 @@
-// cuda-check translation unit (no torch headers): every small kernel of reduce_kernels.cuh the
-// launch glue (reduce_kernels.cu, tap_gemm.cu) can launch.
-#include "../reduce_kernels.cuh"
+// cuda-check translation unit (no torch headers): every small kernel of epilogue_kernels.cuh and
+// depthwise_kernels.cuh the launch glue (depthwise_epilogue.cu, tap_gemm.cu) can launch.
+#include "../depthwise_kernels.cuh"
+#include "../epilogue_kernels.cuh"
 
 namespace aspp_fused {
 namespace cuda {

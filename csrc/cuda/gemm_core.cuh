@@ -1,5 +1,8 @@
-// The one primitive on the GPU (docs/DESIGN.md): a tap-list implicit GEMM over 2-D pixel tiles with
-// a fused epilogue, and its separable twin with a depthwise prologue.
+// The machinery of the GPU GEMM kernels (tap_gemm.cuh, separable_gemm.cuh, wgrad_gemm.cuh): tile
+// configuration, operand loaders, warp-level math, the cp.async pipeline and the epilogue.
+//
+// The one primitive on the GPU (docs/DESIGN.md) is a tap-list implicit GEMM over 2-D pixel tiles
+// with a fused epilogue (tap_gemm.cuh), and its separable twin with a depthwise prologue.
 //
 // A CTA owns a tile_h x tile_w block of pixels of one image (<= BM GEMM rows) and BN output
 // channels. Its K loop runs over (tap, channel block) pairs, where the taps are only those of
@@ -16,7 +19,6 @@
 //   fp64         FFMA on a 64 x 64 tile (correct, not fast)
 // All three keep the accumulators in the mma C-fragment layout so the epilogue is shared.
 #pragma once
-
 #include "common.cuh"
 #include "params.cuh"
 
@@ -175,6 +177,17 @@ ASPP_DEVICE void load_b_tile(T* sB, const T* __restrict__ wtap, int cin, int ldb
     cp_async_16(sB + r * Cfg::kBStride + chunk * Cfg::kVec, ok ? static_cast<const void*>(src) : any_valid,
                 ok ? 16 : 0);
   }
+}
+
+// The accumulators of a CTA's warp tile, zeroed (in the mma C-fragment layout, see below).
+template <class Cfg, typename A>
+ASPP_DEVICE void zero_acc(A (&acc)[Cfg::MI][Cfg::NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = A(0);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -392,349 +405,6 @@ ASPP_DEVICE void gemm_epilogue(A (&acc)[Cfg::MI][Cfg::NI][4], const Epilogue& ep
       atomicAdd(ep.ch_sumsq + out_off + o, q);
     }
   }
-}
-
-// ------------------------------------------------------------------------------------------
-// The tap-list conv kernel. Grid: 1-D, N * tiles_per_image * ncol CTAs, column block fastest
-// (the CTAs sharing a tile run together and share its input in L2).
-
-template <typename T, typename OutT, Math M, bool kVecA>
-__global__ void __launch_bounds__(GemmCfg<T, M>::kThreads)
-    tap_gemm_kernel(const __grid_constant__ TapGemmParams p) {
-  using Cfg = GemmCfg<T, M>;
-  using A = acc_t<T>;
-  ASPP_DYNAMIC_SMEM(smem_raw);
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  __shared__ TapEntry taps[kMaxTaps];
-  __shared__ int s_iters;
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp % Cfg::kWarpsM, warp_n = warp / Cfg::kWarpsM;
-  const int wm0 = warp_m * Cfg::WM, wn0 = warp_n * Cfg::WN;
-
-  const int col = static_cast<int>(blockIdx.x % p.ncol);
-  const CtaTile ct = cta_tile(p.tl, static_cast<int64_t>(blockIdx.x / p.ncol));
-  int b0 = 0, b1 = p.nbranch, o0 = col * Cfg::BN;
-  if (!p.sum_mode) {
-    b0 = branch_of_column(p.cb_start, p.nbranch, col);
-    b1 = b0 + 1;
-    o0 = (col - p.cb_start[b0]) * Cfg::BN;
-  }
-
-  // The CTA's tap table: for each branch, the rectangle of taps that touch the tile.
-  if (tid == 0) {
-    int ne = 0, iters = 0;
-    for (int b = b0; b < b1; ++b) {
-      const GemmBranch& br = p.br[b];
-      if (br.cin <= 0) continue;
-      int ty0, ty1, tx0, tx1;
-      tap_range(ct.h0, ct.h_end(), ct.H, br.k, br.step, &ty0, &ty1);
-      tap_range(ct.w0, ct.w_end(), ct.W, br.k, br.step, &tx0, &tx1);
-      for (int ty = ty0; ty <= ty1; ++ty)
-        for (int tx = tx0; tx <= tx1; ++tx) {
-          TapEntry& e = taps[ne++];
-          e.dy = (ty - br.k / 2) * br.step;
-          e.dx = (tx - br.k / 2) * br.step;
-          e.in_off = br.in_off;
-          e.cin = br.cin;
-          e.ldb = br.ldb;
-          e.pad_ = 0;
-          e.w_off = br.w_off + static_cast<int64_t>(ty * br.k + tx) * br.cin * br.ldb;
-          iters += (br.cin + Cfg::BK - 1) / Cfg::BK;
-        }
-    }
-    s_iters = iters;
-  }
-  __syncthreads();
-  const int iters = s_iters;
-
-  ARows<Cfg> ar;
-  ar.init(ct, tid);
-  const T* in = static_cast<const T*>(p.in);
-  const T* wts = static_cast<const T*>(p.w);
-
-  A acc[Cfg::MI][Cfg::NI][4];
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = A(0);
-
-  int pe = 0, pkc = 0;  // producer: tap entry, channel offset
-  auto load = [&](int stage) {
-    const TapEntry te = taps[pe];
-    T* sA = smem + stage * Cfg::kStageElems;
-    T* sB = sA + Cfg::BM * Cfg::kAStride;
-    load_a_tile<Cfg, kVecA>(sA, ar, in, p.in_stride, ct.H, ct.W, te.dy, te.dx, te.in_off, te.cin, pkc);
-    load_b_tile<Cfg>(sB, wts + te.w_off, te.cin, te.ldb, pkc, o0, tid, wts);
-    pkc += Cfg::BK;
-    if (pkc >= te.cin) {
-      pkc = 0;
-      ++pe;
-    }
-  };
-  auto compute = [&](int stage) {
-    const T* sA = smem + stage * Cfg::kStageElems;
-    warp_mma_stage<Cfg, M>(sA, sA + Cfg::BM * Cfg::kAStride, acc, wm0, wn0, lane);
-  };
-  run_pipeline<Cfg>(iters, load, compute);
-
-  const GemmBranch& ob = p.br[b0];
-  gemm_epilogue<Cfg>(acc, p.ep, static_cast<OutT*>(p.out), p.out_stride, ct, o0, ob.cout, ob.out_off, wm0, wn0,
-                     warp_m, lane, tid, reinterpret_cast<A*>(smem_raw));
-}
-
-// ------------------------------------------------------------------------------------------
-// The fused separable conv kernel (concat mode, all branches in one launch).
-//
-// Plain 1x1 branch: the tap-list GEMM with one tap. Depthwise branch: the K loop runs over
-// (channel block, tap of the CTA's tap rectangle); each step's input tile [BM x BK] at that
-// tap's offset streams through the same cp.async ring as the atrous kernel (so the depthwise
-// loads are pipelined, not latency-bound), and the consumer accumulates w[tap][c] * x into
-// registers (acc type). After the block's last tap: mid affine + act, rounded to x.dtype into
-// a shared [BM x BK] operand tile, and one tensor-core step with the pointwise weights (whose
-// tile rides in the stage of that last tap). The depthwise output never touches device memory.
-
-template <class Cfg, typename T>
-constexpr int separable_smem_bytes() {
-  return Cfg::kSmemBytes + Cfg::BM * Cfg::kAStride * static_cast<int>(sizeof(T));
-}
-
-template <typename T, typename OutT, Math M, bool kVecA>
-__global__ void __launch_bounds__(GemmCfg<T, M>::kThreads)
-    separable_gemm_kernel(const __grid_constant__ SepGemmParams p) {
-  using Cfg = GemmCfg<T, M>;
-  using A = acc_t<T>;
-  constexpr int V = Cfg::kVec;
-  ASPP_DYNAMIC_SMEM(smem_raw);
-  T* smem = reinterpret_cast<T*>(smem_raw);
-  T* s_op = smem + Cfg::kStages * Cfg::kStageElems;  // depthwise branches: the GEMM's A tile
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp % Cfg::kWarpsM, warp_n = warp / Cfg::kWarpsM;
-  const int wm0 = warp_m * Cfg::WM, wn0 = warp_n * Cfg::WN;
-
-  const int col = static_cast<int>(blockIdx.x % p.ncol);
-  const CtaTile ct = cta_tile(p.tl, static_cast<int64_t>(blockIdx.x / p.ncol));
-  const int b = branch_of_column(p.cb_start, p.nbranch, col);
-  const int o0 = (col - p.cb_start[b]) * Cfg::BN;
-  const SepBranch& br = p.br[b];
-  const int C = p.C;
-  const bool has_dw = br.dw_off >= 0;
-  const bool has_mid = br.mid_off >= 0;
-  const int d = br.dilation;
-  int ty0 = 1, ty1 = 1, tx0 = 1, tx1 = 1;
-  if (has_dw) {
-    tap_range(ct.h0, ct.h_end(), ct.H, 3, d, &ty0, &ty1);
-    tap_range(ct.w0, ct.w_end(), ct.W, 3, d, &tx0, &tx1);
-  }
-  const int ntx = tx1 - tx0 + 1;
-  const int ntap = (ty1 - ty0 + 1) * ntx;  // >= 1: the centre tap always reads the tile itself
-  const int iters = ((C + Cfg::BK - 1) / Cfg::BK) * ntap;
-
-  ARows<Cfg> ar;
-  ar.init(ct, tid);
-  const T* x = static_cast<const T*>(p.x);
-  const T* pw_base = static_cast<const T*>(p.pw);
-  const T* pw = pw_base + br.pw_off;
-  const A* dw = has_dw ? static_cast<const A*>(p.dw) + br.dw_off : nullptr;
-  const A* ms = has_mid ? static_cast<const A*>(p.mid) + br.mid_off : nullptr;
-  const A* msh = has_mid ? ms + C : nullptr;
-
-  A acc[Cfg::MI][Cfg::NI][4];
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = A(0);
-  A dwacc[Cfg::kAChunks][V];  // the depthwise sums of this thread's [row][chunk] elements
-
-  int pk = 0, pt = 0;  // producer: channel block, tap
-  auto load = [&](int stage) {
-    T* sX = smem + stage * Cfg::kStageElems;
-    T* sB = sX + Cfg::BM * Cfg::kAStride;
-    const int ty = ty0 + pt / ntx, tx = tx0 + pt % ntx;
-    load_a_tile<Cfg, kVecA>(sX, ar, x, C, ct.H, ct.W, (ty - 1) * d, (tx - 1) * d, 0, C, pk * Cfg::BK);
-    if (pt == ntap - 1) load_b_tile<Cfg>(sB, pw, C, br.ldb, pk * Cfg::BK, o0, tid, pw_base);
-    if (++pt == ntap) {
-      pt = 0;
-      ++pk;
-    }
-  };
-  int ck = 0, cq = 0;  // consumer: channel block, tap
-  // One depthwise step from the stage's input tile; true after the block's last tap, when
-  // s_op holds the finished GEMM operand (mid affine + act, rounded to T).
-  auto depthwise_step = [&](const T* sX) -> bool {
-    const int ch = ck * Cfg::BK + ar.chunk * V;
-    const bool c_ok = ch < C;
-    if (cq == 0) {
-#pragma unroll
-      for (int i = 0; i < Cfg::kAChunks; ++i)
-#pragma unroll
-        for (int e = 0; e < V; ++e) dwacc[i][e] = A(0);
-    }
-    if (c_ok) {
-      const int tap = (ty0 + cq / ntx) * 3 + tx0 + cq % ntx;
-      A wv[V];
-      if (kVecA) {
-        load_vec16(dw + tap * C + ch, wv);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) wv[e] = ch + e < C ? dw[tap * C + ch + e] : A(0);
-      }
-      // Rows and channels outside the tile / image were zero-filled by the loader.
-#pragma unroll
-      for (int i = 0; i < Cfg::kAChunks; ++i) {
-        A xv[V];
-        unpack16<T>(*reinterpret_cast<const uint4*>(sX + ar.row[i] * Cfg::kAStride + ar.chunk * V), xv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) dwacc[i][e] += wv[e] * xv[e];
-      }
-    }
-    if (++cq < ntap) return false;
-    cq = 0;
-#pragma unroll
-    for (int i = 0; i < Cfg::kAChunks; ++i) {
-      A v[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const bool e_ok = c_ok && ch + e < C;
-        v[e] = dwacc[i][e];
-        if (has_mid && e_ok) {
-          v[e] = v[e] * ms[ch + e] + msh[ch + e];
-          if (p.mid_act == 1) v[e] = relu(v[e]);
-        }
-        if (!e_ok) v[e] = A(0);  // K padding: keep it exactly zero
-      }
-      *reinterpret_cast<uint4*>(s_op + ar.row[i] * Cfg::kAStride + ar.chunk * V) = pack16<T>(v);
-    }
-    // s_op is complete once every thread passes; it is rewritten only after the next
-    // iteration's pipeline barrier, i.e. after every warp's GEMM step on it.
-    __syncthreads();
-    return true;
-  };
-  auto compute = [&](int stage) {
-    const T* sX = smem + stage * Cfg::kStageElems;
-    const T* sB = sX + Cfg::BM * Cfg::kAStride;
-    if (has_dw && !depthwise_step(sX)) return;
-    warp_mma_stage<Cfg, M>(has_dw ? s_op : sX, sB, acc, wm0, wn0, lane);
-    ++ck;
-  };
-  run_pipeline<Cfg>(iters, load, compute);
-
-  gemm_epilogue<Cfg>(acc, p.ep, static_cast<OutT*>(p.out), p.out_stride, ct, o0, br.cout, br.out_off, wm0, wn0,
-                     warp_m, lane, tid, reinterpret_cast<A*>(smem_raw));
-}
-
-// ------------------------------------------------------------------------------------------
-// wgrad of the tap-list conv on the same machinery: for each job (branch, tap) the GEMM
-//   ws[c][o] += sum_p x[p + (dy, dx)][c] * g[p][g_off + o]
-// over the pixels p whose tap source is inside the image (the tap's valid region: no padding
-// multiplied). M = input channels (BM), N = output channels (BN), K = pixels (BK per stage),
-// A = x^T kept k-major in shared memory (ldmatrix.trans), B = g as in the forward. The pixels
-// are split over `splits` CTAs (grid), whose partial sums are atomically added into the
-// acc-type workspace. Grid: 1-D, oblocks fastest, then cblocks, splits, jobs.
-
-template <typename T, Math M, bool kVec>
-__global__ void __launch_bounds__(GemmCfg<T, M>::kThreads, GemmCfg<T, M>::kMinBlocks) wgrad_gemm_kernel(const __grid_constant__ WgradParams p) {
-  using Cfg = GemmCfg<T, M>;
-  using A = acc_t<T>;
-  ASPP_DYNAMIC_SMEM(smem_raw);
-  T* smem = reinterpret_cast<T*>(smem_raw);
-
-  const int64_t bid = blockIdx.x;
-  const int ob = static_cast<int>(bid % p.oblocks);
-  const int cbk = static_cast<int>((bid / p.oblocks) % p.cblocks);
-  const int64_t rest = bid / (static_cast<int64_t>(p.oblocks) * p.cblocks);
-  const int split = static_cast<int>(rest % p.splits);
-  const WgradJob& jb = p.job[static_cast<int>(rest / p.splits)];
-  const int o0 = ob * Cfg::BN, c0 = cbk * Cfg::BM;
-  // Uniform early exits, before any barrier.
-  if (o0 >= jb.cout || c0 >= p.C) return;
-  const int hlo = imax(0, -jb.dy), hhi = imin(p.H, p.H - jb.dy);
-  const int wlo = imax(0, -jb.dx), whi = imin(p.W, p.W - jb.dx);
-  if (hlo >= hhi || wlo >= whi) return;
-  const int rw = whi - wlo;
-  const int64_t region = static_cast<int64_t>(hhi - hlo) * rw;
-  const int64_t total = region * p.N;
-  const int64_t q0 = total * split / p.splits, q1 = total * (split + 1) / p.splits;
-  const int iters = static_cast<int>((q1 - q0 + Cfg::BK - 1) / Cfg::BK);
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp % Cfg::kWarpsM, warp_n = warp / Cfg::kWarpsM;
-  const int wm0 = warp_m * Cfg::WM, wn0 = warp_n * Cfg::WN;
-  const T* x = static_cast<const T*>(p.x);
-  const T* g = static_cast<const T*>(p.g);
-
-  A acc[Cfg::MI][Cfg::NI][4];
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = A(0);
-
-  // Each thread copies the same (pixel row, 16-byte chunk) pairs of both operand tiles.
-  const int chunk = tid % Cfg::kBChunksPerRow;
-  const int cx = c0 + chunk * Cfg::kVec, og = o0 + chunk * Cfg::kVec;
-  int64_t qb = q0;
-  auto load = [&](int stage) {
-    T* sAt = smem + stage * Cfg::kStageElems;
-    T* sB = sAt + Cfg::BK * Cfg::kAtStride;
-#pragma unroll
-    for (int i = 0; i < Cfg::kBChunks; ++i) {
-      const int r = tid / Cfg::kBChunksPerRow + i * (Cfg::kThreads / Cfg::kBChunksPerRow);
-      const int64_t q = qb + r;
-      const bool ok = q < q1;
-      int64_t gp = 0;
-      if (ok) {
-        const int64_t n = q / region, rr = q - n * region;
-        gp = (n * p.H + hlo + rr / rw) * p.W + wlo + rr % rw;
-      }
-      const int64_t xp = gp + static_cast<int64_t>(jb.dy) * p.W + jb.dx;
-      T* da = sAt + r * Cfg::kAtStride + chunk * Cfg::kVec;
-      T* db = sB + r * Cfg::kBStride + chunk * Cfg::kVec;
-      const T* sa = x + xp * p.x_stride + cx;
-      const T* sb = g + gp * p.g_stride + jb.g_off + og;
-      if (kVec) {
-        // C, cout, the strides and g_off are multiples of kVec: a chunk is entirely in or out.
-        const bool oka = ok && cx < p.C, okb = ok && og < jb.cout;
-        cp_async_16(da, oka ? static_cast<const void*>(sa) : static_cast<const void*>(x), oka ? 16 : 0);
-        cp_async_16(db, okb ? static_cast<const void*>(sb) : static_cast<const void*>(g), okb ? 16 : 0);
-      } else {
-#pragma unroll
-        for (int e = 0; e < Cfg::kVec; ++e) {
-          da[e] = (ok && cx + e < p.C) ? sa[e] : convert<T>(0.0f);
-          db[e] = (ok && og + e < jb.cout) ? sb[e] : convert<T>(0.0f);
-        }
-      }
-    }
-    qb += Cfg::BK;
-  };
-  auto compute = [&](int stage) {
-    const T* sAt = smem + stage * Cfg::kStageElems;
-    warp_mma_stage<Cfg, M, true>(sAt, sAt + Cfg::BK * Cfg::kAtStride, acc, wm0, wn0, lane);
-  };
-  run_pipeline<Cfg>(iters, load, compute);
-
-  A* ws = static_cast<A*>(p.ws) + jb.ws_off;
-  const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-  for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int c = c0 + wm0 + mi * 16 + gq + hf * 8;
-      if (c >= p.C) continue;
-#pragma unroll
-      for (int ni = 0; ni < Cfg::NI; ++ni)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int o = o0 + wn0 + ni * 8 + 2 * tq + j;
-          if (o < jb.cout) atomicAdd(ws + static_cast<int64_t>(c) * jb.cout + o, acc[mi][ni][hf * 2 + j]);
-        }
-    }
 }
 
 }  // namespace cuda
