@@ -20,7 +20,7 @@ import aspp_fused
 from aspp_fused import _extension
 from aspp_fused import nn as ann
 
-PROVIDERS = ("eager", "eager_cl", "compile", "fused_torch", "fused_triton", "fused_cpp")
+PROVIDERS = ("eager", "eager_cl", "compile", "fused_torch", "compile_fused_torch", "fused_triton", "fused_cpp")
 BASELINE = "eager_cl"  # speedups are reported against channels_last eager PyTorch (cudnn.benchmark on GPU)
 
 Shape = Tuple[int, int, int]  # (C, H, W) of one sample
@@ -246,6 +246,13 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
         # (graph-owned memory) count as still in use.
         before = torch.compiler.cudagraph_mark_step_begin if cuda and compile_mode in GRAPH_MODES else None
         return Provider(name, compiled, True, True, before, note=_compile_note(device, compile_mode))
+    if name == "compile_fused_torch":
+        # What a user who converts and then compiles runs: torch.compile of the converted model.
+        fused = make_provider("fused_torch", case, twin, device, compile_mode)
+        compiled = torch.compile(fused.module, mode=None if compile_mode == "default" else compile_mode)
+        before = torch.compiler.cudagraph_mark_step_begin if cuda and compile_mode in GRAPH_MODES else None
+        return Provider(name, compiled, True, True, before,
+                        note="torch.compile(%s); %s" % (fused.note, _compile_note(device, compile_mode)))
     if name.startswith("fused_"):
         backend = name[len("fused_"):]
         if backend == "triton" and not cuda:

@@ -266,3 +266,16 @@ def test_compile_mode_flag_reaches_the_provider():
     assert "reduce-overhead" in prov.note
     with pytest.raises(SystemExit):
         R.parse_args(["--compile-mode", "fastest"])
+
+
+def test_compile_of_the_converted_model_is_a_provider():
+    """compile_fused_torch: torch.compile of what fused_torch runs, same numbers."""
+    from benchmarks import cases as C
+
+    twin = C.randomize_bn(C.CASES["tiny"].build("cpu")[0]).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    fused = C.make_provider("fused_torch", C.CASES["tiny"], twin, torch.device("cpu"))
+    compiled = C.make_provider("compile_fused_torch", C.CASES["tiny"], twin, torch.device("cpu"))
+    assert "torch.compile(" in compiled.note and "backend='torch'" in compiled.note
+    with torch.no_grad():
+        assert torch.allclose(compiled.module(x), fused.module(x), rtol=1e-5, atol=1e-5)
