@@ -297,6 +297,42 @@ class MatmulYardstick:
         return self.flops / (ms * 1e-3) / 1e12
 
 
+class CopyYardstick:
+    """One large device-to-device copy (``dst.copy_(src)``, 4x the last-level cache, at least
+    64 MiB): the memory-bandwidth yardstick of the roofline bound, timed with the providers of
+    each group like MatmulYardstick. Bandwidth counts the read and the write."""
+
+    def __init__(self, device: torch.device, nbytes: Optional[int] = None):
+        nbytes = nbytes or max(64 << 20, 4 * last_level_cache_bytes(device))
+        self.src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+        self.dst = torch.empty_like(self.src)
+        self.bytes = 2.0 * self.src.numel() * 4
+
+    def __call__(self):
+        self.dst.copy_(self.src)
+
+    def gbps(self, ms: float) -> float:
+        return self.bytes / (ms * 1e-3) / 1e9
+
+
+def step_bytes(param_bytes: int, input_bytes: int, output_bytes: int, mode: str, input_grad: bool) -> int:
+    """The bytes a step cannot avoid moving, each tensor once: inference reads the input and the
+    weights and writes the output; training adds the backward's reads of the output gradient,
+    the input and the weights, and its writes of the weight gradients (and of the input
+    gradient when the input needs one). Activations a fused kernel keeps on chip are not
+    counted, so this is a lower bound for every provider."""
+    total = input_bytes + param_bytes + output_bytes
+    if mode == "train":
+        total += output_bytes + input_bytes + 2 * param_bytes + (input_bytes if input_grad else 0)
+    return total
+
+
+def roofline_ms(macs: float, nbytes: float, peak_tflops: float, gbps: float) -> float:
+    """The time no implementation can beat: the larger of the MACs at the measured matmul peak
+    and the bytes at the measured copy bandwidth."""
+    return max(2.0 * macs / (peak_tflops * 1e12), nbytes / (gbps * 1e9)) * 1e3
+
+
 # --------------------------------------------------------------------------- MAC counting
 
 

@@ -23,7 +23,8 @@ def _fmt(v, nd=3):
 COLUMNS = [("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
            ("ms_median", "ms median"), ("range", "p20-p80"), ("images_per_s", "img/s"),
            ("tflops_executed", "TFLOP/s exec"), ("tflops_dense", "TFLOP/s dense"),
-           ("pct_of_matmul_peak_dense", "% peak (dense)"), ("peak_mem_mb", "peak MB"),
+           ("pct_of_matmul_peak_dense", "% peak (dense)"), ("roofline_ms", "bound ms"),
+           ("pct_of_roofline", "% bound"), ("peak_mem_mb", "peak MB"),
            ("speedup_vs_eager_cl", "x eager_cl")]
 
 
@@ -37,7 +38,7 @@ def table_rows(records: List[dict]) -> List[List[str]]:
             elif key in ("tflops_executed", "tflops_dense"):
                 row.append("%.3g" % r[key])
             else:
-                row.append(_fmt(r[key]))
+                row.append(_fmt(r.get(key)))  # (results files older than a column lack it)
         rows.append(row)
     return rows
 

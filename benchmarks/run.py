@@ -12,6 +12,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -133,12 +134,15 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
             skip(name, str(exc))
         except Exception as exc:
             skip(name, "could not be built: " + _reason(exc))
+    param_bytes = sum(p.numel() * p.element_size() for p in twin.parameters())
     del twin
 
     count = H.rotation_count(C.input_bytes(spec, batch, dtype), device)
     # A head's input carries a gradient in training (the backbone below it needs one);
     # a whole model's input images do not.
     needs_grad = mode == "train" and case.fused is not None
+    out_bytes = math.prod(out_shape) * torch.empty((), dtype=dtype).element_size()
+    min_bytes = H.step_bytes(param_bytes, C.input_bytes(spec, batch, dtype), out_bytes, mode, needs_grad)
     inputs = {cl: C.make_inputs(spec, batch, count, device, dtype, cl, needs_grad)
               for cl in {p.channels_last for p in providers.values()}}
     base_grad = None
@@ -172,16 +176,23 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
         runs[name] = budget.runs_for(H.percentile(warm, 50))
         notes[name] = prov.note + ("; first call %.1f s" % first_s if name.startswith("compile") else "")
 
-    # The matmul yardstick runs in the same rounds as the providers (see harness.MatmulYardstick).
-    yard = H.MatmulYardstick(device, dtype, ctx["matmul_n"])
+    # The yardsticks run in the same rounds as the providers (see harness.MatmulYardstick).
+    yard, copier = H.MatmulYardstick(device, dtype, ctx["matmul_n"]), H.CopyYardstick(device)
     yard()
+    copier()
     progress.status("%s: timing %s" % (label, ", ".join("%s x%d" % (n, runs[n]) for n in runners)))
-    times, errors = H.interleaved(dict(runners, matmul=lambda i: clock.time_ms(yard)),
-                                  dict(runs, matmul=min(10, max(list(runs.values()) + [3]))))
-    if "matmul" in errors:
-        raise errors["matmul"]
+    yard_runs = min(10, max(list(runs.values()) + [3]))
+    times, errors = H.interleaved(dict(runners, matmul=lambda i: clock.time_ms(yard),
+                                       copy=lambda i: clock.time_ms(copier)),
+                                  dict(runs, matmul=yard_runs, copy=yard_runs))
+    for stick in ("matmul", "copy"):
+        if stick in errors:
+            raise errors[stick]
     peak_tflops = yard.tflops(H.percentile(times.pop("matmul"), 50))
+    gbps = copier.gbps(H.percentile(times.pop("copy"), 50))
     ctx["peaks"].setdefault(dname, []).append(peak_tflops)
+    ctx["bandwidths"].append(gbps)
+    bound = H.roofline_ms(executed * work, min_bytes, peak_tflops, gbps)
     for name, exc in errors.items():
         skip(name, "failed while timing: " + _reason(exc))
         del runners[name]
@@ -210,7 +221,9 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
             "pct_of_matmul_peak_dense": _sig(100 * tf_dense / peak_tflops),
             "matmul_peak_tflops": _sig(peak_tflops), "runs": len(ms), "size": size,
             "gmacs_dense": round(dense * work / 1e9, 3),
-            "gmacs_executed": round(executed * work / 1e9, 3), "note": notes[name],
+            "gmacs_executed": round(executed * work / 1e9, 3),
+            "roofline_ms": _sig(bound), "pct_of_roofline": _sig(100 * bound / med),
+            "min_bytes_mb": round(min_bytes / 2 ** 20, 3), "copy_gbps": _sig(gbps), "note": notes[name],
         })
     base = next((r["ms_median"] for r in records if r["provider"] == C.BASELINE), None)
     for r in records:
@@ -318,7 +331,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     ctx = {"device": device, "size": size, "budget": budget, "batch": args.batch, "providers": providers,
            "providers_explicit": args.providers is not None, "device_name": H.device_name(device),
-           "triton": H.triton_version(), "commit": H.git_commit(), "peaks": {}, "compile_mode": args.compile_mode}
+           "triton": H.triton_version(), "commit": H.git_commit(), "peaks": {}, "bandwidths": [],
+           "compile_mode": args.compile_mode}
     load_start = H.load_average()
     progress = Progress(len(case_names) * len(dtypes) * len(modes))
     if load_start and not cuda and load_start[0] > 0.5 * (os.cpu_count() or 1):
@@ -366,6 +380,11 @@ def main(argv=None) -> int:
                  ", ".join("%s %.3g" % (k, H.percentile(v, 50)) for k, v in ctx["peaks"].items())),
              "TFLOP/s: 2 x conv MACs / median time; train = 3 x forward MACs (forward, input grad, weight grad); "
              "executed counts only (pixel, tap) pairs that touch the image",
+             "roofline: the larger of the executed MACs at that matmul peak and the step's unavoidable bytes "
+             "(harness.step_bytes: input, weights, output once; training adds their gradients) at the copy "
+             "bandwidth (a %s copy timed in the same rounds; median %s GB/s); %% roofline = bound / median time" % (
+                 "device-to-device" if cuda else "memory-to-memory",
+                 "%.3g" % H.percentile(ctx["bandwidths"], 50) if ctx["bandwidths"] else "-"),
              "peak_mem_mb: " + (H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE),
              "speedups are eager_cl median / provider median"]
     compiled = [p for p in providers if p.startswith("compile")]
@@ -396,6 +415,7 @@ def main(argv=None) -> int:
                  "size": size, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                  "load_average_start": load_start, "load_average_end": load_end,
                  "matmul_peak_tflops": {k: round(H.percentile(v, 50), 4) for k, v in ctx["peaks"].items()},
+                 "copy_gbps": round(H.percentile(ctx["bandwidths"], 50), 2) if ctx["bandwidths"] else None,
                  "peak_mem_source": H.CUDA_MEMORY_SOURCE if cuda else H.CPU_MEMORY_SOURCE,
                  "budget": vars(budget), "wall_s": round(wall, 1), "cases": case_info,
                  "compile_mode": args.compile_mode, "cuda_graphs": cuda_graphs,

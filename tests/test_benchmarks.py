@@ -154,6 +154,9 @@ def test_tiny_run_writes_the_schema(tiny_run):
         assert r["runs"] == 3
         assert 0 < r["tflops_executed"] < r["tflops_dense"]  # rates 4 and 6 on a 9x9 map read padding
         assert r["device"] == doc["meta"]["device"]
+        # The roofline bound beside each time: nothing measured may beat it.
+        assert 0 < r["roofline_ms"] <= r["ms_median"] and 0 < r["pct_of_roofline"] <= 100
+        assert r["copy_gbps"] > 0 and r["min_bytes_mb"] > 0
     assert [r["speedup_vs_eager_cl"] for r in recs if r["provider"] == "eager_cl"] == [1.0]
     assert doc["meta"]["peak_mem_source"]
     assert doc["skipped"] == []
@@ -279,3 +282,15 @@ def test_compile_of_the_converted_model_is_a_provider():
     assert "torch.compile(" in compiled.note and "backend='torch'" in compiled.note
     with torch.no_grad():
         assert torch.allclose(compiled.module(x), fused.module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_roofline_bound_is_the_slower_of_compute_and_memory():
+    # 1 GMAC at 2 TFLOP/s is 1 ms; 100 MB at 50 GB/s is 2 ms: memory-bound, 2 ms.
+    assert H.roofline_ms(1e9, 100e6, 2.0, 50.0) == pytest.approx(2.0)
+    assert H.roofline_ms(4e9, 100e6, 2.0, 50.0) == pytest.approx(4.0)  # compute-bound
+    # Training moves the tensors again (gradients, the backward's re-reads); an input that needs
+    # no gradient (a whole model's images) writes none.
+    infer = H.step_bytes(10, 100, 50, "infer", False)
+    assert infer == 160
+    assert H.step_bytes(10, 100, 50, "train", True) == 160 + 50 + 100 + 20 + 100
+    assert H.step_bytes(10, 100, 50, "train", False) == 160 + 50 + 100 + 20
