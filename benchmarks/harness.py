@@ -130,14 +130,20 @@ class Clock:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.last_host_ms = None  # CUDA: host time of the last call (see time_ms)
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
 
     def time_ms(self, fn: Callable[[], None]) -> float:
+        """GPU time of fn (CUDA) or its wall time (CPU). On CUDA ``last_host_ms`` is then the
+        host's time inside fn (Python, dispatch, launches; it returns before the GPU is done):
+        a provider whose host time reaches its GPU time is bound by the host, not its kernels."""
         if self.cuda:
             self._start.record()
+            t0 = time.perf_counter()
             fn()
+            self.last_host_ms = (time.perf_counter() - t0) * 1e3
             self._end.record()
             self._end.synchronize()
             return self._start.elapsed_time(self._end)

@@ -152,14 +152,18 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
 
     clock = H.Clock(device)
     runners, runs, steps, notes = {}, {}, {}, {}
+    host = {name: [] for name in providers}  # CUDA: host ms per timed call (Clock.last_host_ms)
     for name, prov in list(providers.items()):
         prepare, step = C.make_step(prov, mode, inputs[prov.channels_last], base_grad)
 
-        def timed(i, prepare=prepare, step=step, prov=prov):
+        def timed(i, prepare=prepare, step=step, prov=prov, name=name):
             j = i % count
             prepare(j)
             with H.cudnn_benchmark(prov.cudnn_benchmark):
-                return clock.time_ms(lambda: step(j))
+                ms = clock.time_ms(lambda: step(j))
+            if clock.last_host_ms is not None:
+                host[name].append(clock.last_host_ms)
+            return ms
 
         progress.status("%s: warm-up %s" % (label, name))
         try:
@@ -172,6 +176,7 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
             del providers[name]
             _free(device)
             continue
+        host[name].clear()  # the timed rounds only
         runners[name], steps[name] = timed, (prepare, step)
         runs[name] = budget.runs_for(H.percentile(warm, 50))
         notes[name] = prov.note + ("; first call %.1f s" % first_s if name.startswith("compile") else "")
@@ -223,6 +228,8 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
             "gmacs_dense": round(dense * work / 1e9, 3),
             "gmacs_executed": round(executed * work / 1e9, 3),
             "roofline_ms": _sig(bound), "pct_of_roofline": _sig(100 * bound / med),
+            # CUDA: the host's time per call (Python, dispatch, launches), beside the GPU time.
+            "host_ms_median": round(H.percentile(host[name], 50), 4) if host[name] else None,
             "min_bytes_mb": round(min_bytes / 2 ** 20, 3), "copy_gbps": _sig(gbps), "note": notes[name],
         })
     base = next((r["ms_median"] for r in records if r["provider"] == C.BASELINE), None)
