@@ -2,6 +2,7 @@
 
 One file per kernel family, each with its launcher and a pure-torch ``*_ref`` beside it:
   atrous_conv.py     multi-branch tap-list implicit GEMM (forward, dgrad) and its wgrad
+  plan.py            the exact-region tap plan of the concat forward (pure Python)
   separable_conv.py  depthwise-prologue GEMM (v3+ separable branches) and the depthwise kernels
   bn_act.py          backward of the fused affine / BN statistics / ReLU epilogue
   ops.py             torch.library registration (triton_op + wrap_triton); the autograd is

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import REGION_COLS, RegionItem
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -88,8 +90,8 @@ class DwSlot(NamedTuple):
     out_coff: int
 
 
-def _columns(row_type):
-    assert len(row_type._fields) <= META_COLS
+def _columns(row_type, width=META_COLS):
+    assert len(row_type._fields) <= width
     return tuple(tl.constexpr(i) for i in range(len(row_type._fields)))
 
 
@@ -97,6 +99,10 @@ TAP_W_OFF, TAP_STEP, TAP_K, TAP_K_B, TAP_IN_OFF, TAP_N_B, TAP_OUT_OFF = _columns
 WG_W_OFF, WG_DY, WG_DX, WG_N_E, WG_G_OFF, WG_X_OFF = _columns(WgradEntry)
 SEP_PW_OFF, SEP_STEP, SEP_K, SEP_N_B, SEP_OUT_OFF, SEP_HAS_MID, SEP_DW_OFF, SEP_MID_OFF = _columns(SepRow)
 DW_IN_COFF, DW_DW_OFF, DW_STEP, DW_K, DW_MID_OFF, DW_HAS_MID, DW_OUT_COFF = _columns(DwSlot)
+# region_conv_kernel's item table (plan.RegionItem, REGION_COLS wide).
+ITEM_ROW = tl.constexpr(REGION_COLS)
+(RI_BRANCH, RI_H0, RI_H1, RI_W0, RI_W1, RI_P0, RI_KY0, RI_KY1, RI_KX0, RI_KX1,
+ RI_O0) = _columns(RegionItem, REGION_COLS)
 
 _skip = threading.local()
 
@@ -227,18 +233,23 @@ def pixel_tile(pid_t, H, W, TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr
 @triton.jit
 def epilogue_store(acc, n, pid_t, pix, valid, oc, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr, bias_ptr,
                    psum_ptr, psumsq_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   STATS: tl.constexpr):
+                   STATS: tl.constexpr, N_PER_ROW: tl.constexpr):
     """z = acc * scale[o] + shift[o] (+ bias[n, o]); per-tile channel sums of z and z^2 into
-    row pid_t of the partial buffers (STATS); out = act(z) cast to out's dtype."""
+    row pid_t of the partial buffers (STATS); out = act(z) cast to out's dtype. n: the tile's
+    image, or (N_PER_ROW) each row's image (a tile drawn across the batch)."""
     z = acc
     if HAS_SCALE:
         s = tl.load(scale_ptr + oc, mask=omask, other=0.0)
         t = tl.load(shift_ptr + oc, mask=omask, other=0.0)
         z = z * s[None, :] + t[None, :]
-    if HAS_BIAS:
-        bb = tl.load(bias_ptr + n.to(tl.int64) * OUT_STRIDE + oc, mask=omask, other=0.0)
-        z = z + bb[None, :]
     m2 = valid[:, None] & omask[None, :]
+    if HAS_BIAS:
+        if N_PER_ROW:
+            bb2 = tl.load(bias_ptr + n.to(tl.int64)[:, None] * OUT_STRIDE + oc[None, :], mask=m2, other=0.0)
+            z = z + bb2
+        else:
+            bb = tl.load(bias_ptr + n.to(tl.int64) * OUT_STRIDE + oc, mask=omask, other=0.0)
+            z = z + bb[None, :]
     if STATS:
         zm = tl.where(m2, z, 0.0)
         row = pid_t.to(tl.int64) * OUT_STRIDE

@@ -125,7 +125,7 @@ def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr
 
     pix = (img + ph) * W + pw
     epilogue_store(acc, n, pid_t, pix, valid, out_off + ocols, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr,
-                   bias_ptr, psum_ptr, psumsq_ptr, HAS_SCALE, HAS_BIAS, ACT, STATS)
+                   bias_ptr, psum_ptr, psumsq_ptr, HAS_SCALE, HAS_BIAS, ACT, STATS, False)
 
 
 @triton.jit

@@ -138,6 +138,11 @@ ATROUS_CASES = {
     "concat_c20_1x9": (3, 20, 1, 9, ((1, 3, 1), (3, 4, 2), (3, 4, 5)), False, 0, False, False),
     # Rates at / beyond both sides: only the centre tap (or centre row / column) survives.
     "sum_relu_rates_ge_hw": (2, 3, 9, 4, ((3, 4, 9), (3, 4, 4)), True, 1, False, True),
+    # Concat mode runs the exact-region plan (kernels/plan.py): a 1-pixel map; width-1 regions
+    # (7 at rate 3) with tiles spanning images (batch 3); rates beyond the map.
+    "concat_region_1x1_map": (2, 3, 1, 1, ((1, 2, 1), (3, 3, 2)), False, 1, True, True),
+    "concat_region_width1_7x7": (3, 4, 7, 7, ((3, 3, 3), (3, 2, 5), (1, 2, 1)), False, 0, True, True),
+    "concat_region_rates_ge_map": (2, 3, 4, 5, ((3, 3, 6), (3, 2, 4)), False, 1, False, False),
 }
 
 
@@ -362,7 +367,8 @@ def build(kernel, ptrs, consts, cfg=None):
              if sig[n] != "constexpr" and (sig[n].startswith("*") or n in DIV16)}
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else {}
     k = triton.compile(ASTSource(fn, sig, c, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-    return k.metadata.shared
+    ptx = k.asm["ptx"]
+    return k.metadata.shared, "wgmma.mma_async" in ptx, "cp.async" in ptx
 
 bf = "*bf16"
 out = {}
@@ -388,6 +394,13 @@ build(B.epilogue_bwd_kernel, dict(go_ptr=bf, z_ptr="*fp32", scale_ptr="*fp32", s
       gsum_ptr="*fp32", gsumsq_ptr="*fp32", gacc_ptr=bf, pscale_ptr="*fp32", pshift_ptr="*fp32"),
       dict(RECOMPUTE=True, HAS_BIAS=True, HAS_GSUM=True, HAS_GSUMSQ=True, ACT=1, STORE_GACC=True, NEED_EP=True,
            BP=B.BP, BO=B.BO))
+out["region_conv"] = (build(A.region_conv_kernel, dict(in_ptr=bf, w_ptr=bf, meta_ptr="*i32", item_ptr="*i32",
+                      out_ptr=bf, scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*fp32", psum_ptr="*fp32",
+                      psumsq_ptr="*fp32"),
+                      dict(HAS_SCALE=True, HAS_BIAS=True, ACT=1, STATS=True, DOT_PREC="tf32", A_ALIGN=16, W_ALIGN=16,
+                           BM=A.REGION_BM, BN=A.REGION_BN), A.REGION_CONFIGS[0]),
+                      (A.REGION_BM + A.REGION_BN) * A.REGION_CONFIGS[0].kwargs["BK"] * 2,
+                      A.REGION_CONFIGS[0].num_stages)
 print("RESULT " + json.dumps(out))
 """
 
@@ -408,9 +421,11 @@ def test_kernels_build_for_sm90_with_pipelined_k_loops():
         pytest.skip("no ptxas for an offline sm_90 build")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    for name, (shared, one_stage, stages) in result.items():
+    assert set(result) == {"tap_conv", "tap_wgrad", "region_conv"}
+    for name, ((shared, wgmma, cp_async), one_stage, stages) in result.items():
         assert shared >= 2 * one_stage, "%s: %d B of shared memory, one stage is %d B: K loop not pipelined" % (
             name, shared, one_stage)
+        assert wgmma and cp_async, "%s: wgmma.mma_async %s, cp.async %s in the sm_90 PTX" % (name, wgmma, cp_async)
 
 
 # --------------------------------------------------------------------------- GPU: docs/DESIGN.md standard cases

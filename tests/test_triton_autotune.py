@@ -1,8 +1,8 @@
 """Triton's autotuner on the real path: the first call per shape benchmarks every config.
 
 The autotuned forward kernels write per-tile partial batch statistics into buffers sized for
-the config with the most tiles (kernels/_common.PARTIAL_STATS_ARGS); every benchmarked config
-writes into them. These tests re-wrap each autotuned kernel's JIT function with triton.autotune
+the config with the most tiles (kernels/_common.PARTIAL_STATS_ARGS; the region kernel: one row
+per plan item, the same for every config); every benchmarked config writes into them. These tests re-wrap each autotuned kernel's JIT function with triton.autotune
 and the kernel's own autotune arguments (key, reset_to_zero, restore_value), but several configs
 of *different tile counts* and a stub benchmarker (Triton's default one needs a GPU driver):
 each benchmarked config really runs, in the configs' order, and the stub's timings choose the
@@ -46,6 +46,12 @@ TILE_TIMES = [3.0, 2.0, 1.0]
 WGRAD_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4, num_stages=1),
                  triton.Config({"BM": 32, "BN": 32, "BK": 16}, num_warps=4, num_stages=1)]
 WGRAD_TIMES = [1.0, 2.0]  # the first config (more programs) wins, benchmarked before the other
+# The region kernel's plan fixes BM and BN (kernels/plan.py), so its configs differ in BK: 16 runs
+# two channel steps per tap at C = 20, 32 one. Every config writes the same partial rows (one per
+# plan item); the last one benchmarked wins.
+REGION_CONFIGS = [triton.Config({"BK": 16}, num_warps=4, num_stages=1),
+                  triton.Config({"BK": 32}, num_warps=4, num_stages=1)]
+REGION_TIMES = [2.0, 1.0]
 
 
 class StubBench:
@@ -81,6 +87,7 @@ def retuned(monkeypatch):
     def install():
         made = {}
         for mod, name, configs, times in ((KA, "tap_conv_kernel", TILE_CONFIGS, TILE_TIMES),
+                                          (KA, "region_conv_kernel", REGION_CONFIGS, REGION_TIMES),
                                           (KA, "tap_wgrad_kernel", WGRAD_CONFIGS, WGRAD_TIMES),
                                           (KS, "sep_conv_kernel", TILE_CONFIGS, TILE_TIMES)):
             tuned, bench = _retune(getattr(mod, name), configs, times)
@@ -164,10 +171,13 @@ def _separable_op(backend, x, dw, d, ms, msh, pw, s, t, b):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
 def test_atrous_first_autotuned_call_gives_reference_statistics(retuned, compiled):
-    made = _first_call_matches_reference(_atrous_op, _atrous_args(), ["tap_conv_kernel", "tap_wgrad_kernel"],
-                                         retuned, compiled)
-    # The stub's timings chose the config with the fewest tiles (a partial buffer of 2 * 15
-    # rows, of which it writes 2 * 4) and, for the wgrad, the one with the most programs.
+    made = _first_call_matches_reference(_atrous_op, _atrous_args(),
+                                         ["region_conv_kernel", "tap_conv_kernel", "tap_wgrad_kernel"], retuned,
+                                         compiled)
+    # The forward (concat mode: the region kernel) took the stub's last config; the backward's
+    # dgrad (the tile kernel, sum mode) the one with the fewest tiles; the wgrad the one with the
+    # most programs.
+    assert made["region_conv_kernel"][0].best_config.kwargs["BK"] == 32
     assert made["tap_conv_kernel"][0].best_config.kwargs["TH"] == 8
     assert made["tap_wgrad_kernel"][0].best_config.kwargs["BM"] == 16
 
@@ -189,7 +199,7 @@ def test_first_training_step_running_stats(retuned):
     x = torch.randn(3, 20, 9, 9, device=DEV)
     y = fused(x)
     y_ref = ref(x.double())
-    assert made["tap_conv_kernel"][1].calls >= len(TILE_CONFIGS)
+    assert made["region_conv_kernel"][1].calls >= len(REGION_CONFIGS)
     assert_close_rel(y, y_ref, TOL, "output")
     ref_buffers = dict(ref.named_buffers())
     for name, b in fused.named_buffers():
@@ -204,7 +214,7 @@ def test_kernels_declare_their_partial_statistics_resets():
     from aspp_fused.kernels import atrous_conv as KA
     from aspp_fused.kernels import separable_conv as KS
 
-    for k in (KA.tap_conv_kernel, KS.sep_conv_kernel):
+    for k in (KA.tap_conv_kernel, KA.region_conv_kernel, KS.sep_conv_kernel):
         assert sorted(k.reset_to_zero) == sorted(_common.PARTIAL_STATS_ARGS)
         assert all(name in k.fn.arg_names for name in _common.PARTIAL_STATS_ARGS)
     assert list(KA.tap_wgrad_kernel.reset_to_zero) == []
