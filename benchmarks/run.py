@@ -284,6 +284,9 @@ def parse_args(argv=None):
                    help="flag records more than --threshold slower than in OLD.json (exit status 1)")
     p.add_argument("--threshold", type=float, default=REGRESSION_THRESHOLD, help="regression threshold (0.05 = 5%%)")
     p.add_argument("--list", action="store_true", help="list cases and providers, then exit")
+    p.add_argument("--work-only", action="store_true",
+                   help="time nothing: write the dense / valid / issued multiply-adds of each backend's plan "
+                        "(benchmarks/work.py) to <out>/work_<size>.json")
     return p.parse_args(argv)
 
 
@@ -311,6 +314,17 @@ def main(argv=None) -> int:
         print("\nproviders: %s (baseline for speedups: %s)" % (", ".join(C.PROVIDERS), C.BASELINE))
         return 0
 
+    if args.work_only:
+        from benchmarks.work import main_work_only
+
+        if not torch.cuda.is_available():
+            # The Triton ops take CPU tensors only under the interpreter (read when aspp_fused.kernels
+            # is first imported); nothing is launched here.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        wsize = args.size if args.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+        names = (C.STANDARD if args.cases == "standard" else list(C.CASES) if args.cases == "all"
+                 else _split(args.cases, list(C.CASES), "case"))
+        return main_work_only(names, wsize, args.batch, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -118,6 +118,28 @@ def skip_launches():
         _skip.on = prev
 
 
+_work = threading.local()
+
+
+@contextlib.contextmanager
+def record_work():
+    """Collects, per launch in this thread, what the launch's plan multiplies: a list of
+    {"kernel", "dense_macs", "valid_macs", "issued_macs"} (issued None where the kernel derives
+    its taps inside the kernel: the tile kernels). ``python -m benchmarks --work-only``."""
+    prev = getattr(_work, "log", None)
+    _work.log = []
+    try:
+        yield _work.log
+    finally:
+        _work.log = prev
+
+
+def log_work(kernel: str, work: dict):
+    log = getattr(_work, "log", None)
+    if log is not None:
+        log.append(dict(work, kernel=kernel))
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args) through torch.library.wrap_triton (so torch.compile sees it)."""
     if getattr(_skip, "on", False):

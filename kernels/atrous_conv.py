@@ -38,10 +38,10 @@ from ._common import autotune_configs
 from ._common import (INTERPRET, ITEM_ROW, META_COLS, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
                       TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
-                      WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc,
-                      pixel_tile, sm_count, tap_range)
+                      WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, log_work, max_tiles,
+                      nhwc, pixel_tile, sm_count, tap_range)
 from .bn_act import epilogue_backward
-from .plan import REGION_COLS, region_plan
+from .plan import REGION_COLS, plan_work, region_plan
 
 
 def _cfg(th, tw, bm, bn, bk, warps, stages):
@@ -78,7 +78,8 @@ else:
 
 # region_conv_kernel: the plan (kernels/plan.py) is built for one (BM, BN), so only BK, warps and
 # stages are tuned. Not measured yet: no GPU was available when these were written.
-REGION_BM, REGION_BN = (16, 16) if INTERPRET else (128, 128)
+GPU_REGION_TILE = (128, 128)  # (BM, BN) on a GPU
+REGION_BM, REGION_BN = (16, 16) if INTERPRET else GPU_REGION_TILE
 if INTERPRET:
     REGION_CONFIGS = [triton.Config({"BK": 16}, num_warps=4, num_stages=1)]
 else:
@@ -339,6 +340,8 @@ def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor,
     (sum, sumsq) buffers [tiles, O] (fp32) when stats, else None."""
     N, H, W, cin = inp.shape
     o_stride = out.shape[3]
+    dense = sum(N * H * W * r.k * r.k * r.k_b * r.n_b for r in rows)
+    log_work("tap_conv", {"dense_macs": dense, "valid_macs": None, "issued_macs": None})
     psum = psumsq = None
     if stats:
         r = max_tiles(tap_conv_kernel.configs, N, H, W)
@@ -378,6 +381,8 @@ def region_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, items, out: tor
     Returns the partial (sum, sumsq) buffers [items, O] (fp32) when stats, else None."""
     N, H, W, cin = inp.shape
     o_stride = out.shape[3]
+    branches = tuple((r.k, r.step, r.k_b, r.n_b) for r in rows)
+    log_work("region_conv", dict(plan_work(items, N, H, W, branches, REGION_BM, REGION_BN), geometry=(N, H, W, branches)))
     psum = psumsq = None
     if stats:
         psum = torch.zeros((max(len(items), 1), o_stride), dtype=torch.float32, device=inp.device)

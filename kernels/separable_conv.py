@@ -26,7 +26,7 @@ from ._common import autotune_configs
 from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
                       PARTIAL_STATS_ARGS, ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
-                      empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc, pixel_tile, tap_range)
+                      empty_nchw_cl, epilogue_store, launch, log_work, max_tiles, nhwc, pixel_tile, tap_range)
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
 from .bn_act import epilogue_backward
 
@@ -275,6 +275,9 @@ def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
     N, C, H, W = x.shape
     f32 = torch.float32
     dwb, midb, pwb, rows, O = _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights)
+    # The pointwise GEMM's MACs (the depthwise prologue runs on CUDA cores, taps from the tile).
+    log_work("sep_conv", {"dense_macs": sum(N * H * W * C * r.n_b for r in rows), "valid_macs": None,
+                          "issued_macs": None})
     out, out_n = empty_nchw_cl(N, O, H, W, out_dtype or x.dtype, x.device)
     psum = psumsq = None
     if compute_stats:

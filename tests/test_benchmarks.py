@@ -294,3 +294,20 @@ def test_roofline_bound_is_the_slower_of_compute_and_memory():
     assert infer == 160
     assert H.step_bytes(10, 100, 50, "train", True) == 160 + 50 + 100 + 20 + 100
     assert H.step_bytes(10, 100, 50, "train", False) == 160 + 50 + 100 + 20
+
+
+def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
+    """--work-only times nothing: each head's dense / valid / issued MACs per provider, the Triton
+    figures from its own launches' plans at the GPU tile (docs/DESIGN.md's standard OS16 head:
+    issued within 5% of the valid work; the sum-mode v2 head's tile kernel has no plan to count)."""
+    pytest.importorskip("triton")
+    rc = R.main(["--work-only", "--cases", "aspp_v3_os16,aspp_v2_os8", "--size", "gpu", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.load(open(os.path.join(str(tmp_path), "work_gpu.json")))
+    recs = {(r["case"], r["provider"]): r for r in doc["records"]}
+    assert set(recs) == {(c, p) for c in ("aspp_v3_os16", "aspp_v2_os8") for p in ("eager_cl", "fused_triton")}
+    tri = recs[("aspp_v3_os16", "fused_triton")]
+    assert tri["tile"] == [128, 128] and "partial" not in tri
+    assert tri["valid_macs"] < tri["issued_macs"] <= 1.05 * tri["valid_macs"] < tri["dense_macs"]
+    v2 = recs[("aspp_v2_os8", "fused_triton")]
+    assert v2["issued_macs"] is None and "tap_conv" in v2["partial"]

@@ -1,0 +1,113 @@
+"""``python -m benchmarks --work-only``: the multiply-adds each backend's plan issues, without timing.
+
+For each head case: the dense MACs (every tap, padding included), the valid MACs (the (pixel, tap)
+pairs inside the image) and the issued MACs (what the kernels' plans multiply, tiling slack
+included), per provider, from the provider's own launches:
+
+* ``fused_triton``: the fused head runs once with the Triton backend with its launches skipped
+  (kernels/_common.skip_launches) while kernels/_common.record_work logs each launch's plan; the
+  region launches (the concat forward, kernels/plan.py) are counted again at the GPU tile
+  (atrous_conv.GPU_REGION_TILE) with the same plan builder. Launches whose taps come from the tile
+  inside the kernel (sum mode: the tile kernel; the separable kernel) have no issued count: the
+  record's issued_macs is then null and ``partial`` names them.
+* ``eager_cl`` (the twin): dense and valid only; cuDNN / oneDNN pick their own algorithms (oneDNN
+  skips padded taps on CPU, measured: benchmarks/run.py's CPU note).
+
+Writes ``<out>/work_<size>.json`` (a list of records ``{case, provider, dense_macs, valid_macs,
+issued_macs, ...}``) and prints a table.
+"""
+import json
+import os
+from typing import List
+
+import torch
+
+from benchmarks import cases as C
+
+
+def _triton_work(case: C.Case, size: str, batch: int) -> dict:
+    from aspp_fused import _extension
+
+    kernels = _extension.triton_kernels()
+    from aspp_fused.kernels import atrous_conv as KA
+    from aspp_fused.kernels import plan as P
+    from aspp_fused.kernels._common import record_work, skip_launches
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not kernels.INTERPRET:
+        raise C.Skip("the Triton ops take CPU tensors only under TRITON_INTERPRET=1 (set before the first import)")
+    twin, spec = C.build_twin(case, size, device, torch.float32)
+    fused = case.fused.from_module(twin.eval(), backend="triton")
+    x = C.make_inputs(spec, batch, 1, device, torch.float32, True, False)[0]
+    with record_work() as log, skip_launches(), torch.inference_mode():
+        fused(x)
+    bm, bn = KA.GPU_REGION_TILE
+    dense = valid = issued = 0
+    partial = []
+    for entry in log:
+        if entry["kernel"] == "region_conv":
+            n, h, w, branches = entry["geometry"]
+            work = P.plan_work(P.region_plan(n, h, w, branches, bm, bn), n, h, w, branches, bm, bn)
+        else:
+            work = entry
+            partial.append(entry["kernel"])
+        dense += work["dense_macs"]
+        valid = None if valid is None or work["valid_macs"] is None else valid + work["valid_macs"]
+        issued = None if issued is None or work["issued_macs"] is None else issued + work["issued_macs"]
+    rec = {"dense_macs": dense, "valid_macs": valid, "issued_macs": issued, "launches": len(log),
+           "tile": [bm, bn]}
+    if partial:
+        rec["partial"] = "taps chosen inside the kernel (no plan to count): %s" % ", ".join(sorted(set(partial)))
+    return rec
+
+
+def work_records(case_names: List[str], size: str, batch_override=None):
+    records, skipped = [], []
+    for name in case_names:
+        case = C.CASES[name]
+        batch = batch_override or case.batch[size]
+        if case.fused is None:
+            skipped.append({"case": name, "provider": "*", "reason": "whole models: converted by "
+                            "aspp_fused.convert, not counted here"})
+            continue
+        dense, executed, _, _ = C.meta_macs(case, size, batch)
+        records.append({"case": name, "provider": "eager_cl", "batch": batch, "dense_macs": dense,
+                        "valid_macs": executed, "issued_macs": None,
+                        "note": "cuDNN / oneDNN choose their own algorithm"})
+        try:
+            rec = _triton_work(case, size, batch)
+        except C.Skip as exc:
+            skipped.append({"case": name, "provider": "fused_triton", "reason": str(exc)})
+        except ImportError as exc:
+            skipped.append({"case": name, "provider": "fused_triton", "reason": "triton: %s" % exc})
+        else:
+            records.append(dict({"case": name, "provider": "fused_triton", "batch": batch}, **rec))
+    return records, skipped
+
+
+def _g(v):
+    return "-" if v is None else "%.3f" % (v / 1e9)
+
+
+def work_table(records) -> str:
+    lines = ["%-18s %-13s %10s %10s %10s %13s %13s" % ("case", "provider", "dense G", "valid G", "issued G",
+                                                        "issued/valid", "issued/dense")]
+    for r in records:
+        iv = "-" if not (r["issued_macs"] and r["valid_macs"]) else "%.4f" % (r["issued_macs"] / r["valid_macs"])
+        idn = "-" if not r["issued_macs"] else "%.3f" % (r["issued_macs"] / r["dense_macs"])
+        lines.append("%-18s %-13s %10s %10s %10s %13s %13s" % (r["case"], r["provider"], _g(r["dense_macs"]),
+                                                               _g(r["valid_macs"]), _g(r["issued_macs"]), iv, idn))
+    return "\n".join(lines)
+
+
+def main_work_only(case_names, size, batch, out_dir) -> int:
+    records, skipped = work_records(case_names, size, batch)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "work_%s.json" % size)
+    with open(path, "w") as f:
+        json.dump({"size": size, "records": records, "skipped": skipped}, f, indent=1)
+    print(work_table(records))
+    for s in skipped:
+        print("skipped %s / %s: %s" % (s["case"], s["provider"], s["reason"]))
+    print("\nwrote %s" % path)
+    return 0
