@@ -6,6 +6,7 @@ when a kernel is defined (``@triton.jit`` returns an interpreted function under 
 import contextlib
 import os
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -116,6 +117,65 @@ def skip_launches():
         yield
     finally:
         _skip.on = prev
+
+
+class PackCache:
+    """Packed weights kept while their sources are unchanged (eval: the same parameters every call).
+
+    An entry is keyed by the packing's own arguments (dtype, dilations, ...) and holds weak
+    references to its source tensors with their version counters and storage pointers: an
+    optimizer step, load_state_dict, an in-place edit under no_grad, a new parameter or .to()
+    all miss. (An in-place write through ``.data`` bumps no counter: clear() after one, as
+    aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing (torch.compile, export, fake
+    tensors): a graph must not hold a copy its inputs cannot invalidate. Thread-safe; at most
+    ``size`` entries (least recently used dropped)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries = {}
+        self.lock = threading.Lock()
+        self.misses = 0  # packings computed (tests count them)
+
+    @staticmethod
+    def _state(tensors):
+        # A view (a slice of a parameter made afresh each call, e.g. the projection's main part)
+        # is known by its base; views share the base's version counter.
+        return [(weakref.ref(t if t._base is None else t._base), t._version, t.data_ptr(), tuple(t.shape),
+                 t.stride()) for t in tensors]
+
+    def get(self, key, tensors, compute):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        tensors = [t for t in tensors if t is not None]
+        if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
+            return compute()
+        # Under the lock, compute included: threads sharing a model pack once (a packing is a few
+        # copies, queued on the device's stream).
+        with self.lock:
+            entry = self.entries.pop(key, None)
+            if entry is not None:
+                state, value = entry
+                if len(state) == len(tensors) and all(
+                        ref() is (t if t._base is None else t._base) and tuple(rest) == now[1:]
+                        for (ref, *rest), now, t in zip(state, self._state(tensors), tensors)):
+                    self.entries[key] = entry  # most recent last
+                    return value
+            value = compute()
+            self.misses += 1
+            self.entries[key] = (self._state(tensors), value)
+            while len(self.entries) > self.size:
+                self.entries.pop(next(iter(self.entries)))
+            return value
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+
+# The Triton ops' packed weights (atrous_conv.pack_forward, separable_conv._pack): repacking costs
+# a pass over every weight and several small launches per call (about 29 MB at the OS16 head).
+PACKED = PackCache()
 
 
 _work = threading.local()

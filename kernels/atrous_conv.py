@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (INTERPRET, ITEM_ROW, META_COLS, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
+from ._common import (INTERPRET, ITEM_ROW, META_COLS, PACKED, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
                       TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
                       WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, log_work, max_tiles,
@@ -461,7 +461,8 @@ def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, com
     N, C, H, W = x.shape
     O, offs = _branch_layout(weights, sum_mode)
     xn = nhwc(x)
-    packed, rows = pack_forward(weights, dilations, offs, x.dtype)
+    packed, rows = PACKED.get(("atrous", x.dtype, tuple(dilations), tuple(offs)), weights,
+                              lambda: pack_forward(weights, dilations, offs, x.dtype))
     out, out_n = empty_nchw_cl(N, O, H, W, out_dtype or x.dtype, x.device)
     f32 = torch.float32
     epilogue = dict(scale=None if scale is None else scale.to(f32).contiguous(),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
+from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET, PACKED,
                       PARTIAL_STATS_ARGS, ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
                       empty_nchw_cl, epilogue_store, launch, log_work, max_tiles, nhwc, pixel_tile, tap_range)
@@ -274,7 +274,11 @@ def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
     """(out, ch_sum, ch_sumsq); scale None = raw acc (no epilogue), e.g. for the backward."""
     N, C, H, W = x.shape
     f32 = torch.float32
-    dwb, midb, pwb, rows, O = _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights)
+    dwb, midb, pwb, rows, O = PACKED.get(
+        ("separable", x.dtype, C, str(x.device), tuple(dilations), tuple(_present(t) for t in dw_weights),
+         tuple(_present(t) for t in mid_scales)),
+        [t for t in list(dw_weights) + list(mid_scales) + list(mid_shifts) if _present(t)] + list(pw_weights),
+        lambda: _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights))
     # The pointwise GEMM's MACs (the depthwise prologue runs on CUDA cores, taps from the tile).
     log_work("sep_conv", {"dense_macs": sum(N * H * W * C * r.n_b for r in rows), "valid_macs": None,
                           "issued_macs": None})

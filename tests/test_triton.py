@@ -509,3 +509,70 @@ def test_gpu_standard_backward(dtype):
     for i, (o, p, e) in enumerate(zip(ours, pytorch, exact)):
         limit = 1e-4 if dtype == torch.float32 else 2 * rel_err(p, e)
         assert rel_err(o, e) <= limit, (i, rel_err(o, e), limit)
+
+
+# --------------------------------------------------------------------------- packed-weight cache
+
+
+def test_weights_are_packed_once_per_parameter_version():
+    """The Triton ops keep packed weights while their parameters are unchanged (kernels/_common.
+    PackCache): repeated eval calls and threads sharing a model pack once; an optimizer-style
+    in-place update, load_state_dict and a dtype change repack; results stay exact throughout."""
+    import threading
+
+    from aspp_fused.kernels._common import PACKED
+
+    twin = randomize_bn(ann.ASPP(8, [2, 3], out_channels=6)).to(DEV).eval()
+    fused = aspp_fused.convert(copy.deepcopy(twin), backend="triton")
+    x = torch.randn(2, 8, 5, 6, device=DEV)
+
+    def check():
+        with torch.no_grad():
+            assert_close_rel(fused(x), twin(x), TOL, "output")
+
+    PACKED.clear()
+    start = PACKED.misses
+    check()
+    first = PACKED.misses - start  # the branches' launch and the projection's
+    assert first >= 2
+    for _ in range(3):
+        check()
+    assert PACKED.misses - start == first, "repacked without a change"
+    # Threads asking for the same packing at once get one packing. (The interpreter cannot run
+    # kernels from several threads, so the threads meet in the cache itself.)
+    w = fused.convs[1][0].weight
+    made, got, gate = [], [], threading.Barrier(6)
+
+    def pack():
+        made.append(1)
+        return object()
+
+    def worker():
+        gate.wait()
+        got.append(PACKED.get(("test-threads",), [w], pack))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(got) == 6 and all(v is got[0] for v in got)
+    start += 1
+    with torch.no_grad():  # an optimizer step: in place, the version counter moves
+        for m in (twin, fused):
+            m.convs[1][0].weight.mul_(0.5)
+    check()
+    assert PACKED.misses - start == first + 1  # only the launch that reads that weight
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
+    state["project.0.weight"].add_(0.1)
+    twin.load_state_dict(state)
+    fused.load_state_dict(state)
+    check()
+    assert PACKED.misses - start == first + 1 + first  # load_state_dict writes every parameter
+    # .to(dtype) gives new parameters: a packing of the old ones is never served for them.
+    w2 = fused.convs[1][0].weight
+    before = PACKED.misses
+    PACKED.get(("test-dtype",), [w2], object)
+    PACKED.get(("test-dtype",), [w2.to(torch.float64)], object)
+    PACKED.get(("test-dtype",), [w2], object)
+    assert PACKED.misses - before == 3  # each call a different tensor than the entry's

@@ -1,5 +1,6 @@
 """The folded-weight cache of the eval-mode fused modules (see FoldCache)."""
 import os
+import sys
 
 from torch import nn
 
@@ -39,12 +40,15 @@ class FoldCache:
 
 
 def clear_caches(model: nn.Module) -> nn.Module:
-    """Drop every folded-weight cache in ``model`` (see FoldCache: needed only after in-place
-    edits through ``.data``). Returns the model."""
+    """Drop every folded-weight cache in ``model`` and the Triton backend's packed weights (see
+    FoldCache: needed only after in-place edits through ``.data``). Returns the model."""
     for m in model.modules():
         cache = m.__dict__.get("_fold_cache")
         if cache is not None:
             cache.entries.clear()
+    kernels = sys.modules.get("aspp_fused.kernels")
+    if kernels is not None:  # the Triton backend's packed weights (kernels/_common.PackCache)
+        kernels._common.PACKED.clear()
     return model
 
 
