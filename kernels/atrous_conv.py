@@ -91,6 +91,44 @@ else:
     ]
 
 
+@triton.jit
+def tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx1, H, W, CIN_STRIDE, ocols, omask,
+                  BOUNDS: tl.constexpr, DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+                  BK: tl.constexpr):
+    """acc += the branch at meta row ``row`` (TapRow) over taps [ky0, ky1] x [kx0, kx1] for the
+    pixels (img / H, ph, pw) of the program's rows (``valid``): one flattened loop over
+    (tap, channel block of BK), no branch inside. BOUNDS: mask the taps' reads at the image edge
+    (the tile kernel); without, every tap of the rectangle must read inside (a region's)."""
+    w_off = tl.multiple_of(tl.load(row + TAP_W_OFF), W_ALIGN)
+    step = tl.load(row + TAP_STEP)
+    k = tl.load(row + TAP_K)
+    kb = tl.multiple_of(tl.load(row + TAP_K_B), A_ALIGN)
+    in_off = tl.multiple_of(tl.load(row + TAP_IN_OFF), A_ALIGN)
+    nb = tl.multiple_of(tl.load(row + TAP_N_B), W_ALIGN)
+    half = k // 2
+    nkx = kx1 - kx0 + 1
+    n_cb = tl.cdiv(kb, BK)
+    n_iter = (ky1 - ky0 + 1) * nkx * n_cb
+    for it in range(0, n_iter):
+        t = it // n_cb
+        cb = it - t * n_cb
+        ky = ky0 + t // nkx
+        kx = kx0 + t % nkx
+        sh = ph + (ky - half) * step
+        sw = pw + (kx - half) * step
+        m = valid
+        if BOUNDS:
+            m = m & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
+        c = cb * BK + tl.arange(0, BK)
+        cm = c < kb
+        src = ((img + sh) * W + sw) * CIN_STRIDE + in_off
+        a = tl.load(in_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
+        wrow = w_off + ((ky * k + kx) * kb + c) * nb
+        wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
+    return acc
+
+
 @triton.autotune(configs=autotune_configs(FWD_CONFIGS),
                  key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"],
                  reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
@@ -138,33 +176,12 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b in range(b_lo, b_hi):
         row = meta_ptr + b * ROW
-        w_off = tl.multiple_of(tl.load(row + TAP_W_OFF), W_ALIGN)
-        step = tl.load(row + TAP_STEP)
         k = tl.load(row + TAP_K)
-        kb = tl.multiple_of(tl.load(row + TAP_K_B), A_ALIGN)
-        in_off = tl.multiple_of(tl.load(row + TAP_IN_OFF), A_ALIGN)
-        nb = tl.multiple_of(tl.load(row + TAP_N_B), W_ALIGN)
-        half = k // 2
+        step = tl.load(row + TAP_STEP)
         ky0, ky1 = tap_range(h0, h1, H, k, step)
         kx0, kx1 = tap_range(w0, w1, W, k, step)
-        nkx = kx1 - kx0 + 1
-        n_cb = tl.cdiv(kb, BK)
-        n_iter = (ky1 - ky0 + 1) * nkx * n_cb
-        for it in range(0, n_iter):
-            t = it // n_cb
-            cb = it - t * n_cb
-            ky = ky0 + t // nkx
-            kx = kx0 + t % nkx
-            sh = ph + (ky - half) * step
-            sw = pw + (kx - half) * step
-            m = valid & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
-            c = cb * BK + tl.arange(0, BK)
-            cm = c < kb
-            src = ((img + sh) * W + sw) * CIN_STRIDE + in_off
-            a = tl.load(in_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
-            wrow = w_off + ((ky * k + kx) * kb + c) * nb
-            wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
-            acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
+        acc = tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx1, H, W, CIN_STRIDE,
+                            ocols, omask, True, DOT_PREC, A_ALIGN, W_ALIGN, BK)
 
     pix = (img + ph) * W + pw
     epilogue_store(acc, n, pid_t, pix, valid, out_off + ocols, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr,
@@ -197,14 +214,8 @@ def region_conv_kernel(in_ptr, w_ptr, meta_ptr, item_ptr, out_ptr, scale_ptr, sh
     kx1 = tl.load(item + RI_KX1)
     o0 = tl.load(item + RI_O0)
     row = meta_ptr + b * ROW
-    w_off = tl.multiple_of(tl.load(row + TAP_W_OFF), W_ALIGN)
-    step = tl.load(row + TAP_STEP)
-    k = tl.load(row + TAP_K)
-    kb = tl.multiple_of(tl.load(row + TAP_K_B), A_ALIGN)
-    in_off = tl.multiple_of(tl.load(row + TAP_IN_OFF), A_ALIGN)
     nb = tl.multiple_of(tl.load(row + TAP_N_B), W_ALIGN)
     out_off = tl.multiple_of(tl.load(row + TAP_OUT_OFF), W_ALIGN)
-    half = k // 2
 
     area = rh * rw
     q = p0 + tl.arange(0, BM)
@@ -217,23 +228,8 @@ def region_conv_kernel(in_ptr, w_ptr, meta_ptr, item_ptr, out_ptr, scale_ptr, sh
     ocols = tl.multiple_of(o0, BN) + tl.arange(0, BN)
     omask = ocols < nb
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    nkx = kx1 - kx0 + 1
-    n_cb = tl.cdiv(kb, BK)
-    n_iter = (ky1 - ky0 + 1) * nkx * n_cb
-    for it in range(0, n_iter):
-        t = it // n_cb
-        cb = it - t * n_cb
-        ky = ky0 + t // nkx
-        kx = kx0 + t % nkx
-        sh = ph + (ky - half) * step
-        sw = pw + (kx - half) * step
-        c = cb * BK + tl.arange(0, BK)
-        cm = c < kb
-        src = ((img + sh) * W + sw) * CIN_STRIDE + in_off
-        a = tl.load(in_ptr + src[:, None] + c[None, :], mask=valid[:, None] & cm[None, :], other=0.0)
-        wrow = w_off + ((ky * k + kx) * kb + c) * nb
-        wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
-        acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
+    acc = tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx1, H, W, CIN_STRIDE, ocols,
+                        omask, False, DOT_PREC, A_ALIGN, W_ALIGN, BK)
 
     pix = (img + ph) * W + pw
     epilogue_store(acc, n, pid, pix, valid, out_off + ocols, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr,
