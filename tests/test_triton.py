@@ -401,6 +401,13 @@ out["region_conv"] = (build(A.region_conv_kernel, dict(in_ptr=bf, w_ptr=bf, meta
                            BM=A.REGION_BM, BN=A.REGION_BN), A.REGION_CONFIGS[0]),
                       (A.REGION_BM + A.REGION_BN) * A.REGION_CONFIGS[0].kwargs["BK"] * 2,
                       A.REGION_CONFIGS[0].num_stages)
+# The check must be able to fail: the same kernel built with one stage (no software pipeline).
+one = triton.Config(dict(A.REGION_CONFIGS[0].kwargs), num_warps=A.REGION_CONFIGS[0].num_warps, num_stages=1)
+unpiped = build(A.region_conv_kernel, dict(in_ptr=bf, w_ptr=bf, meta_ptr="*i32", item_ptr="*i32", out_ptr=bf,
+                scale_ptr="*fp32", shift_ptr="*fp32", bias_ptr="*fp32", psum_ptr="*fp32", psumsq_ptr="*fp32"),
+                dict(HAS_SCALE=True, HAS_BIAS=True, ACT=1, STATS=True, DOT_PREC="tf32", A_ALIGN=16, W_ALIGN=16,
+                     BM=A.REGION_BM, BN=A.REGION_BN), one)
+print("UNPIPELINED " + json.dumps(unpiped))
 print("RESULT " + json.dumps(out))
 """
 
@@ -422,10 +429,17 @@ def test_kernels_build_for_sm90_with_pipelined_k_loops():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert set(result) == {"tap_conv", "tap_wgrad", "region_conv"}
+
+    def pipelined(shared, one_stage):
+        return shared >= 2 * one_stage
+
     for name, ((shared, wgmma, cp_async), one_stage, stages) in result.items():
-        assert shared >= 2 * one_stage, "%s: %d B of shared memory, one stage is %d B: K loop not pipelined" % (
+        assert pipelined(shared, one_stage), "%s: %d B of shared memory, one stage is %d B: K loop not pipelined" % (
             name, shared, one_stage)
         assert wgmma and cp_async, "%s: wgmma.mma_async %s, cp.async %s in the sm_90 PTX" % (name, wgmma, cp_async)
+    # ... and the check tells an unpipelined build apart (region_conv with num_stages=1).
+    unpiped_shared = json.loads(proc.stdout.split("UNPIPELINED ", 1)[1].splitlines()[0])[0]
+    assert not pipelined(unpiped_shared, result["region_conv"][1]), unpiped_shared
 
 
 # --------------------------------------------------------------------------- GPU: docs/DESIGN.md standard cases
