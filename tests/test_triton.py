@@ -23,6 +23,7 @@ import aspp_fused.nn as ann
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
 from conftest import assert_close_rel, compare_with_twin, map_tensors, randomize_bn, rel_err, tensors_of
+from op_problems import ASPP_BRANCHES, atrous_problem, separable_problem
 
 try:
     import triton  # noqa: F401
@@ -42,169 +43,6 @@ pytestmark = [
                        reason="triton not importable (%s) or neither CUDA nor TRITON_INTERPRET=1" % TRITON_ERROR),
     pytest.mark.usefixtures("no_tf32"),  # conftest: the exact fp32 path (tests that want TF32 set it)
 ]
-
-
-# --------------------------------------------------------------------------- problem builders
-
-
-def atrous_problem(n, c, h, w, branches, sum_mode, bias, dtype=torch.float32, layout="nchw", device=DEV):
-    """branches: (k, O_b, dilation). Returns the functional's positional args after x."""
-    if layout == "noncontiguous":
-        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
-    else:
-        x = torch.randn(n, c, h, w, dtype=dtype, device=device)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-    if sum_mode:
-        branches = [(k, branches[0][1], d) for k, _, d in branches]
-    weights = [torch.randn(o, c, k, k, dtype=dtype, device=device) / (c * k * k) ** 0.5 for k, o, _ in branches]
-    o = branches[0][1] if sum_mode else sum(b[1] for b in branches)
-    sd = F64 if dtype == F64 else torch.float32
-    scale = torch.rand(o, dtype=sd, device=device) + 0.5
-    shift = torch.randn(o, dtype=sd, device=device)
-    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
-    return [x, weights, [d for _, _, d in branches], scale, shift, b]
-
-
-def separable_problem(n, c, h, w, branches, bias, dtype=torch.float32, layout="nchw", device=DEV):
-    """branches: (kind in plain / dw / mid, O_b, dilation)."""
-    x = torch.randn(n, c, h, w, dtype=dtype, device=device)
-    if layout == "noncontiguous":
-        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
-    sd = F64 if dtype == F64 else torch.float32
-    dw, ms, msh, pw, dil = [], [], [], [], []
-    for kind, o, d in branches:
-        dw.append(None if kind == "plain" else torch.randn(c, 1, 3, 3, dtype=dtype, device=device) / 3)
-        ms.append(torch.rand(c, dtype=sd, device=device) + 0.5 if kind == "mid" else None)
-        msh.append(torch.randn(c, dtype=sd, device=device) if kind == "mid" else None)
-        pw.append(torch.randn(o, c, 1, 1, dtype=dtype, device=device) / c ** 0.5)
-        dil.append(d)
-    o = sum(b[1] for b in branches)
-    scale = torch.rand(o, dtype=sd, device=device) + 0.5
-    shift = torch.randn(o, dtype=sd, device=device)
-    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
-    return [x, dw, dil, ms, msh, pw, scale, shift, b]
-
-
-def _atrous(backend, sum_mode, act, stats):
-    return lambda x, ws, d, s, t, b: AF.atrous_conv(x, ws, d, s, t, b, sum_mode=sum_mode, act=act,
-                                                    compute_stats=stats, backend=backend)
-
-
-def _separable(backend, mid_act, act, stats):
-    return lambda x, dw, d, ms, msh, pw, s, t, b: AF.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act=act,
-                                                                     compute_stats=stats, backend=backend)
-
-
-def _parity(make_fn, args, stats, tol=TOL):
-    """Triton (fp32) against the torch backend in float64: outputs, stats, every gradient."""
-    a_t = map_tensors(args, lambda t: t.detach().clone().requires_grad_(True))
-    a_r = map_tensors(args, lambda t: t.detach().double().requires_grad_(True))
-    out_t = make_fn("triton")(*a_t)
-    out_r = make_fn("torch")(*a_r)
-    assert out_t[0].dtype == args[0].dtype and out_t[0].is_contiguous(memory_format=torch.channels_last)
-    for name, a, r in zip(("out", "ch_sum", "ch_sumsq"), out_t, out_r):
-        assert a.shape == r.shape, name
-        assert_close_rel(a, r, tol, name)
-    if stats:
-        assert out_t[1].dtype == torch.float32 and out_t[2].dtype == torch.float32
-    g0 = torch.rand(out_t[0].shape, dtype=F64, device=DEV) + 0.5  # not summing to ~0 (grad_shift)
-    loss_t, loss_r = (out_t[0].double() * g0).sum(), (out_r[0] * g0).sum()
-    if stats:
-        g1 = torch.randn(out_t[1].shape, dtype=F64, device=DEV)
-        g2 = torch.randn(out_t[2].shape, dtype=F64, device=DEV) / max(out_t[0].numel(), 1)
-        loss_t = loss_t + (out_t[1].double() * g1).sum() + (out_t[2].double() * g2).sum()
-        loss_r = loss_r + (out_r[1] * g1).sum() + (out_r[2] * g2).sum()
-    leaves_t, leaves_r = tensors_of(a_t), tensors_of(a_r)
-    grads_t = torch.autograd.grad(loss_t, leaves_t, allow_unused=True)
-    grads_r = torch.autograd.grad(loss_r, leaves_r, allow_unused=True)
-    for i, (gt, gr, leaf) in enumerate(zip(grads_t, grads_r, leaves_t)):
-        assert gt is not None and gt.dtype == leaf.dtype and gt.shape == leaf.shape, i
-        if gr is None:
-            assert gt.abs().max() == 0, i
-        else:
-            assert_close_rel(gt, gr, tol, "grad of input %d" % i)
-
-
-# --------------------------------------------------------------------------- atrous_conv
-
-ASPP_BRANCHES = ((1, 3, 1), (3, 4, 2), (3, 4, 12))
-
-ATROUS_CASES = {
-    # name: (n, c, h, w, branches, sum_mode, act, stats, bias)
-    "concat_relu_stats_7x9": (2, 5, 7, 9, ASPP_BRANCHES, False, 1, True, True),
-    "sum_none_stats_b1_5x5": (1, 5, 5, 5, ASPP_BRANCHES, True, 0, True, True),
-    # C = 20: two channel blocks, the second ragged; a 1-row map.
-    "concat_c20_1x9": (3, 20, 1, 9, ((1, 3, 1), (3, 4, 2), (3, 4, 5)), False, 0, False, False),
-    # Rates at / beyond both sides: only the centre tap (or centre row / column) survives.
-    "sum_relu_rates_ge_hw": (2, 3, 9, 4, ((3, 4, 9), (3, 4, 4)), True, 1, False, True),
-    # Concat mode runs the exact-region plan (kernels/plan.py): a 1-pixel map; width-1 regions
-    # (7 at rate 3) with tiles spanning images (batch 3); rates beyond the map.
-    "concat_region_1x1_map": (2, 3, 1, 1, ((1, 2, 1), (3, 3, 2)), False, 1, True, True),
-    "concat_region_width1_7x7": (3, 4, 7, 7, ((3, 3, 3), (3, 2, 5), (1, 2, 1)), False, 0, True, True),
-    "concat_region_rates_ge_map": (2, 3, 4, 5, ((3, 3, 6), (3, 2, 4)), False, 1, False, False),
-}
-
-
-@pytest.mark.parametrize("case", sorted(ATROUS_CASES))
-def test_atrous_conv_matches_reference(case):
-    n, c, h, w, branches, sum_mode, act, stats, bias = ATROUS_CASES[case]
-    args = atrous_problem(n, c, h, w, branches, sum_mode, bias)
-    _parity(lambda be: _atrous(be, sum_mode, act, stats), args, stats)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
-def test_atrous_conv_input_layouts(layout):
-    args = atrous_problem(2, 4, 6, 7, ((1, 2, 1), (3, 3, 2)), False, True, layout=layout)
-    _parity(lambda be: _atrous(be, False, 1, True), args, True)
-
-
-def test_atrous_conv_output_only_grads():
-    """Only x needs a grad (weights frozen): the backward skips the epilogue grads and wgrad."""
-    x, ws, d, s, t, b = atrous_problem(2, 4, 5, 6, ((1, 2, 1), (3, 3, 2)), False, False)
-    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    yt = AF.atrous_conv(xt, ws, d, s, t, act="relu", backend="triton")[0]
-    yr = AF.atrous_conv(xr, [w.double() for w in ws], d, s.double(), t.double(), act="relu", backend="torch")[0]
-    g = torch.randn(yt.shape, dtype=F64, device=DEV)
-    (gt,), (gr,) = torch.autograd.grad((yt.double() * g).sum(), [xt]), torch.autograd.grad((yr * g).sum(), [xr])
-    assert gt.is_contiguous(memory_format=torch.channels_last)
-    assert_close_rel(gt, gr, TOL, "grad x")
-
-
-# --------------------------------------------------------------------------- separable_conv
-
-SEP_CASES = {
-    # name: (n, c, h, w, branches, mid_act, act, stats, bias, layout)
-    "mixed_midrelu_relu_stats": (2, 5, 7, 9, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), 1, 1, True, True,
-                                 "nchw"),
-    "mixed_none_b1_noncontig": (1, 5, 5, 5, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), 0, 0, False, False,
-                                "noncontiguous"),
-    "c20_dw_mid": (2, 20, 6, 5, (("dw", 4, 2), ("mid", 3, 3)), 1, 1, True, False, "nchw"),
-    "all_plain": (2, 5, 4, 7, (("plain", 3, 1), ("plain", 2, 1)), 1, 1, True, True, "nchw"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(SEP_CASES))
-def test_separable_conv_matches_reference(case):
-    n, c, h, w, branches, mid_act, act, stats, bias, layout = SEP_CASES[case]
-    args = separable_problem(n, c, h, w, branches, bias, layout=layout)
-    _parity(lambda be: _separable(be, mid_act, act, stats), args, stats)
-
-
-# --------------------------------------------------------------------------- batch 0
-
-
-def test_batch_zero_gives_empty_outputs_zero_stats_and_zero_grads():
-    x, ws, d, s, t, _ = atrous_problem(0, 5, 7, 9, ASPP_BRANCHES, False, False)
-    ws = [w.requires_grad_() for w in ws]
-    out, cs, css = AF.atrous_conv(x, ws, d, s, t, act="none", compute_stats=True, backend="triton")
-    assert out.shape == (0, 11, 7, 9) and cs.shape == (11,) and torch.all(cs == 0) and torch.all(css == 0)
-    gw = torch.autograd.grad(out.sum() + cs.sum() + css.sum(), ws)
-    assert all(g.shape == w.shape and torch.all(g == 0) for g, w in zip(gw, ws))
-    sx, dw, dd, ms, msh, pw, s2, t2, _ = separable_problem(0, 5, 7, 9, (("plain", 3, 1), ("mid", 4, 2)), False)
-    out, cs, _ = AF.separable_conv(sx, dw, dd, ms, msh, "relu", pw, s2, t2, None, act="relu", compute_stats=True,
-                                   backend="triton")
-    assert out.shape == (0, 7, 7, 9) and torch.all(cs == 0)
 
 
 # --------------------------------------------------------------------------- modules and convert()
@@ -324,7 +162,7 @@ def test_backend_errors_are_clear(monkeypatch):
 def test_tf32_follows_cudnn_switch():
     from aspp_fused.kernels._common import dot_precision
 
-    assert dot_precision(torch.float32) == "ieee"  # the autouse fixture turned TF32 off
+    assert dot_precision(torch.float32) == "ieee"  # the no_tf32 fixture turned TF32 off
     torch.backends.cudnn.allow_tf32 = True
     assert dot_precision(torch.float32) == "tf32"
     assert dot_precision(torch.bfloat16) == "tf32"

@@ -1,0 +1,95 @@
+"""Op-level problems and the parity check shared by the backend tests (not a test module).
+
+The float64 torch backend is the reference: ``op_parity`` runs a backend on the problem's dtype and
+the reference on float64 copies, and compares outputs, batch statistics and every gradient.
+"""
+import torch
+
+from aspp_fused import functional as AF
+from conftest import assert_close_rel, map_tensors, tensors_of
+
+F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5
+# An ASPP v3 layout: (k, O_b, dilation) of the 1x1 and two 3x3 branches, one rate beyond small maps.
+ASPP_BRANCHES = ((1, 3, 1), (3, 4, 2), (3, 4, 12))
+
+
+def atrous_problem(n, c, h, w, branches, sum_mode, bias, dtype=torch.float32, layout="nchw", device=DEV):
+    """branches: (k, O_b, dilation). Returns the functional's positional args after x."""
+    if layout == "noncontiguous":
+        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
+    else:
+        x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    if sum_mode:
+        branches = [(k, branches[0][1], d) for k, _, d in branches]
+    weights = [torch.randn(o, c, k, k, dtype=dtype, device=device) / (c * k * k) ** 0.5 for k, o, _ in branches]
+    o = branches[0][1] if sum_mode else sum(b[1] for b in branches)
+    sd = F64 if dtype == F64 else torch.float32
+    scale = torch.rand(o, dtype=sd, device=device) + 0.5
+    shift = torch.randn(o, dtype=sd, device=device)
+    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
+    return [x, weights, [d for _, _, d in branches], scale, shift, b]
+
+
+def separable_problem(n, c, h, w, branches, bias, dtype=torch.float32, layout="nchw", device=DEV):
+    """branches: (kind in plain / dw / mid, O_b, dilation)."""
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+    if layout == "noncontiguous":
+        x = torch.randn(n, c, w, h, dtype=dtype, device=device).transpose(2, 3)
+    sd = F64 if dtype == F64 else torch.float32
+    dw, ms, msh, pw, dil = [], [], [], [], []
+    for kind, o, d in branches:
+        dw.append(None if kind == "plain" else torch.randn(c, 1, 3, 3, dtype=dtype, device=device) / 3)
+        ms.append(torch.rand(c, dtype=sd, device=device) + 0.5 if kind == "mid" else None)
+        msh.append(torch.randn(c, dtype=sd, device=device) if kind == "mid" else None)
+        pw.append(torch.randn(o, c, 1, 1, dtype=dtype, device=device) / c ** 0.5)
+        dil.append(d)
+    o = sum(b[1] for b in branches)
+    scale = torch.rand(o, dtype=sd, device=device) + 0.5
+    shift = torch.randn(o, dtype=sd, device=device)
+    b = torch.randn(n, o, dtype=sd, device=device) if bias else None
+    return [x, dw, dil, ms, msh, pw, scale, shift, b]
+
+
+def atrous_fn(backend, sum_mode, act, stats):
+    return lambda x, ws, d, s, t, b: AF.atrous_conv(x, ws, d, s, t, b, sum_mode=sum_mode, act=act,
+                                                    compute_stats=stats, backend=backend)
+
+
+def separable_fn(backend, mid_act, act, stats):
+    return lambda x, dw, d, ms, msh, pw, s, t, b: AF.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act=act,
+                                                                     compute_stats=stats, backend=backend)
+
+
+def op_parity(backend, make_fn, args, stats, tol=TOL):
+    """``backend`` (on the args' dtype) against the torch backend in float64: outputs, stats, every
+    gradient. make_fn(backend) -> the op as a function of args."""
+    a_t = map_tensors(args, lambda t: t.detach().clone().requires_grad_(True))
+    a_r = map_tensors(args, lambda t: t.detach().double().requires_grad_(True))
+    out_t = make_fn(backend)(*a_t)
+    out_r = make_fn("torch")(*a_r)
+    assert out_t[0].dtype == args[0].dtype and out_t[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, r in zip(("out", "ch_sum", "ch_sumsq"), out_t, out_r):
+        assert a.shape == r.shape, name
+        assert_close_rel(a, r, tol, name)
+    if stats:
+        assert out_t[1].dtype == torch.float32 and out_t[2].dtype == torch.float32
+    g0 = torch.rand(out_t[0].shape, dtype=F64, device=DEV) + 0.5  # not summing to ~0 (grad_shift)
+    loss_t, loss_r = (out_t[0].double() * g0).sum(), (out_r[0] * g0).sum()
+    if stats:
+        g1 = torch.randn(out_t[1].shape, dtype=F64, device=DEV)
+        g2 = torch.randn(out_t[2].shape, dtype=F64, device=DEV) / max(out_t[0].numel(), 1)
+        loss_t = loss_t + (out_t[1].double() * g1).sum() + (out_t[2].double() * g2).sum()
+        loss_r = loss_r + (out_r[1] * g1).sum() + (out_r[2] * g2).sum()
+    leaves_t, leaves_r = tensors_of(a_t), tensors_of(a_r)
+    grads_t = torch.autograd.grad(loss_t, leaves_t, allow_unused=True)
+    grads_r = torch.autograd.grad(loss_r, leaves_r, allow_unused=True)
+    for i, (gt, gr, leaf) in enumerate(zip(grads_t, grads_r, leaves_t)):
+        assert gt is not None and gt.dtype == leaf.dtype and gt.shape == leaf.shape, i
+        if gr is None:
+            assert gt.abs().max() == 0, i
+        else:
+            assert_close_rel(gt, gr, tol, "grad of input %d" % i)
