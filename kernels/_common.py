@@ -128,20 +128,27 @@ class PackCache:
     all miss. (An in-place write through ``.data`` bumps no counter: clear() after one, as
     aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing (torch.compile, export, fake
     tensors): a graph must not hold a copy its inputs cannot invalidate. Thread-safe; at most
-    ``size`` entries (least recently used dropped)."""
+    ``size`` entries (least recently used dropped), and an entry goes when a source tensor does."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 16):
         self.size = size
         self.entries = {}
-        self.lock = threading.Lock()
+        # Re-entrant: a source's weakref callback (drop) can run from a garbage collection that
+        # starts inside get(), in the same thread.
+        self.lock = threading.RLock()
         self.misses = 0  # packings computed (tests count them)
 
-    @staticmethod
-    def _state(tensors):
+    def _state(self, tensors, key=None):
         # A view (a slice of a parameter made afresh each call, e.g. the projection's main part)
-        # is known by its base; views share the base's version counter.
-        return [(weakref.ref(t if t._base is None else t._base), t._version, t.data_ptr(), tuple(t.shape),
+        # is known by its base; views share the base's version counter. With a key, a source's
+        # death drops the entry (a deleted model's packed weights are not kept).
+        cb = None if key is None else (lambda _ref: self._drop(key))
+        return [(weakref.ref(t if t._base is None else t._base, cb), t._version, t.data_ptr(), tuple(t.shape),
                  t.stride()) for t in tensors]
+
+    def _drop(self, key):
+        with self.lock:
+            self.entries.pop(key, None)
 
     def get(self, key, tensors, compute):
         from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -163,7 +170,7 @@ class PackCache:
                     return value
             value = compute()
             self.misses += 1
-            self.entries[key] = (self._state(tensors), value)
+            self.entries[key] = (self._state(tensors, key), value)
             while len(self.entries) > self.size:
                 self.entries.pop(next(iter(self.entries)))
             return value

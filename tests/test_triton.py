@@ -428,3 +428,19 @@ def test_weights_are_packed_once_per_parameter_version():
     PACKED.get(("test-dtype",), [w2.to(torch.float64)], object)
     PACKED.get(("test-dtype",), [w2], object)
     assert PACKED.misses - before == 3  # each call a different tensor than the entry's
+
+
+def test_packed_weights_go_with_their_model():
+    """A deleted model's packed weights are not kept (the entry's weakref to a source drops it)."""
+    import gc
+
+    from aspp_fused.kernels._common import PACKED
+
+    fused = aspp_fused.convert(randomize_bn(ann.ASPP(8, [2], out_channels=4)).to(DEV).eval(), backend="triton")
+    PACKED.clear()
+    with torch.no_grad():
+        fused(torch.randn(1, 8, 4, 4, device=DEV))
+    assert len(PACKED.entries) >= 2
+    del fused
+    gc.collect()
+    assert len(PACKED.entries) == 0
