@@ -227,6 +227,14 @@ def _compile_note(device, mode: str = "default") -> str:
     return "torch.compile(mode=%r)%s" % (mode, "; CUDA graphs" if graphs else "; no CUDA graphs")
 
 
+def _compiled(name: str, module: nn.Module, device: torch.device, compile_mode: str, note: str) -> Provider:
+    compiled = torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
+    # Modes with CUDA graphs: a new step must be announced or the previous step's outputs
+    # (graph-owned memory) count as still in use.
+    before = torch.compiler.cudagraph_mark_step_begin if device.type == "cuda" and compile_mode in GRAPH_MODES else None
+    return Provider(name, compiled, True, True, before, note=note)
+
+
 def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
                   compile_mode: str = "default") -> Provider:
     """Provider ``name`` for ``twin`` (already on device, dtype, train/eval). Raises Skip(reason).
@@ -241,18 +249,12 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
     if name == "eager_cl":
         return Provider(name, cl, True, True, note="channels_last, cudnn.benchmark" if cuda else "channels_last")
     if name == "compile":
-        compiled = torch.compile(cl, mode=None if compile_mode == "default" else compile_mode)
-        # Modes with CUDA graphs: a new step must be announced or the previous step's outputs
-        # (graph-owned memory) count as still in use.
-        before = torch.compiler.cudagraph_mark_step_begin if cuda and compile_mode in GRAPH_MODES else None
-        return Provider(name, compiled, True, True, before, note=_compile_note(device, compile_mode))
+        return _compiled(name, cl, device, compile_mode, _compile_note(device, compile_mode))
     if name == "compile_fused_torch":
         # What a user who converts and then compiles runs: torch.compile of the converted model.
         fused = make_provider("fused_torch", case, twin, device, compile_mode)
-        compiled = torch.compile(fused.module, mode=None if compile_mode == "default" else compile_mode)
-        before = torch.compiler.cudagraph_mark_step_begin if cuda and compile_mode in GRAPH_MODES else None
-        return Provider(name, compiled, True, True, before,
-                        note="torch.compile(%s); %s" % (fused.note, _compile_note(device, compile_mode)))
+        return _compiled(name, fused.module, device, compile_mode,
+                         "torch.compile(%s); %s" % (fused.note, _compile_note(device, compile_mode)))
     if name.startswith("fused_"):
         backend = name[len("fused_"):]
         if backend == "triton" and not cuda:

@@ -298,6 +298,11 @@ def _split(text: str, known, what: str) -> List[str]:
     return items
 
 
+def _case_names(args) -> List[str]:
+    return (C.STANDARD if args.cases == "standard" else list(C.CASES) if args.cases == "all"
+            else _split(args.cases, list(C.CASES), "case"))
+
+
 class Interrupted(Exception):
     """SIGTERM (a time limit) or Ctrl-C during the measurements."""
 
@@ -322,9 +327,7 @@ def main(argv=None) -> int:
             # is first imported); nothing is launched here.
             os.environ.setdefault("TRITON_INTERPRET", "1")
         wsize = args.size if args.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-        names = (C.STANDARD if args.cases == "standard" else list(C.CASES) if args.cases == "all"
-                 else _split(args.cases, list(C.CASES), "case"))
-        return main_work_only(names, wsize, args.batch, args.out)
+        return main_work_only(_case_names(args), wsize, args.batch, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -333,8 +336,7 @@ def main(argv=None) -> int:
                           else "cpu")
     cuda = device.type == "cuda"
     size = args.size if args.size != "auto" else ("gpu" if cuda else "cpu")
-    case_names = (C.STANDARD if args.cases == "standard" else list(C.CASES) if args.cases == "all"
-                  else _split(args.cases, list(C.CASES), "case"))
+    case_names = _case_names(args)
     providers = _split(args.providers, C.PROVIDERS, "provider") if args.providers else list(C.PROVIDERS)
     modes = _split(args.modes or ("infer,train" if cuda else "infer"), MODES, "mode")
     dtypes = [DTYPES[d] for d in _split(args.dtypes or ("bf16" if cuda else "fp32"), list(DTYPES), "dtype")]

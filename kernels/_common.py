@@ -126,8 +126,9 @@ class PackCache:
     references to its source tensors with their version counters and storage pointers: an
     optimizer step, load_state_dict, an in-place edit under no_grad, a new parameter or .to()
     all miss. (An in-place write through ``.data`` bumps no counter: clear() after one, as
-    aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing (torch.compile, export, fake
-    tensors): a graph must not hold a copy its inputs cannot invalidate. Thread-safe; at most
+    aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing
+    (torch.compile, export, fake tensors): a graph must not hold a copy its inputs cannot
+    invalidate. Thread-safe; at most
     ``size`` entries (least recently used dropped), and an entry goes when a source tensor does."""
 
     def __init__(self, size: int = 16):
@@ -138,23 +139,30 @@ class PackCache:
         self.lock = threading.RLock()
         self.misses = 0  # packings computed (tests count them)
 
-    def _state(self, tensors, key=None):
-        # A view (a slice of a parameter made afresh each call, e.g. the projection's main part)
-        # is known by its base; views share the base's version counter. With a key, a source's
-        # death drops the entry (a deleted model's packed weights are not kept).
-        cb = None if key is None else (lambda _ref: self._drop(key))
-        return [(weakref.ref(t if t._base is None else t._base, cb), t._version, t.data_ptr(), tuple(t.shape),
-                 t.stride()) for t in tensors]
+    @staticmethod
+    def _fingerprint(t):
+        """(the tensor a view is of, what must not have moved). A view (a slice of a parameter
+        made afresh each call, e.g. the projection's main part) is known by its base; views
+        share the base's version counter."""
+        return (t if t._base is None else t._base), (t._version, t.data_ptr(), tuple(t.shape), t.stride())
 
-    def _drop(self, key):
-        with self.lock:
-            self.entries.pop(key, None)
+    def _state(self, tensors, key):
+        # A source's death drops its entry (a deleted model's packed weights are not kept); not a
+        # newer entry under the same key.
+        def drop(ref):
+            with self.lock:
+                entry = self.entries.get(key)
+                if entry is not None and any(r is ref for r, _ in entry[0]):
+                    del self.entries[key]
+
+        return [(weakref.ref(base, drop), rest) for base, rest in map(self._fingerprint, tensors)]
 
     def get(self, key, tensors, compute):
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
         tensors = [t for t in tensors if t is not None]
-        if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+        if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling()
+                or _get_current_dispatch_mode() is not None
                 or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
             return compute()
         # Under the lock, compute included: threads sharing a model pack once (a packing is a few
@@ -164,8 +172,8 @@ class PackCache:
             if entry is not None:
                 state, value = entry
                 if len(state) == len(tensors) and all(
-                        ref() is (t if t._base is None else t._base) and tuple(rest) == now[1:]
-                        for (ref, *rest), now, t in zip(state, self._state(tensors), tensors)):
+                        ref() is base and rest == now
+                        for (ref, rest), (base, now) in zip(state, map(self._fingerprint, tensors))):
                     self.entries[key] = entry  # most recent last
                     return value
             value = compute()
@@ -201,10 +209,12 @@ def record_work():
         _work.log = prev
 
 
-def log_work(kernel: str, work: dict):
+def log_work(kernel: str, work):
+    """Logs ``work()`` (a dict) for ``kernel`` while record_work is on; otherwise computes
+    nothing (it is called on every launch)."""
     log = getattr(_work, "log", None)
     if log is not None:
-        log.append(dict(work, kernel=kernel))
+        log.append(dict(work(), kernel=kernel))
 
 
 def launch(kernel, grid, *args, **kwargs):

@@ -305,19 +305,24 @@ def meta_tensor(rows, device, cols: int = META_COLS) -> torch.Tensor:
     """int32 [len(rows), cols] table of plan rows (_common.TapRow, ..., plan.RegionItem) on
     device. Eager calls reuse one tensor per (device, rows), so a CUDA-graph capture after a
     warm-up copies nothing from the host; under tracing it is a fresh constant of the graph."""
-    rows = tuple(tuple(int(v) for v in r) + (0,) * (cols - len(r)) for r in rows)
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+    def table():
+        padded = [tuple(int(v) for v in r) + (0,) * (cols - len(r)) for r in rows]
+        return torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), cols)
+
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), cols)
-    key = (str(device), cols, rows)
-    t = _META_CACHE.get(key)
-    if t is None:
+        return table()
+    # A tuple of rows is a cached plan (plan.region_plan: the same object for the same launch,
+    # thousands of rows): known by identity, so a call neither converts nor hashes it. A list
+    # (a few rows built per call) is known by its values.
+    key = (str(device), cols, id(rows)) if isinstance(rows, tuple) else (str(device), cols, tuple(map(tuple, rows)))
+    entry = _META_CACHE.get(key)
+    if entry is None or (isinstance(rows, tuple) and entry[0] is not rows):
         if len(_META_CACHE) > 512:
             _META_CACHE.clear()
-        t = torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), cols)
-        _META_CACHE[key] = t
-    return t
+        entry = _META_CACHE[key] = (rows, table())
+    return entry[1]
 
 
 def pow2_align(*values) -> int:
@@ -336,8 +341,8 @@ def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor,
     (sum, sumsq) buffers [tiles, O] (fp32) when stats, else None."""
     N, H, W, cin = inp.shape
     o_stride = out.shape[3]
-    dense = sum(N * H * W * r.k * r.k * r.k_b * r.n_b for r in rows)
-    log_work("tap_conv", {"dense_macs": dense, "valid_macs": None, "issued_macs": None})
+    log_work("tap_conv", lambda: {"dense_macs": sum(N * H * W * r.k * r.k * r.k_b * r.n_b for r in rows),
+                                  "valid_macs": None, "issued_macs": None})
     psum = psumsq = None
     if stats:
         r = max_tiles(tap_conv_kernel.configs, N, H, W)
@@ -362,13 +367,12 @@ def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor,
 
 
 def region_plan_of(n, h, w, rows) -> Optional[tuple]:
-    """The exact-region plan (kernels/plan.py) of a concat-mode launch over rows (TapRow), or
-    None where the sizes are symbolic (torch.compile dynamic shapes: the tile kernel, whose
-    tiling needs no Python branch on the size, runs instead)."""
+    """The exact-region plan (kernels/plan.py; cached there) of a concat-mode launch over rows
+    (TapRow), or None where the sizes are symbolic (torch.compile dynamic shapes: the tile kernel,
+    whose tiling needs no Python branch on the size, runs instead)."""
     if not all(isinstance(v, int) for v in (n, h, w)):
         return None
-    branches = tuple((r.k, r.step, r.k_b, r.n_b) for r in rows)
-    return region_plan(n, h, w, branches, REGION_BM, REGION_BN), branches
+    return region_plan(n, h, w, tuple((r.k, r.step, r.k_b, r.n_b) for r in rows), REGION_BM, REGION_BN)
 
 
 def region_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, items, out: torch.Tensor, *, scale=None,
@@ -377,8 +381,11 @@ def region_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, items, out: tor
     Returns the partial (sum, sumsq) buffers [items, O] (fp32) when stats, else None."""
     N, H, W, cin = inp.shape
     o_stride = out.shape[3]
-    branches = tuple((r.k, r.step, r.k_b, r.n_b) for r in rows)
-    log_work("region_conv", dict(plan_work(items, N, H, W, branches, REGION_BM, REGION_BN), geometry=(N, H, W, branches)))
+    def work():
+        branches = tuple((r.k, r.step, r.k_b, r.n_b) for r in rows)
+        return dict(plan_work(items, N, H, W, branches, REGION_BM, REGION_BN), geometry=(N, H, W, branches))
+
+    log_work("region_conv", work)
     psum = psumsq = None
     if stats:
         psum = torch.zeros((max(len(items), 1), o_stride), dtype=torch.float32, device=inp.device)
@@ -465,9 +472,9 @@ def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, com
                     shift=None if scale is None else shift.to(f32).contiguous(),
                     bias=None if bias is None else bias.to(f32).contiguous(), act=act, stats=compute_stats,
                     prec=dot_precision(x.dtype))
-    plan = None if sum_mode else region_plan_of(N, H, W, rows)
-    if plan is not None:
-        parts = region_conv(xn, packed, rows, plan[0], out_n, **epilogue)
+    items = None if sum_mode else region_plan_of(N, H, W, rows)
+    if items is not None:
+        parts = region_conv(xn, packed, rows, items, out_n, **epilogue)
     else:
         n_oblocks = (lambda bn: triton.cdiv(O, bn)) if sum_mode else _blocks(w.shape[0] for w in weights)
         parts = tap_conv(xn, packed, rows, out_n, n_oblocks, sum_mode=sum_mode, **epilogue)

@@ -280,8 +280,8 @@ def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
         [t for t in list(dw_weights) + list(mid_scales) + list(mid_shifts) if _present(t)] + list(pw_weights),
         lambda: _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights))
     # The pointwise GEMM's MACs (the depthwise prologue runs on CUDA cores, taps from the tile).
-    log_work("sep_conv", {"dense_macs": sum(N * H * W * C * r.n_b for r in rows), "valid_macs": None,
-                          "issued_macs": None})
+    log_work("sep_conv", lambda: {"dense_macs": sum(N * H * W * C * r.n_b for r in rows), "valid_macs": None,
+                                  "issued_macs": None})
     out, out_n = empty_nchw_cl(N, O, H, W, out_dtype or x.dtype, x.device)
     psum = psumsq = None
     if compute_stats:

@@ -240,8 +240,9 @@ class _NormAct(torch.autograd.Function):
     the batch's own moments, and the backward adds their dependence on z in closed form:
     g_z = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd,
     the means over the batch (``count`` elements; SyncBatchNorm: both sums over the process
-    group of each ``synced`` (offset, channels, group) segment). The other channels are a plain affine: g_z = g *
-    weight * invstd. g_weight / g_bias are the local sums of g * xhat / g, as nn.BatchNorm2d's.
+    group of each ``synced`` (offset, channels, group) segment). The other channels are a plain
+    affine: g_z = g * weight * invstd. g_weight / g_bias are the local sums of g * xhat / g, as
+    nn.BatchNorm2d's.
     Not twice differentiable (the moments' second-order terms are not modelled): a double
     backward raises.
     """

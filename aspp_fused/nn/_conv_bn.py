@@ -52,7 +52,7 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     if any(b is not None for b in biases):
         conv_bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dt)
                                for b, w in zip(biases, weights)])
-    n, _, h, w_ = x.shape
+    n = x.shape[0]
     if any(uses_batch_stats(bn) for bn in bns):
         # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers), K
         # the batch mean computed from box sums of x (exact up to rounding, cheap).
