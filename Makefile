@@ -10,7 +10,7 @@ NVCC ?= nvcc
 EMU_ORDER ?= warps
 EMU_SMS ?= 132
 
-.PHONY: build-deps install test bench cuda-check cuda-build-check emu-test gpu-check info clean
+.PHONY: build-deps install test bench cuda-check cuda-build-check triton-check emu-test gpu-check info clean
 
 install:            ## build the extension in place (CPU kernels; CUDA kernels when torch has CUDA)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
@@ -31,6 +31,9 @@ bench: build-deps   ## builds with the [bench] extra (matplotlib: the PNG), then
 
 cuda-check:         ## compile-check every CUDA kernel with nvcc (sm_80, sm_90a): regs / smem / spills; skips without nvcc
 	@$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)"
+
+triton-check:       ## build every Triton kernel family and autotune config for sm_90 / sm_80 offline: wgmma / mma, cp.async, >= 3 stages, no spills
+	@$(PYTHON) tools/triton_check.py --all-configs $(TRITON_CHECK_ARGS)
 
 cuda-build-check:   ## the real CUDA build (setup.py, a CUDA torch in a private venv), loaded: every op has CPU + CUDA kernels; no GPU needed
 	@PYTHON=$(PYTHON) NVCC="$(NVCC)" tools/cuda_build_check.sh

@@ -350,10 +350,10 @@ def epilogue_store(acc, n, pid_t, pix, valid, oc, omask, out_ptr, OUT_STRIDE, sc
             bb = tl.load(bias_ptr + n.to(tl.int64) * OUT_STRIDE + oc, mask=omask, other=0.0)
             z = z + bb[None, :]
     if STATS:
-        zm = tl.where(m2, z, 0.0)
+        z = tl.where(m2, z, 0.0)  # z itself: one masked copy live, not two (spills otherwise)
         row = pid_t.to(tl.int64) * OUT_STRIDE
-        tl.store(psum_ptr + row + oc, tl.sum(zm, axis=0), mask=omask)
-        tl.store(psumsq_ptr + row + oc, tl.sum(zm * zm, axis=0), mask=omask)
+        tl.store(psum_ptr + row + oc, tl.sum(z, axis=0), mask=omask)
+        tl.store(psumsq_ptr + row + oc, tl.sum(z * z, axis=0), mask=omask)
     if ACT == 1:
         z = tl.where(z < 0.0, 0.0, z)  # `z < 0` lets NaN through, as torch.relu does
     tl.store(out_ptr + pix[:, None] * OUT_STRIDE + oc[None, :], z.to(out_ptr.dtype.element_ty), mask=m2)

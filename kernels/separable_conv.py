@@ -41,16 +41,15 @@ if INTERPRET:
     DWB_BP, DWB_BC = 16, 16
 else:
     # A wide BN (256 = a whole DeepLab branch) computes the depthwise prologue once per tile;
-    # narrower BN recomputes it O_b / BN times. Not measured yet (no GPU at hand when written).
-    # Known limit: the channel-block loop holds the (valid-)tap loop of the depthwise, and Triton
-    # software-pipelines innermost loops only, so the pointwise weight loads are not multi-
-    # buffered here (sm_90 build: one stage of shared memory whatever num_stages says).
+    # narrower BN recomputes it O_b / BN times. Not timed yet (no GPU at hand when written).
+    # Every config builds without spills for sm_90 and sm_80 with Triton 3.9 and 3.6
+    # (`make triton-check`); dropped for spilling: 128 x 256 tiles (the depthwise block beside a
+    # 128-register accumulator: 20-60 LDL on both archs), 64 x 128 with 4 warps (sm_80, 3.6).
+    # The pointwise weights are cp.async-pipelined, 3 buffers on sm_90 (see sep_conv_kernel).
     SEP_CONFIGS = [
-        _cfg(8, 16, 128, 256, 32, 8, 3),
-        _cfg(11, 11, 128, 256, 32, 8, 3),
-        _cfg(8, 8, 64, 256, 64, 8, 3),
-        _cfg(8, 16, 128, 128, 64, 8, 3),
-        _cfg(11, 11, 128, 128, 64, 4, 3),
+        _cfg(8, 8, 64, 256, 32, 8, 3),
+        _cfg(8, 16, 128, 128, 32, 8, 3),
+        _cfg(11, 11, 128, 128, 32, 8, 3),
     ]
     DW_TILE = dict(TH=8, TW=16, BM=128, BC=32)
     DWB_BP, DWB_BC = 64, 64
@@ -92,27 +91,33 @@ def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr
     half = k // 2
     ky0, ky1 = tap_range(h0, h1, H, k, step)
     kx0, kx1 = tap_range(w0, w1, W, k, step)
-    nkx = kx1 - kx0 + 1
-    n_taps = (ky1 - ky0 + 1) * nkx
     img = n.to(tl.int64) * H
 
     ocols = tl.multiple_of(o0, BN) + tl.arange(0, BN)
     omask = ocols < nb
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for cb in range(0, tl.cdiv(C, BK)):
+    nky = ky1 - ky0 + 1
+    nkx = kx1 - kx0 + 1
+    # The channel-block loop is the innermost loop (the depthwise taps are unrolled, k <= 3,
+    # each behind a branch on the tile's tap range), so Triton software-pipelines it: the
+    # pointwise weight tiles arrive by cp.async into num_stages buffers (sm_90; num_stages - 1
+    # on sm_80) while the depthwise of the next block runs. With the taps as a runtime loop
+    # inside, the sm_90 build had one buffer and no cp.async (tools/triton_check.py checks).
+    for cb in tl.range(0, tl.cdiv(C, BK)):
         c = cb * BK + tl.arange(0, BK)
         cm = c < C
         d = tl.zeros((BM, BK), dtype=tl.float32)
-        for t in range(0, n_taps):
-            ky = ky0 + t // nkx
-            kx = kx0 + t % nkx
-            sh = ph + (ky - half) * step
-            sw = pw + (kx - half) * step
-            m = valid & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
-            src = ((img + sh) * W + sw) * C
-            xv = tl.load(x_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
-            wv = tl.load(dw_ptr + dw_off + (ky * k + kx) * C + c, mask=cm, other=0.0)
-            d += xv.to(tl.float32) * wv[None, :]
+        for t in tl.static_range(9):
+            if (t // 3 < nky) & (t % 3 < nkx):
+                ky = ky0 + t // 3
+                kx = kx0 + t % 3
+                sh = ph + (ky - half) * step
+                sw = pw + (kx - half) * step
+                m = valid & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
+                src = ((img + sh) * W + sw) * C
+                xv = tl.load(x_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
+                wv = tl.load(dw_ptr + dw_off + (ky * k + kx) * C + c, mask=cm, other=0.0)
+                d += xv.to(tl.float32) * wv[None, :]
         ms = tl.load(mid_ptr + mid_off + c, mask=cm, other=1.0)
         msh = tl.load(mid_ptr + mid_off + C + c, mask=cm, other=0.0)
         v = d * ms[None, :] + msh[None, :]
