@@ -7,16 +7,21 @@ may_prune_taps). It is also the readable reference the compiled kernels are test
 
 Speed choices: channels_last activations, BN folded into the conv weights and bias (the
 eval epilogue is then only the ReLU; under torch.compile an epilogue instead, see
-_fold_into_weights), the image-pooling branch as a per-sample bias.
+_fold_into_weights), the image-pooling branch as a per-sample bias, and on CUDA the exact-region
+plan (a dilated 3x3 conv as one ATen conv per region, over the taps that touch the image there:
+region_conv).
 Low-precision inputs run PyTorch's own conv in that dtype, so this backend's rounding is
 PyTorch's.
 """
+import os
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from aspp_fused._tracing import size_checks
+from aspp_fused.kernels.plan import axis_regions
+from aspp_fused.kernels.worklog import log_work
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -106,9 +111,92 @@ def _valid_taps(w: torch.Tensor, dilation: int, h, wd):
     return w, (0 if row_skip else dilation, 0 if col_skip else dilation)
 
 
-def _conv(x, w, dilation, bias=None, groups=1):
-    w, padding = _valid_taps(w, dilation, x.shape[-2], x.shape[-1])
-    return F.conv2d(x, w, bias, padding=padding, dilation=dilation, groups=groups)
+def _regions_mode() -> str:
+    mode = os.environ.get("ASPP_FUSED_TORCH_REGIONS", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError("ASPP_FUSED_TORCH_REGIONS must be 'auto' (CUDA tensors), '1' (always) or '0' (never), "
+                         "got %r" % mode)
+    return mode
+
+
+# Where the exact-region plan runs dilated convs (region_conv): "auto" = on CUDA tensors (cuDNN
+# multiplies the zero padding; not yet timed on a GPU), "1" = also on CPU (oneDNN already skips
+# padded taps there and the region convs measured slower: 2 cores, OS16 head), "0" = never.
+REGIONS = _regions_mode()
+
+
+def _use_regions(x: torch.Tensor, w: torch.Tensor, dilation: int) -> bool:
+    """A 3x3 branch at a size known for every run (plain ints: eager, or torch.compile with the
+    size specialised) whose padding splits the map into more than one region."""
+    if REGIONS == "0" or (REGIONS == "auto" and not x.is_cuda):
+        return False
+    h, wd = x.shape[-2], x.shape[-1]
+    if type(h) is not int or type(wd) is not int or not may_prune_taps(h, wd) or w.shape[-1] != 3:
+        return False
+    return len(axis_regions(h, 3, dilation)) * len(axis_regions(wd, 3, dilation)) > 1
+
+
+def region_conv(x: torch.Tensor, w: torch.Tensor, dilation: int, bias=None) -> torch.Tensor:
+    """conv2d(x, w, bias, padding=dilation, dilation=dilation) of a 3x3 filter, exactly, issuing
+    only the multiply-adds that read the image: per region of the exact-region plan
+    (kernels/plan.axis_regions: at most 3 x 3 regions, inside each a constant tap rectangle) one
+    ATen conv of the region's sub-filter over the input rows / columns those taps read, without
+    padding; the regions' outputs concatenated back in W, then in H.
+
+    Region [lo, hi) with taps [t0, t1] reads rows [lo + (t0 - 1) d, hi + (t1 - 1) d), all inside
+    the image by the region's definition; a valid conv of the (t1 - t0 + 1)-tap filter at
+    dilation d over them gives hi - lo rows."""
+    d = dilation
+    n, _, h, wd = x.shape
+    rows, cols = axis_regions(h, 3, d), axis_regions(wd, 3, d)
+    _log_work("torch_region_conv", lambda: _region_work(x.shape[1], w.shape[0], n, h, wd, d, rows, cols))
+    bands = []
+    for lo, hi, t0, t1 in rows:
+        xr = x[:, :, lo + (t0 - 1) * d:hi + (t1 - 1) * d]
+        parts = [F.conv2d(xr[:, :, :, clo + (s0 - 1) * d:chi + (s1 - 1) * d], w[:, :, t0:t1 + 1, s0:s1 + 1], bias,
+                          dilation=d) for clo, chi, s0, s1 in cols]
+        bands.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=3))
+    out = bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def _log_work(kernel, work):
+    """kernels/worklog.log_work, in eager only (a graph being traced logs nothing)."""
+    if not torch.compiler.is_compiling():
+        log_work(kernel, work)
+
+
+def _region_work(c, o, n, h, wd, d, rows, cols, issued_taps=None):
+    """dense / valid / issued MACs of one 3x3 branch: the region convs issue exactly the valid
+    (pixel, tap) pairs; a plain conv (issued_taps given) issues that many taps at every pixel."""
+    valid = sum((hi - lo) * (t1 - t0 + 1) for lo, hi, t0, t1 in rows) * \
+        sum((chi - clo) * (s1 - s0 + 1) for clo, chi, s0, s1 in cols)
+    issued = valid if issued_taps is None else h * wd * issued_taps
+    return dict(dense_macs=n * h * wd * 9 * c * o, valid_macs=n * valid * c * o, issued_macs=n * issued * c * o)
+
+
+def _plain_work(x, w, kept, d):
+    """The work of the plain conv of branch weight w (kept: its taps after _valid_taps)."""
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    work = _region_work(c, w.shape[0], n, h, wd, d, axis_regions(h, k, d), axis_regions(wd, k, d),
+                        issued_taps=kept.shape[-2] * kept.shape[-1])
+    if k == 1:
+        work["dense_macs"] = work["valid_macs"]
+    return work
+
+
+def _depthwise(x, w, dilation):
+    """The depthwise 3x3 (groups = channels) with the never-valid taps dropped; its work logged
+    per channel (c = 1 input channel per group)."""
+    kept, padding = _valid_taps(w, dilation, x.shape[-2], x.shape[-1])
+    _log_work("torch_depthwise", lambda: _plain_work(x[:, :1], w.transpose(0, 1), kept, dilation))
+    return F.conv2d(x, kept, None, padding=padding, dilation=dilation, groups=x.shape[1])
+
+
+def _pointwise(m, w, bias=None):
+    _log_work("torch_conv", lambda: _plain_work(m, w, w, 1))
+    return F.conv2d(m, w, bias)
 
 
 def atrous_conv(
@@ -138,7 +226,11 @@ def atrous_conv(
     offset = 0
     for i, (w, d) in enumerate(zip(weights, dilations)):
         o = w.shape[0]
-        w, padding = _valid_taps(w, d, x.shape[-2], x.shape[-1])
+        regions = _use_regions(x, w, d)
+        if not regions:
+            w_full = w
+            w, padding = _valid_taps(w, d, x.shape[-2], x.shape[-1])
+            _log_work("torch_conv", lambda: _plain_work(x, w_full, w, d))
         if not folding:
             w_folded, b_folded = w, None
         elif sum_mode:
@@ -148,7 +240,8 @@ def atrous_conv(
             w_folded = fold(w, _slice(scale, offset, offset + o))
             b_folded = _slice(shift, offset, offset + o)
             offset += o
-        parts.append(F.conv2d(x, w_folded, b_folded, padding=padding, dilation=d))
+        parts.append(region_conv(x, w_folded, d, b_folded) if regions
+                     else F.conv2d(x, w_folded, b_folded, padding=padding, dilation=d))
     if sum_mode:
         z = parts[0]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in parts)
@@ -205,14 +298,14 @@ def separable_conv(
         if dw is None:
             m = x
         else:
-            m = _conv(x, dw, d, groups=c)
+            m = _depthwise(x, dw, d)
             if ms is not None:
                 m = _act(m * ms.to(m.dtype).view(1, c, 1, 1) + msh.to(m.dtype).view(1, c, 1, 1), mid_act)
         o = pw.shape[0]
         if folding:
-            parts.append(F.conv2d(m, fold(pw, _slice(scale, offset, offset + o)), _slice(shift, offset, offset + o)))
+            parts.append(_pointwise(m, fold(pw, _slice(scale, offset, offset + o)), _slice(shift, offset, offset + o)))
         else:
-            parts.append(F.conv2d(m, pw))
+            parts.append(_pointwise(m, pw))
         offset += o
     z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if not folding:

@@ -10,6 +10,11 @@ included), per provider, from the provider's own launches:
   (atrous_conv.GPU_REGION_TILE) with the same plan builder. Launches whose taps come from the tile
   inside the kernel (sum mode: the tile kernel; the separable kernel) have no issued count: the
   record's issued_macs is then null and ``partial`` names them.
+* ``fused_torch``: the fused head with the torch backend's exact-region convolutions (its CUDA
+  default; torch_backend.region_conv), run on fake tensors (nothing computed) while the backend
+  logs each ATen conv it asks for: a region conv issues exactly its valid (pixel, tap) pairs, a
+  plain conv (1x1, depthwise, or a branch whose map needs no region split) every kept tap at
+  every pixel. What cuDNN then executes inside a conv is its own choice.
 * ``eager_cl`` (the twin): dense and valid only; cuDNN / oneDNN pick their own algorithms (oneDNN
   skips padded taps on CPU, measured: benchmarks/run.py's CPU note).
 
@@ -61,6 +66,32 @@ def _triton_work(case: C.Case, size: str, batch: int) -> dict:
     return rec
 
 
+def _torch_work(case: C.Case, size: str, batch: int) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aspp_fused import torch_backend
+    from aspp_fused.kernels.worklog import record_work
+
+    twin, spec = C.build_twin(case, size, "cpu", torch.float32)
+    fused = case.fused.from_module(twin.eval(), backend="torch")
+    mode, torch_backend.REGIONS = torch_backend.REGIONS, "1"
+    cache, os.environ["ASPP_FUSED_FOLD_CACHE"] = os.environ.get("ASPP_FUSED_FOLD_CACHE"), "0"  # no fake weights kept
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = C.make_inputs(spec, batch, 1, "cpu", torch.float32, True, False)[0]
+            with record_work() as log, torch.inference_mode():
+                fused(x)
+    finally:
+        torch_backend.REGIONS = mode
+        if cache is None:
+            del os.environ["ASPP_FUSED_FOLD_CACHE"]
+        else:
+            os.environ["ASPP_FUSED_FOLD_CACHE"] = cache
+    return {"dense_macs": sum(e["dense_macs"] for e in log), "valid_macs": sum(e["valid_macs"] for e in log),
+            "issued_macs": sum(e["issued_macs"] for e in log), "launches": len(log),
+            "note": "ATen convs asked for (region plan on)"}
+
+
 def work_records(case_names: List[str], size: str, batch_override=None):
     records, skipped = [], []
     for name in case_names:
@@ -74,6 +105,8 @@ def work_records(case_names: List[str], size: str, batch_override=None):
         records.append({"case": name, "provider": "eager_cl", "batch": batch, "dense_macs": dense,
                         "valid_macs": executed, "issued_macs": None,
                         "note": "cuDNN / oneDNN choose their own algorithm"})
+        records.append(dict({"case": name, "provider": "fused_torch", "batch": batch},
+                            **_torch_work(case, size, batch)))
         try:
             rec = _triton_work(case, size, batch)
         except C.Skip as exc:

@@ -17,6 +17,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "pack_cache.h"
+
 // `import aspp_fused._C` only has to load this library so the registrations run;
 // the ops are reached through torch.ops.aspp_fused (no pybind functions).
 extern "C" PyObject* PyInit__C(void) {
@@ -70,4 +72,8 @@ TORCH_LIBRARY(aspp_fused, m) {
       "Tensor[] grad_mid_shifts, Tensor[] grad_pw_weights, Tensor grad_scale, Tensor grad_shift, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // The CPU and CUDA kernels' packed-weight cache (csrc/pack_cache.h), for aspp_fused.clear_caches
+  // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all.
+  m.def("pack_cache_info() -> int[]", [] { return aspp_fused::pack_cache::info(); });
+  m.def("pack_cache_clear() -> ()", [] { aspp_fused::pack_cache::clear(); });
 }

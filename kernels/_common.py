@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .plan import REGION_COLS, RegionItem
+from .worklog import log_work, record_work  # noqa: F401  (the launchers' and tests' import point)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -165,6 +166,10 @@ class PackCache:
                 or _get_current_dispatch_mode() is not None
                 or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
             return compute()
+        if tensors and tensors[0].is_cuda:
+            # Per stream: a packing is queued on the current stream, so an entry is only read on
+            # the stream that wrote it, after the copies in stream order (as csrc/pack_cache.h).
+            key = key + (torch.cuda.current_stream(tensors[0].device).cuda_stream,)
         # Under the lock, compute included: threads sharing a model pack once (a packing is a few
         # copies, queued on the device's stream).
         with self.lock:
@@ -191,30 +196,6 @@ class PackCache:
 # The Triton ops' packed weights (atrous_conv.pack_forward, separable_conv._pack): repacking costs
 # a pass over every weight and several small launches per call (about 29 MB at the OS16 head).
 PACKED = PackCache()
-
-
-_work = threading.local()
-
-
-@contextlib.contextmanager
-def record_work():
-    """Collects, per launch in this thread, what the launch's plan multiplies: a list of
-    {"kernel", "dense_macs", "valid_macs", "issued_macs"} (issued None where the kernel derives
-    its taps inside the kernel: the tile kernels). ``python -m benchmarks --work-only``."""
-    prev = getattr(_work, "log", None)
-    _work.log = []
-    try:
-        yield _work.log
-    finally:
-        _work.log = prev
-
-
-def log_work(kernel: str, work):
-    """Logs ``work()`` (a dict) for ``kernel`` while record_work is on; otherwise computes
-    nothing (it is called on every launch)."""
-    log = getattr(_work, "log", None)
-    if log is not None:
-        log.append(dict(work(), kernel=kernel))
 
 
 def launch(kernel, grid, *args, **kwargs):

@@ -297,15 +297,21 @@ def test_roofline_bound_is_the_slower_of_compute_and_memory():
 
 
 def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
-    """--work-only times nothing: each head's dense / valid / issued MACs per provider, the Triton
-    figures from its own launches' plans at the GPU tile (docs/DESIGN.md's standard OS16 head:
+    """--work-only times nothing: each head's dense / valid / issued MACs per provider, the torch
+    backend's from the ATen convs its region plan asks for, the Triton figures from its own
+    launches' plans at the GPU tile (docs/DESIGN.md's standard OS16 head:
     issued within 5% of the valid work; the sum-mode v2 head's tile kernel has no plan to count)."""
     pytest.importorskip("triton")
     rc = R.main(["--work-only", "--cases", "aspp_v3_os16,aspp_v2_os8", "--size", "gpu", "--out", str(tmp_path)])
     assert rc == 0
     doc = json.load(open(os.path.join(str(tmp_path), "work_gpu.json")))
     recs = {(r["case"], r["provider"]): r for r in doc["records"]}
-    assert set(recs) == {(c, p) for c in ("aspp_v3_os16", "aspp_v2_os8") for p in ("eager_cl", "fused_triton")}
+    assert set(recs) == {(c, p) for c in ("aspp_v3_os16", "aspp_v2_os8")
+                         for p in ("eager_cl", "fused_torch", "fused_triton")}
+    for case in ("aspp_v3_os16", "aspp_v2_os8"):
+        # the torch backend's region convs (its CUDA default) issue exactly the valid work
+        t = recs[(case, "fused_torch")]
+        assert t["issued_macs"] == t["valid_macs"] < 0.75 * t["dense_macs"], t
     tri = recs[("aspp_v3_os16", "fused_triton")]
     assert tri["tile"] == [128, 128] and "partial" not in tri
     assert tri["valid_macs"] < tri["issued_macs"] <= 1.05 * tri["valid_macs"] < tri["dense_macs"]

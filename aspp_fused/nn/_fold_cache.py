@@ -2,7 +2,10 @@
 import os
 import sys
 
+import torch
 from torch import nn
+
+from aspp_fused import _extension
 
 
 class FoldCache:
@@ -40,15 +43,18 @@ class FoldCache:
 
 
 def clear_caches(model: nn.Module) -> nn.Module:
-    """Drop every folded-weight cache in ``model`` and the Triton backend's packed weights (see
-    FoldCache: needed only after in-place edits through ``.data``). Returns the model."""
+    """Drop every folded-weight cache in ``model`` and every backend's packed weights (Triton's,
+    and the compiled CPU / CUDA kernels'; see FoldCache: needed only after in-place edits through
+    ``.data``). Returns the model."""
     for m in model.modules():
         cache = m.__dict__.get("_fold_cache")
         if cache is not None:
             cache.entries.clear()
-    kernels = sys.modules.get("aspp_fused.kernels")
-    if kernels is not None:  # the Triton backend's packed weights (kernels/_common.PackCache)
-        kernels._common.PACKED.clear()
+    common = sys.modules.get("aspp_fused.kernels._common")
+    if common is not None:  # the Triton backend's packed weights (kernels/_common.PackCache)
+        common.PACKED.clear()
+    if _extension.cpp_available():  # the CPU / CUDA kernels' packed weights (csrc/pack_cache.h)
+        torch.ops.aspp_fused.pack_cache_clear()
     return model
 
 

@@ -29,6 +29,7 @@
 
 #include "checks.h"
 #include "op_signatures.h"
+#include "pack_cache.h"
 #include "tap_range.h"
 
 namespace aspp_fused {
@@ -72,6 +73,18 @@ std::vector<acc_t> pack_weights(const at::Tensor& w, bool transpose) {
         packed[dst] = src[(o * C + c) * taps + t];
       }
   return packed;
+}
+
+// pack_weights of every branch, kept across calls while the weights are unchanged (pack_cache.h).
+template <typename acc_t>
+std::shared_ptr<const std::vector<std::vector<acc_t>>> packed_branches(at::TensorList weights, bool transpose) {
+  const std::string tag = std::string("cpu/atrous/") + (transpose ? "dgrad/" : "forward/") +
+                          c10::toString(c10::CppTypeToScalarType<acc_t>::value);
+  return pack_cache::get<std::vector<std::vector<acc_t>>>(tag, weights.vec(), [&] {
+    std::vector<std::vector<acc_t>> packed;
+    for (const at::Tensor& w : weights) packed.push_back(pack_weights<acc_t>(w, transpose));
+    return packed;
+  });
 }
 
 // The (n, tile) work items: tiles of kTileH x kTileW output pixels, clipped to the image.
@@ -175,9 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_impl(const at::Tensor
   const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 
   const Tiling tiling(N, H, W);
-  std::vector<std::vector<acc_t>> packed;
-  for (const at::Tensor& w : weights) packed.push_back(pack_weights<acc_t>(w, /*transpose=*/false));
-  const std::vector<TapBranch<acc_t>> branches = forward_branches<acc_t>(s, dilations, packed);
+  const auto packed = packed_branches<acc_t>(weights, /*transpose=*/false);
+  const std::vector<TapBranch<acc_t>> branches = forward_branches<acc_t>(s, dilations, *packed);
   const std::vector<acc_t> scale_v = to_acc_vector<acc_t>(scale), shift_v = to_acc_vector<acc_t>(shift);
   const std::vector<acc_t> bias_v = bias.has_value() ? to_acc_vector<acc_t>(*bias) : std::vector<acc_t>();
 
@@ -353,11 +365,9 @@ BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::
   }
   const scalar_t* x_data = x.data_ptr<scalar_t>();
 
-  std::vector<std::vector<acc_t>> packed;
-  if (recompute)
-    for (const at::Tensor& w : weights) packed.push_back(pack_weights<acc_t>(w, /*transpose=*/false));
+  const auto packed = recompute ? packed_branches<acc_t>(weights, /*transpose=*/false) : nullptr;
   const std::vector<TapBranch<acc_t>> branches =
-      recompute ? forward_branches<acc_t>(s, dilations, packed) : std::vector<TapBranch<acc_t>>();
+      recompute ? forward_branches<acc_t>(s, dilations, *packed) : std::vector<TapBranch<acc_t>>();
   const std::vector<acc_t> scale_v = to_acc_vector<acc_t>(scale), shift_v = to_acc_vector<acc_t>(shift);
   const std::vector<acc_t> bias_v = has_bias ? to_acc_vector<acc_t>(*bias) : std::vector<acc_t>();
   const std::vector<acc_t> gsum_v = grad_sum.has_value() ? to_acc_vector<acc_t>(*grad_sum) : std::vector<acc_t>();
@@ -434,11 +444,10 @@ BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::
   if (need_input) {
     grad_x = at::empty(x.sizes(), x.options().memory_format(cl));
     scalar_t* gx_data = grad_x.data_ptr<scalar_t>();
-    std::vector<std::vector<acc_t>> packed_t;
-    for (const at::Tensor& w : weights) packed_t.push_back(pack_weights<acc_t>(w, /*transpose=*/true));
+    const auto packed_t = packed_branches<acc_t>(weights, /*transpose=*/true);
     std::vector<TapBranch<acc_t>> branches_t;
-    for (size_t b = 0; b < packed_t.size(); ++b)
-      branches_t.push_back({packed_t[b].data(), s.ksize[b], -dilations[b], s.ch_off[b], s.out_ch[b], 0, C});
+    for (size_t b = 0; b < packed_t->size(); ++b)
+      branches_t.push_back({(*packed_t)[b].data(), s.ksize[b], -dilations[b], s.ch_off[b], s.out_ch[b], 0, C});
     at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * C));
       for (int64_t t = begin; t < end; ++t) {

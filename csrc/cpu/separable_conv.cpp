@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -29,6 +30,7 @@
 
 #include "checks.h"
 #include "op_signatures.h"
+#include "pack_cache.h"
 #include "cpu/tap_range.h"
 
 namespace aspp_fused {
@@ -80,25 +82,50 @@ struct Packed {
   }
 };
 
+// Per branch: dw [9][C], pw [O_b][C] and [C][O_b], in the accumulation type (undefined dw when the
+// branch has none). Kept across calls while the weights are unchanged (pack_cache.h).
+using BranchWeights = std::vector<std::array<at::Tensor, 3>>;
+
+template <typename acc_t>
+std::shared_ptr<const BranchWeights> packed_weights(const Problem& pb) {
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  std::vector<at::Tensor> sources;
+  for (const BranchSpec& spec : pb.branches) {
+    sources.push_back(spec.dw);
+    sources.push_back(spec.pw);
+  }
+  return pack_cache::get<BranchWeights>("cpu/separable/" + std::string(c10::toString(acc_type)), sources, [&] {
+    BranchWeights out;
+    for (const BranchSpec& spec : pb.branches) {
+      const at::Tensor pw = spec.pw.reshape({spec.out_channels, pb.C}).to(acc_type);
+      out.push_back({spec.dw.defined() ? spec.dw.reshape({pb.C, kTaps}).to(acc_type).t().contiguous() : at::Tensor(),
+                     pw.contiguous(), pw.t().contiguous()});
+    }
+    return out;
+  });
+}
+
 template <typename acc_t>
 Packed<acc_t> pack(const Problem& pb, const at::Tensor& scale, const at::Tensor& shift) {
   const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
   Packed<acc_t> pk;
-  for (const BranchSpec& spec : pb.branches) {
+  const std::shared_ptr<const BranchWeights> weights = packed_weights<acc_t>(pb);
+  for (size_t b = 0; b < pb.branches.size(); ++b) {
+    const BranchSpec& spec = pb.branches[b];
+    const auto& [dw, pw_oc, pw_co] = (*weights)[b];
     PackedBranch<acc_t> br{};
     br.O = spec.out_channels;
     br.offset = spec.offset;
     br.dilation = spec.dilation;
     br.has_dw = spec.dw.defined();
     br.has_mid = spec.mid_scale.defined();
-    if (br.has_dw) br.dw = pk.hold(spec.dw.reshape({pb.C, kTaps}).to(acc_type).t());
+    if (br.has_dw) br.dw = pk.hold(dw);
     if (br.has_mid) {
       br.ms = pk.hold(spec.mid_scale.to(acc_type));
       br.msh = pk.hold(spec.mid_shift.to(acc_type));
     }
-    const at::Tensor pw = spec.pw.reshape({br.O, pb.C}).to(acc_type);
-    br.pw_oc = pk.hold(pw);
-    br.pw_co = pk.hold(pw.t());
+    br.pw_oc = pk.hold(pw_oc);
+    br.pw_co = pk.hold(pw_co);
     pk.branches.push_back(br);
   }
   pk.scale = pk.hold(scale.to(acc_type));

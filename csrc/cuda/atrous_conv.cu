@@ -20,6 +20,7 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "glue.h"
+#include "pack_cache.h"
 
 namespace aspp_fused {
 namespace cuda {
@@ -46,6 +47,22 @@ at::Tensor pack_weights(at::TensorList weights, bool transpose, std::vector<int6
     off += parts.back().numel();
   }
   return at::cat(parts);
+}
+
+// pack_weights kept across calls while the weights are unchanged (pack_cache.h).
+struct PackedWeights {
+  at::Tensor buf;
+  std::vector<int64_t> offs;
+  std::vector<int> ldbs;
+};
+
+std::shared_ptr<const PackedWeights> packed_weights(at::TensorList weights, bool transpose) {
+  const std::string tag = std::string("cuda/atrous/") + (transpose ? "dgrad/" : "forward/") + stream_key();
+  return pack_cache::get<PackedWeights>(tag, weights.vec(), [&] {
+    PackedWeights p;
+    p.buf = pack_weights(weights, transpose, &p.offs, &p.ldbs);
+    return p;
+  });
 }
 
 at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
@@ -98,11 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cuda(const at::Tensor
   const at::Tensor xc = x.contiguous(kCL);
   const ForwardOutputs res(x, s.N, s.O, s.H, s.W, compute_stats);
   if (s.N * s.H * s.W > 0 && s.O > 0) {
-    std::vector<int64_t> offs;
-    std::vector<int> ldbs;
-    const at::Tensor packed = pack_weights(weights, /*transpose=*/false, &offs, &ldbs);
+    const auto pw = packed_weights(weights, /*transpose=*/false);
     const at::Tensor sc = acc_vector(scale, acc), sh = acc_vector(shift, acc), bi = acc_vector(bias, acc);
-    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, res.out.data_ptr(), false);
+    TapGemmCall call = forward_call(s, xc, dilations, pw->buf, pw->offs, pw->ldbs, sum_mode, res.out.data_ptr(), false);
     call.ep.scale = sc.data_ptr();
     call.ep.shift = sh.data_ptr();
     call.ep.bias = ptr<void>(bi);
@@ -147,11 +162,9 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
   const bool recompute = need_epilogue || (act == 1 && grad_sumsq.has_value());
   at::Tensor acc_buf, out_c;
   if (recompute) {
-    std::vector<int64_t> offs;
-    std::vector<int> ldbs;
-    const at::Tensor packed = pack_weights(weights, /*transpose=*/false, &offs, &ldbs);
+    const auto pw = packed_weights(weights, /*transpose=*/false);
     acc_buf = at::empty({P, O}, x.options().dtype(acc));
-    TapGemmCall call = forward_call(s, xc, dilations, packed, offs, ldbs, sum_mode, acc_buf.data_ptr(), true);
+    TapGemmCall call = forward_call(s, xc, dilations, pw->buf, pw->offs, pw->ldbs, sum_mode, acc_buf.data_ptr(), true);
     call.ep.raw = 1;
     call.ep.o_total = static_cast<int>(O);
     run_tap_gemm(call);
@@ -194,9 +207,10 @@ BackwardResult atrous_conv_backward_cuda(const at::Tensor& grad_out, const std::
   // the same GEMM with negated taps and transposed weights.
   if (need_input) {
     grad_x = at::empty(x.sizes(), x.options().memory_format(kCL));
-    std::vector<int64_t> offs;
-    std::vector<int> ldbs;
-    const at::Tensor packed_t = pack_weights(weights, /*transpose=*/true, &offs, &ldbs);
+    const auto pw_t = packed_weights(weights, /*transpose=*/true);
+    const at::Tensor& packed_t = pw_t->buf;
+    const std::vector<int64_t>& offs = pw_t->offs;
+    const std::vector<int>& ldbs = pw_t->ldbs;
     TapGemmCall call{};
     call.dtype = dtype;
     call.in = g_acc.data_ptr();

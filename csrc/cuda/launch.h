@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 
 // The light c10 headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS / cuSPARSE headers):
 // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
@@ -33,6 +34,13 @@ inline int num_sms() {
   return n;
 }
 inline at::Device current_device() { return at::Device(at::kCUDA, c10::cuda::current_device()); }
+
+// The current device and stream, as a pack_cache tag: an entry packed on one stream is only read
+// on that stream, after the pack in stream order.
+inline std::string stream_key() {
+  return "cuda:" + std::to_string(c10::cuda::current_device()) + "/stream " +
+         std::to_string(c10::cuda::getCurrentCUDAStream().id());
+}
 
 // The kernels use cp.async and bf16 / tf32 mma.sync: compute capability 8.0 or newer.
 inline void check_device(const char* op) {

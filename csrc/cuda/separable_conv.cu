@@ -26,6 +26,7 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "glue.h"
+#include "pack_cache.h"
 #include "separable_gemm.cuh"
 
 namespace aspp_fused {
@@ -36,7 +37,8 @@ using checks::SepBranchSpec;
 using checks::SepProblem;
 const auto kCL = at::MemoryFormat::ChannelsLast;
 
-// Parameters of the fused kernel, packed once per call.
+// Parameters of the fused kernel: the weights packed once per parameter version (pack_cache.h),
+// the mid affine and the branch descriptors (which depend on the map size) per call.
 struct SepPacked {
   at::Tensor pw;   // [C][ldb_b] slabs, x dtype
   at::Tensor dw;   // [9][C] slabs, acc type (undefined when no branch has a depthwise)
@@ -44,31 +46,62 @@ struct SepPacked {
   std::vector<SepBranch> br;
 };
 
+struct SepWeights {
+  at::Tensor pw, dw;
+  std::vector<int64_t> pw_off, dw_off, ldb;  // per branch; dw_off -1 without a depthwise
+};
+
+std::shared_ptr<const SepWeights> packed_weights(const SepProblem& pb, at::ScalarType dtype) {
+  std::vector<at::Tensor> sources;
+  for (const SepBranchSpec& spec : pb.branches) {
+    sources.push_back(spec.pw);
+    sources.push_back(spec.dw);
+  }
+  const std::string tag = "cuda/separable/" + std::string(c10::toString(dtype)) + "/" + stream_key();
+  return pack_cache::get<SepWeights>(tag, sources, [&] {
+    const at::ScalarType acc = acc_dtype(dtype);
+    const int vec = vec_elems(dtype);
+    SepWeights w;
+    std::vector<at::Tensor> pws, dws;
+    int64_t pw_off = 0, dw_off = 0;
+    for (const SepBranchSpec& spec : pb.branches) {
+      const int64_t Ob = spec.out_channels, ldb = round_up(Ob, vec);
+      at::Tensor pw = spec.pw.reshape({Ob, pb.C}).t();  // [C, O_b]
+      if (ldb > Ob) pw = at::constant_pad_nd(pw, {0, ldb - Ob}, 0);
+      pws.push_back(pw.contiguous().reshape({-1}));
+      w.pw_off.push_back(pw_off);
+      w.ldb.push_back(ldb);
+      pw_off += pws.back().numel();
+      w.dw_off.push_back(spec.dw.defined() ? dw_off : -1);
+      if (spec.dw.defined()) {
+        dws.push_back(spec.dw.reshape({pb.C, 9}).to(acc).t().contiguous().reshape({-1}));
+        dw_off += 9 * pb.C;
+      }
+    }
+    w.pw = at::cat(pws);
+    if (!dws.empty()) w.dw = at::cat(dws);
+    return w;
+  });
+}
+
 SepPacked pack_separable(const SepProblem& pb, at::ScalarType dtype) {
   const at::ScalarType acc = acc_dtype(dtype);
-  const int vec = vec_elems(dtype);
+  const std::shared_ptr<const SepWeights> w = packed_weights(pb, dtype);
   SepPacked pk;
-  std::vector<at::Tensor> pws, dws, mids;
-  int64_t pw_off = 0, dw_off = 0, mid_off = 0;
-  for (const SepBranchSpec& spec : pb.branches) {
+  pk.pw = w->pw;
+  pk.dw = w->dw;
+  std::vector<at::Tensor> mids;
+  int64_t mid_off = 0;
+  for (size_t i = 0; i < pb.branches.size(); ++i) {
+    const SepBranchSpec& spec = pb.branches[i];
     SepBranch b{};
-    const int64_t Ob = spec.out_channels, ldb = round_up(Ob, vec);
-    at::Tensor pw = spec.pw.reshape({Ob, pb.C}).t();  // [C, O_b]
-    if (ldb > Ob) pw = at::constant_pad_nd(pw, {0, ldb - Ob}, 0);
-    pws.push_back(pw.contiguous().reshape({-1}));
-    b.pw_off = pw_off;
-    pw_off += pws.back().numel();
-    b.ldb = static_cast<int>(ldb);
-    b.cout = static_cast<int>(Ob);
+    b.pw_off = w->pw_off[i];
+    b.ldb = static_cast<int>(w->ldb[i]);
+    b.cout = static_cast<int>(spec.out_channels);
     b.out_off = static_cast<int>(spec.offset);
     b.dilation = clamp_dilation(spec.dilation, pb.H, pb.W);
-    b.dw_off = -1;
+    b.dw_off = w->dw_off[i];
     b.mid_off = -1;
-    if (spec.dw.defined()) {
-      dws.push_back(spec.dw.reshape({pb.C, 9}).to(acc).t().contiguous().reshape({-1}));
-      b.dw_off = dw_off;
-      dw_off += 9 * pb.C;
-    }
     if (spec.mid_scale.defined()) {
       mids.push_back(spec.mid_scale.to(acc).contiguous());
       mids.push_back(spec.mid_shift.to(acc).contiguous());
@@ -77,8 +110,6 @@ SepPacked pack_separable(const SepProblem& pb, at::ScalarType dtype) {
     }
     pk.br.push_back(b);
   }
-  pk.pw = at::cat(pws);
-  if (!dws.empty()) pk.dw = at::cat(dws);
   if (!mids.empty()) pk.mid = at::cat(mids);
   return pk;
 }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "cuda_emu.h"
 
@@ -24,6 +25,7 @@ struct DeviceGuard {
 // the SM count: ASPP_CUDA_EMU_SMS (default 4; an H100 has 132) picks the one they see.
 inline int num_sms() { return ::emu::num_sms(); }
 inline at::Device current_device() { return at::Device(at::kCPU); }
+inline std::string stream_key() { return "emulator"; }
 inline void check_device(const char*) {}
 
 template <typename... KArgs, typename... Args>

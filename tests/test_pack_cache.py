@@ -1,0 +1,186 @@
+"""The compiled CPU / CUDA kernels pack each weight set once per parameter version (csrc/pack_cache.h):
+counted packings across calls, optimizer steps, load_state_dict, dtype changes, torch.compile and
+threads; per-call views of a parameter still hit; ASPP_FUSED_FOLD_CACHE=0 packs on every call.
+(The Triton backend's PackCache: tests/test_triton.py.)"""
+import copy
+import threading
+
+import pytest
+import torch
+
+import aspp_fused
+import aspp_fused.nn as ann
+from aspp_fused import _extension
+from aspp_fused import functional as AF
+from conftest import assert_close_rel, randomize_bn
+
+pytestmark = pytest.mark.skipif(not _extension.cpp_available(), reason="the compiled extension is not built")
+
+
+def info():
+    hits, packs, entries = torch.ops.aspp_fused.pack_cache_info()
+    return dict(hits=hits, packs=packs, entries=entries)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    torch.ops.aspp_fused.pack_cache_clear()
+    yield
+    torch.ops.aspp_fused.pack_cache_clear()
+
+
+def _head(name="aspp"):
+    torch.manual_seed(0)
+    twin = {"aspp": lambda: ann.ASPP(8, [2, 5], 6), "sep": lambda: ann.SeparableASPP(8, 6, [2, 5]),
+            "v2": lambda: ann.ASPPv2(8, 3, [2, 5])}[name]()
+    randomize_bn(twin)
+    return twin, getattr(ann, {"aspp": "FusedASPP", "sep": "FusedSeparableASPP", "v2": "FusedASPPv2"}[name]) \
+        .from_module(copy.deepcopy(twin), backend="cpp")
+
+
+@pytest.mark.parametrize("name", ["aspp", "sep", "v2"])
+def test_eval_packs_once_across_calls(name):
+    _, m = _head(name)
+    m.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        first = m(x)
+        packs = info()["packs"]
+        assert packs >= 1
+        for _ in range(3):
+            assert_close_rel(m(x), first, 0.0, "cached call")
+    assert info()["packs"] == packs, info()
+    assert info()["hits"] >= 3 * packs
+
+
+def test_train_repacks_once_per_optimizer_step():
+    _, m = _head()
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    x = torch.randn(2, 8, 9, 9)
+    counts = []
+    for _ in range(3):
+        before = info()["packs"]
+        m(x).square().mean().backward()
+        counts.append(info()["packs"] - before)
+        opt.step()
+        opt.zero_grad()
+    # forward + recompute + dgrad of the branch op and of the projection: the same count each
+    # step (new versions), and nothing left behind: stale entries are dropped as they are replaced
+    assert counts[1] == counts[2] >= 1, counts
+    entries = info()["entries"]
+    m(x).sum().backward()
+    assert info()["entries"] == entries
+
+
+def test_load_state_dict_and_dtype_change_invalidate():
+    twin, m = _head()
+    m.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        m(x)
+        packs = info()["packs"]
+        m(x)
+        assert info()["packs"] == packs
+        other = copy.deepcopy(twin)
+        for p in other.parameters():
+            p.data.add_(0.5)
+        m.load_state_dict(other.state_dict())
+        y = m(x)
+        assert info()["packs"] > packs, "load_state_dict did not invalidate"
+        assert_close_rel(y, other.eval()(x), 1e-5, "after load_state_dict")
+        packs = info()["packs"]
+        m.double()
+        y = m(x.double())
+        assert info()["packs"] > packs, "dtype change did not invalidate"
+        assert_close_rel(y, other.double()(x.double()), 1e-10, "after .double()")
+
+
+def test_data_write_needs_clear_caches():
+    """An in-place write through .data moves no version counter (PyTorch's rule): the cached pack
+    stays until aspp_fused.clear_caches."""
+    twin, m = _head("v2")
+    m.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        m(x)
+        for p in m.parameters():
+            p.data.mul_(2.0)
+        for p in twin.parameters():
+            p.data.mul_(2.0)
+        aspp_fused.clear_caches(m)
+        assert info() == dict(hits=0, packs=0, entries=0)
+        assert_close_rel(m(x), twin.eval()(x), 1e-5, "after clear_caches")
+
+
+def test_views_made_per_call_hit():
+    """A slice of one weight tensor, taken afresh on every call, is the same source."""
+    base = torch.randn(12, 4, 3, 3)
+    x = torch.randn(1, 4, 6, 6)
+    s, t = torch.ones(8), torch.zeros(8)
+    for _ in range(3):
+        AF.atrous_conv(x, [base[:4], base[4:8]], [1, 2], s, t, backend="cpp")
+    assert info()["packs"] == 1 and info()["hits"] == 2, info()
+    base.add_(1.0)  # the views share the base's version counter
+    AF.atrous_conv(x, [base[:4], base[4:8]], [1, 2], s, t, backend="cpp")
+    assert info()["packs"] == 2 and info()["entries"] == 1, info()
+    AF.atrous_conv(x, [base[4:8], base[:4]], [1, 2], s, t, backend="cpp")  # other views: another entry
+    assert info()["packs"] == 3, info()
+
+
+def test_dead_sources_leave_no_entries():
+    x = torch.randn(1, 4, 6, 6)
+    s, t = torch.ones(4), torch.zeros(4)
+    for _ in range(40):
+        AF.atrous_conv(x, [torch.randn(4, 4, 3, 3)], [1], s, t, backend="cpp")
+    assert info()["packs"] == 40 and info()["entries"] <= 2, info()
+
+
+def test_fold_cache_off_packs_every_call(monkeypatch):
+    monkeypatch.setenv("ASPP_FUSED_FOLD_CACHE", "0")
+    w = torch.randn(4, 4, 3, 3)
+    x = torch.randn(1, 4, 6, 6)
+    for _ in range(3):
+        AF.atrous_conv(x, [w], [1], torch.ones(4), torch.zeros(4), backend="cpp")
+    assert info() == dict(hits=0, packs=3, entries=0)
+
+
+def test_compiled_model_packs_once():
+    torch._dynamo.reset()
+    _, m = _head()
+    m.eval()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        y = compiled(x)
+        packs = info()["packs"]
+        for _ in range(3):
+            assert_close_rel(compiled(x), y, 0.0, "compiled, cached")
+    assert info()["packs"] == packs, info()
+
+
+def test_threads_share_one_pack():
+    """8 threads run one model at once after a warm-up call: no new packing, the same outputs."""
+    _, m = _head()
+    m.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = m(x)
+    packs = info()["packs"]
+    errors = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    assert_close_rel(m(x), ref, 0.0, "thread")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    assert info()["packs"] == packs, info()
