@@ -159,6 +159,10 @@ def unregister_stand_in(name: str) -> None:
             del _DECISIONS[key]
 
 
+def is_stand_in(name: str) -> bool:
+    return name in _STAND_INS
+
+
 def stand_in(name: str, op: str) -> Optional[Callable]:
     entry = _STAND_INS.get(name)
     return None if entry is None else entry["ops"].get(op)

@@ -25,11 +25,15 @@ def check_backend(backend: str) -> str:
     if backend == "cuda":
         raise ValueError("backend must be one of %s, got 'cuda': the CUDA kernels are backend='cpp' on CUDA "
                          "tensors (backend='auto' picks them when they are built)" % ", ".join(map(repr, BACKENDS)))
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and not dispatch.is_stand_in(backend):  # a test stand-in is a name too
         raise ValueError("backend must be one of %s, got %r" % (", ".join(map(repr, BACKENDS)), backend))
     if backend == "triton":
         try:
             import triton  # noqa: F401
+
+            # Loads the Triton backend now (at a module's construction, in eager): a first load
+            # while torch.compile traces would make dynamo trace its lock and imports (unsupported).
+            _extension.triton_kernels()
         except Exception as exc:  # not installed, or broken
             raise RuntimeError(
                 "backend='triton' needs the triton package, which failed to import (%s: %s); install it with "

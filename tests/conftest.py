@@ -72,6 +72,23 @@ def cpp_backend_params():
 BACKENDS = ["torch"] + cpp_backend_params()
 
 
+def triton_backend_param():
+    """The Triton backend: compiled on a GPU, interpreted on CPU (TRITON_INTERPRET=1, set above)."""
+    try:
+        import triton  # noqa: F401  (importable?)
+
+        ok = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+        why = "neither CUDA nor TRITON_INTERPRET=1"
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        ok, why = False, "triton not importable (%s)" % type(exc).__name__
+    return pytest.param("triton", marks=[] if ok else pytest.mark.skip(reason=why))
+
+
+# Every backend of the fused modules, Triton included (interpreted on CPU: small cases only).
+ALL_BACKENDS = BACKENDS + [triton_backend_param()]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

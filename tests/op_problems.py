@@ -3,13 +3,14 @@
 The float64 torch backend is the reference: ``op_parity`` runs a backend on the problem's dtype and
 the reference on float64 copies, and compares outputs, batch statistics and every gradient.
 """
+import os
+
 import torch
 
 from aspp_fused import functional as AF
-from conftest import assert_close_rel, map_tensors, tensors_of
+from conftest import DEV, assert_close_rel, map_tensors, tensors_of
 
 F64 = torch.float64
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
 # An ASPP v3 layout: (k, O_b, dilation) of the 1x1 and two 3x3 branches, one rate beyond small maps.
 ASPP_BRANCHES = ((1, 3, 1), (3, 4, 2), (3, 4, 12))
@@ -93,3 +94,44 @@ def op_parity(backend, make_fn, args, stats, tol=TOL):
             assert gt.abs().max() == 0, i
         else:
             assert_close_rel(gt, gr, tol, "grad of input %d" % i)
+
+
+# --------------------------------------------------------------------------- the CUDA kernels on the emulator
+
+EMU_LIB = os.environ.get("ASPP_CUDA_EMU_LIB")
+_emu_registered = []
+
+
+def cuda_emu_backend():
+    """The CUDA kernels run on the host SIMT emulator (tools/cuda_emu), as a backend name the
+    functional accepts: "cuda_emu", a dispatch stand-in over torch.ops.aspp_fused_emu.* (CPU
+    tensors) with the ops' own autograd formulas (aspp_fused/_autograd.py), so the op cases run on
+    them as on every backend. None unless the emulator library is built and named by
+    ASPP_CUDA_EMU_LIB (tools/cuda_emu/run_tests.sh, make emu-test)."""
+    if not EMU_LIB:
+        return None
+    if not _emu_registered:
+        from aspp_fused import _autograd, dispatch
+        from aspp_fused.functional import _materialize
+
+        torch.ops.load_library(EMU_LIB)
+        emu = torch.ops.aspp_fused_emu
+        _autograd.register_atrous("aspp_fused_emu::atrous_conv", emu.atrous_conv_backward)
+        _autograd.register_separable("aspp_fused_emu::separable_conv", emu.separable_conv_backward)
+
+        def atrous(x, ws, d, s, t, b, sum_mode, act, stats):
+            s, t = _materialize(s, t, ws[0].shape[0] if sum_mode else sum(w.shape[0] for w in ws), x)
+            return emu.atrous_conv(x, list(ws), list(d), s, t, b, sum_mode, act, stats)
+
+        def separable(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats):
+            s, t = _materialize(s, t, sum(w.shape[0] for w in pw), x)
+
+            def absent_as_empty(ts):  # the schema's [0] placeholder, as aspp_fused/ops.py
+                return [x.new_empty((0,)) if v is None else v for v in ts]
+
+            return emu.separable_conv(x, absent_as_empty(dw), list(d), absent_as_empty(ms), absent_as_empty(msh),
+                                      mid_act, list(pw), s, t, b, act, stats)
+
+        dispatch.register_stand_in("cuda_emu", {"atrous_conv": atrous, "separable_conv": separable})
+        _emu_registered.append(True)
+    return "cuda_emu"

@@ -1,24 +1,25 @@
-"""torch.compile(fullgraph=True) traces the fused modules (fake kernels + autograd registered)."""
+"""torch.compile(fullgraph=True) traces the fused modules (fake kernels + autograd registered), on
+every backend (Triton: interpreted on CPU)."""
 import copy
 
 import pytest
 import torch
 
 import aspp_fused.nn as ann
-from conftest import BACKENDS, assert_close_rel, randomize_bn
+from conftest import ALL_BACKENDS, DEV, assert_close_rel, randomize_bn
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_compile_fullgraph_eval_inductor(backend):
     torch._dynamo.reset()
-    m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6, backend=backend)).eval()
-    x = torch.randn(2, 8, 7, 9)
+    m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6, backend=backend)).to(DEV).eval()
+    x = torch.randn(2, 8, 7, 9, device=DEV)
     compiled = torch.compile(m, fullgraph=True)
     with torch.no_grad():
         assert_close_rel(compiled(x), m(x), 1e-5, "compiled eval output")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("module", ["aspp", "sep_aspp"])
 def test_compile_fullgraph_train_step(backend, module):
     """Forward + backward in training (batch stats, running-stat updates) under aot_autograd."""
@@ -27,11 +28,11 @@ def test_compile_fullgraph_train_step(backend, module):
         m = ann.FusedASPP(8, [2, 12], out_channels=6, backend=backend)
     else:
         m = ann.FusedSeparableASPP(8, 6, [2, 12], backend=backend)
-    m = randomize_bn(m).train()
+    m = randomize_bn(m).to(DEV).train()
     m.project[3].p = 0.0  # dropout RNG differs between compiled and eager graphs
     eager = copy.deepcopy(m)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 8, 7, 9, requires_grad=True)
+    x = torch.randn(3, 8, 7, 9, device=DEV, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     y_c = compiled(x)
     y_e = eager(x2)

@@ -1,6 +1,7 @@
 """Each op's cases, written once and run on every available backend against the float64 torch
 backend (the reference): the compiled kernels (``cpp``: CPU kernels on CPU, CUDA kernels on a GPU
-when built) and Triton (compiled on a GPU, under the interpreter on CPU).
+when built), Triton (compiled on a GPU, under the interpreter on CPU) and the CUDA kernels on the
+host emulator (``cuda_emu``, in make emu-test; op_problems.cuda_emu_backend).
 
 The shapes are tiny (C <= 20, H, W <= 9, O_b <= 4) for the interpreter, yet they cover several
 tiles per image with ragged edges, rates at and beyond the map (tap rectangles of 1, 2 and 3 taps
@@ -8,15 +9,14 @@ per axis), the exact-region plan's shape classes, C off the channel block, batch
 and sum mode, separable with and without the mid BN, stats on and off, and every gradient.
 Tolerance (docs/DESIGN.md): fp32 against float64 1e-5 relative, TF32 off.
 """
-import os
-
 import pytest
 import torch
 
 from aspp_fused import _extension
 from aspp_fused import functional as AF
-from conftest import assert_close_rel
-from op_problems import ASPP_BRANCHES, DEV, F64, TOL, atrous_fn, atrous_problem, op_parity, separable_fn, separable_problem
+from conftest import assert_close_rel, triton_backend_param
+from op_problems import (ASPP_BRANCHES, DEV, F64, TOL, atrous_fn, atrous_problem, cuda_emu_backend, op_parity,
+                         separable_fn, separable_problem)
 
 
 def _backends():
@@ -27,14 +27,10 @@ def _backends():
     else:
         params.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skip(reason="aspp_fused._C (with kernels for "
                                                                               "this device) not built")))
-    try:
-        import triton  # noqa: F401  (importable?)
-
-        ok = cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-        why = "neither CUDA nor TRITON_INTERPRET=1"
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        ok, why = False, "triton not importable (%s)" % type(exc).__name__
-    params.append(pytest.param("triton", id="triton", marks=[] if ok else pytest.mark.skip(reason=why)))
+    params.append(triton_backend_param())
+    emu = cuda_emu_backend()
+    params.append(pytest.param("cuda_emu", id="cuda_emu", marks=[] if emu else pytest.mark.skip(
+        reason="the CUDA kernels' host emulator is not built (make emu-test runs these)")))
     return params
 
 

@@ -102,27 +102,7 @@ def test_convert_several_train_steps_then_eval():
 # --------------------------------------------------------------------------- torch.compile, opcheck
 
 
-def test_compile_fullgraph_eval_and_train():
-    torch._dynamo.reset()
-    m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6, backend="triton")).to(DEV).eval()
-    x = torch.randn(2, 8, 7, 9, device=DEV)
-    with torch.no_grad():
-        assert_close_rel(torch.compile(m, fullgraph=True)(x), m(x), 1e-5, "compiled eval output")
-    torch._dynamo.reset()
-    m = randomize_bn(ann.FusedSeparableASPP(8, 6, [2, 12], backend="triton")).to(DEV).train()
-    m.project[3].p = 0.0
-    eager = copy.deepcopy(m)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 8, 7, 9, device=DEV, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_(True)
-    y_c, y_e = compiled(x), eager(x2)
-    assert_close_rel(y_c, y_e, 1e-5, "compiled train output")
-    g = torch.randn_like(y_e)
-    y_c.backward(g)
-    y_e.backward(g)
-    assert_close_rel(x.grad, x2.grad, 1e-5, "input grad")
-    for (name, p), p_e in zip(m.named_parameters(), eager.parameters()):
-        assert_close_rel(p.grad, p_e.grad, 1e-5, "grad of " + name)
+# torch.compile of the Triton-backed modules: tests/test_compile.py (every backend).
 
 
 def test_opcheck_triton_ops():
