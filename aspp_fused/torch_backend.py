@@ -120,8 +120,11 @@ def _regions_mode() -> str:
 
 
 # Where the exact-region plan runs dilated convs (region_conv): "auto" = on CUDA tensors (cuDNN
-# multiplies the zero padding; not yet timed on a GPU), "1" = also on CPU (oneDNN already skips
-# padded taps there and the region convs measured slower: 2 cores, OS16 head), "0" = never.
+# multiplies the zero padding; not yet timed on a GPU: benchmarks' fused_torch_dense is the same
+# module with it off), "1" = also on CPU, "0" = never. On CPU oneDNN already skips padded taps, and
+# the regions measured 5x slower: the OS16 branches (512 -> 4 x 256 channels, 33 x 33, rates
+# 6 / 12 / 18, batch 2, fp32, 2 busy cores), medians of 7 interleaved calls, 208 ms plain against
+# 1038 ms in regions (the small convs on strided input slices).
 REGIONS = _regions_mode()
 
 

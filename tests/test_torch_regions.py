@@ -137,3 +137,19 @@ def test_bad_regions_setting_is_named(monkeypatch):
     monkeypatch.setenv("ASPP_FUSED_TORCH_REGIONS", "yes")
     with pytest.raises(ValueError, match="ASPP_FUSED_TORCH_REGIONS must be 'auto'.*got 'yes'"):
         T._regions_mode()
+
+
+def test_benchmark_provider_with_regions_off(regions):
+    """benchmarks' fused_torch_dense runs the same module with the region plan off, and restores it."""
+    from benchmarks.cases import _RegionsOff
+
+    m = ann.FusedASPP(8, [2, 5], out_channels=6).eval()
+    x = torch.randn(2, 8, 9, 11)
+    with record_work() as log, torch.no_grad():
+        off = _RegionsOff(m)(x)
+    assert [e["kernel"] for e in log if e["kernel"].startswith("torch_region")] == []
+    assert T.REGIONS == "1"
+    with record_work() as log, torch.no_grad():
+        on = m(x)
+    assert [e["kernel"] for e in log].count("torch_region_conv") == 2
+    assert_close_rel(off, on, 1e-5, "regions off vs on")
