@@ -87,8 +87,14 @@ def check_input(owner: str, x, channels: int, weight: Optional[torch.Tensor] = N
                         "module.to(%s) or input.to(%s))" % (owner, x.dtype, weight.dtype, x.dtype, weight.dtype))
 
 
+def separable_parts(sep: nn.Sequential):
+    """(depthwise conv, mid BN or None, pointwise conv) of a SeparableConv2d layout that
+    separable_branch_args has checked (at construction): what a forward reads, with no checks."""
+    return (sep[0], None, sep[1]) if len(sep) == 2 else (sep[0], sep[1], sep[3])
+
+
 def separable_branch_args(owner: str, sep: nn.Sequential, where: str):
-    """(depthwise conv, mid BN or None, pointwise conv) of a SeparableConv2d layout."""
+    """(depthwise conv, mid BN or None, pointwise conv) of a SeparableConv2d layout, checked."""
     check_type(owner, where, sep, nn.Sequential)
     if len(sep) == 2:
         dw, mid, pw = sep[0], None, sep[1]
@@ -105,4 +111,4 @@ def separable_branch_args(owner: str, sep: nn.Sequential, where: str):
     check_conv(owner, where + "[-1]", pw, (1,))
     if pw.in_channels != dw.out_channels:
         _fail(owner, where + "[-1]", "has %d input channels, expected %d" % (pw.in_channels, dw.out_channels))
-    return dw, mid, pw
+    return separable_parts(sep)

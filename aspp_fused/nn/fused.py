@@ -12,7 +12,8 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
-from aspp_fused.nn._checks import _fail, check_cbr, check_bn, check_input, check_type, separable_branch_args
+from aspp_fused.nn._checks import (_fail, check_cbr, check_bn, check_input, check_type, separable_branch_args,
+                                   separable_parts)
 from aspp_fused.nn._conv_bn import conv_bn_act, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 
@@ -133,7 +134,6 @@ class FusedSeparableAtrousConv(FusedModule, nn.Sequential):
         check_type(owner, "module[2]", module[2], nn.ReLU)
 
     def forward(self, x):
-        owner = type(self).__name__
-        dw, mid, pw = separable_branch_args(owner, self[0], "[0]")
-        check_input(owner, x, dw.in_channels)
+        dw, mid, pw = separable_parts(self[0])  # the layout was checked at construction (check_source)
+        check_input(type(self).__name__, x, dw.in_channels)
         return like_input_format(separable_bn_act(x, [(dw, mid, pw)], [self[1]], self.backend), x)

@@ -14,7 +14,7 @@ from aspp_fused import functional as AF
 from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import batch_norm_act, centers, eval_affine_all, uses_batch_stats
 from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_type,
-                                   separable_branch_args)
+                                   separable_branch_args, separable_parts)
 from aspp_fused.nn._conv_bn import acc_dtype, conv_bn_act, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused import FusedModule
@@ -167,8 +167,14 @@ class FusedSeparableASPP(FusedModule):
                 _fail(owner, "convs[%d]" % i, "reads %d channels, expected %d" % (pw.in_channels, c))
         _check_pool_and_project(owner, module, sum(pw.out_channels for (_, _, pw), _ in branches))
 
+    @staticmethod
+    def _branch_parts(convs):
+        """_branches without the checks (check_source ran them at construction): the forward's."""
+        return [((None, None, br[0]), br[1]) if isinstance(br[0], nn.Conv2d) else (separable_parts(br[0]), br[1])
+                for br in list(convs)[:-1]]
+
     def forward(self, x):
-        branches = self._branches(self.convs)
+        branches = self._branch_parts(self.convs)
         check_input(type(self).__name__, x, branches[0][0][2].in_channels, branches[0][0][2].weight)
         h = separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
         return _project(self, x, h, _pool_vector(self.convs[-1], x))
