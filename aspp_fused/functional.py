@@ -36,7 +36,8 @@ def check_backend(backend: str) -> str:
             _extension.triton_kernels()
         except Exception as exc:  # not installed, or broken
             raise RuntimeError(
-                "backend='triton' needs the triton package, which failed to import (%s: %s); install it with "
+                "backend='triton' needs the triton package and aspp_fused's Triton kernels, which failed to load "
+                "(%s: %s); install triton with "
                 "`pip install 'aspp_fused[triton]'` or use backend='torch' / 'cpp'" % (type(exc).__name__, exc)
             ) from exc
     return backend

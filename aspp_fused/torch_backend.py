@@ -7,9 +7,9 @@ may_prune_taps). It is also the readable reference the compiled kernels are test
 
 Speed choices: channels_last activations, BN folded into the conv weights and bias (the
 eval epilogue is then only the ReLU; under torch.compile an epilogue instead, see
-_fold_into_weights), the image-pooling branch as a per-sample bias, and on CUDA the exact-region
-plan (a dilated 3x3 conv as one ATen conv per region, over the taps that touch the image there:
-region_conv).
+_fold_into_weights), the image-pooling branch as a per-sample bias; optionally (REGIONS) the
+exact-region plan: a dilated 3x3 conv as one ATen conv per region, over the taps that touch the
+image there (region_conv).
 Low-precision inputs run PyTorch's own conv in that dtype, so this backend's rounding is
 PyTorch's.
 """
@@ -112,26 +112,28 @@ def _valid_taps(w: torch.Tensor, dilation: int, h, wd):
 
 
 def _regions_mode() -> str:
-    mode = os.environ.get("ASPP_FUSED_TORCH_REGIONS", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError("ASPP_FUSED_TORCH_REGIONS must be 'auto' (CUDA tensors), '1' (always) or '0' (never), "
+    mode = os.environ.get("ASPP_FUSED_TORCH_REGIONS", "0")
+    if mode not in ("0", "1", "cuda"):
+        raise ValueError("ASPP_FUSED_TORCH_REGIONS must be '0' (never), 'cuda' (CUDA tensors) or '1' (always), "
                          "got %r" % mode)
     return mode
 
 
-# Where the exact-region plan runs dilated convs (region_conv): "auto" = on CUDA tensors (cuDNN
-# multiplies the zero padding; not yet timed on a GPU: benchmarks' fused_torch_dense is the same
-# module with it off), "1" = also on CPU, "0" = never. On CPU oneDNN already skips padded taps, and
+# Where the exact-region plan runs dilated convs (region_conv): "0" = never (the default), "cuda" =
+# on CUDA tensors, "1" = also on CPU. Off by default: the backend is picked from evidence, and there
+# is none yet on a GPU (cuDNN multiplies the zero padding, but the plan trades it for up to 9 smaller
+# convs per branch on strided input slices and two concatenations; benchmarks' fused_torch_regions
+# is fused_torch with it on, for the GPU run to decide). On CPU oneDNN already skips padded taps, and
 # the regions measured 5x slower: the OS16 branches (512 -> 4 x 256 channels, 33 x 33, rates
 # 6 / 12 / 18, batch 2, fp32, 2 busy cores), medians of 7 interleaved calls, 208 ms plain against
-# 1038 ms in regions (the small convs on strided input slices).
+# 1038 ms in regions.
 REGIONS = _regions_mode()
 
 
 def _use_regions(x: torch.Tensor, w: torch.Tensor, dilation: int) -> bool:
     """A 3x3 branch at a size known for every run (plain ints: eager, or torch.compile with the
     size specialised) whose padding splits the map into more than one region."""
-    if REGIONS == "0" or (REGIONS == "auto" and not x.is_cuda):
+    if REGIONS == "0" or (REGIONS == "cuda" and not x.is_cuda):
         return False
     h, wd = x.shape[-2], x.shape[-1]
     if type(h) is not int or type(wd) is not int or not may_prune_taps(h, wd) or w.shape[-1] != 3:

@@ -10,8 +10,8 @@ included), per provider, from the provider's own launches:
   (atrous_conv.GPU_REGION_TILE) with the same plan builder. Launches whose taps come from the tile
   inside the kernel (sum mode: the tile kernel; the separable kernel) have no issued count: the
   record's issued_macs is then null and ``partial`` names them.
-* ``fused_torch``: the fused head with the torch backend's exact-region convolutions (its CUDA
-  default; torch_backend.region_conv), run on fake tensors (nothing computed) while the backend
+* ``fused_torch_regions``: the fused head with the torch backend's exact-region convolutions
+  (torch_backend.region_conv, ASPP_FUSED_TORCH_REGIONS=cuda), run on fake tensors (nothing computed) while the backend
   logs each ATen conv it asks for: a region conv issues exactly its valid (pixel, tap) pairs, a
   plain conv (1x1, depthwise, or a branch whose map needs no region split) every kept tap at
   every pixel. What cuDNN then executes inside a conv is its own choice.
@@ -105,7 +105,7 @@ def work_records(case_names: List[str], size: str, batch_override=None):
         records.append({"case": name, "provider": "eager_cl", "batch": batch, "dense_macs": dense,
                         "valid_macs": executed, "issued_macs": None,
                         "note": "cuDNN / oneDNN choose their own algorithm"})
-        records.append(dict({"case": name, "provider": "fused_torch", "batch": batch},
+        records.append(dict({"case": name, "provider": "fused_torch_regions", "batch": batch},
                             **_torch_work(case, size, batch)))
         try:
             rec = _triton_work(case, size, batch)

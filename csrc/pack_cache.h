@@ -11,7 +11,8 @@
 // CUDA, so a hit is always read in stream order after the pack that wrote it.
 //
 // At most kMaxEntries entries, least recently used first out. Off (every call packs) with
-// ASPP_FUSED_FOLD_CACHE=0, and for inference tensors (they have no version counter).
+// ASPP_FUSED_FOLD_CACHE=0, for inference tensors (they have no version counter) and while a CUDA
+// graph is captured (a replay must pack from the weights of its time).
 // Thread-safe: one mutex around lookup and insert; packing runs outside it.
 #pragma once
 
@@ -107,9 +108,10 @@ inline bool dead(const Entry& e) {
 
 // The value make() builds from `sources`, from the cache when the same sources at the same
 // versions were packed under `tag` before. V: what make() returns (copied into the cache).
+// use = false: pack without the cache (e.g. while a CUDA graph is captured).
 template <typename V, typename F>
-std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sources, F make) {
-  bool ok = enabled();
+std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sources, F make, bool use = true) {
+  bool ok = use && enabled();
   for (const at::Tensor& t : sources) ok = ok && cacheable(t);
   State& st = state();
   if (!ok) {

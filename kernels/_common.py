@@ -167,6 +167,10 @@ class PackCache:
                 or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
             return compute()
         if tensors and tensors[0].is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                # A CUDA graph packs on every replay: an entry read by the graph would not follow
+                # later weight updates, one written during capture holds nothing until a replay.
+                return compute()
             # Per stream: a packing is queued on the current stream, so an entry is only read on
             # the stream that wrote it, after the copies in stream order (as csrc/pack_cache.h).
             key = key + (torch.cuda.current_stream(tensors[0].device).cuda_stream,)

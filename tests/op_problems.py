@@ -108,7 +108,7 @@ def cuda_emu_backend():
     tensors) with the ops' own autograd formulas (aspp_fused/_autograd.py), so the op cases run on
     them as on every backend. None unless the emulator library is built and named by
     ASPP_CUDA_EMU_LIB (tools/cuda_emu/run_tests.sh, make emu-test)."""
-    if not EMU_LIB:
+    if not EMU_LIB or torch.cuda.is_available():  # on a GPU the real CUDA kernels run as "cpp"
         return None
     if not _emu_registered:
         from aspp_fused import _autograd, dispatch

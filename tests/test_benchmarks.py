@@ -307,10 +307,10 @@ def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
     doc = json.load(open(os.path.join(str(tmp_path), "work_gpu.json")))
     recs = {(r["case"], r["provider"]): r for r in doc["records"]}
     assert set(recs) == {(c, p) for c in ("aspp_v3_os16", "aspp_v2_os8")
-                         for p in ("eager_cl", "fused_torch", "fused_triton")}
+                         for p in ("eager_cl", "fused_torch_regions", "fused_triton")}
     for case in ("aspp_v3_os16", "aspp_v2_os8"):
-        # the torch backend's region convs (its CUDA default) issue exactly the valid work
-        t = recs[(case, "fused_torch")]
+        # the torch backend's region convs issue exactly the valid work
+        t = recs[(case, "fused_torch_regions")]
         assert t["issued_macs"] == t["valid_macs"] < 0.75 * t["dense_macs"], t
     tri = recs[("aspp_v3_os16", "fused_triton")]
     assert tri["tile"] == [128, 128] and "partial" not in tri

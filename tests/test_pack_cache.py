@@ -129,11 +129,17 @@ def test_views_made_per_call_hit():
 
 
 def test_dead_sources_leave_no_entries():
+    """An entry whose weights are gone is dropped (it holds no reference to them: a packing is a
+    copy even where no cast is needed, e.g. the CPU separable kernel's fp32 pointwise weights)."""
     x = torch.randn(1, 4, 6, 6)
     s, t = torch.ones(4), torch.zeros(4)
     for _ in range(40):
         AF.atrous_conv(x, [torch.randn(4, 4, 3, 3)], [1], s, t, backend="cpp")
     assert info()["packs"] == 40 and info()["entries"] <= 2, info()
+    for _ in range(40):
+        AF.separable_conv(x, [torch.randn(4, 1, 3, 3)], [2], [None], [None], "relu", [torch.randn(4, 4, 1, 1)], s,
+                          t, backend="cpp")
+    assert info()["packs"] == 80 and info()["entries"] <= 2, info()
 
 
 def test_fold_cache_off_packs_every_call(monkeypatch):

@@ -1,5 +1,6 @@
-"""The torch backend's exact-region convolutions (torch_backend.region_conv; on CUDA by default,
-forced here with torch_backend.REGIONS = "1"): exact against ATen's padded conv on every shape
+"""The torch backend's exact-region convolutions (torch_backend.region_conv; off by default until a
+GPU run measures them, ASPP_FUSED_TORCH_REGIONS=cuda / 1 turn them on; forced here with
+torch_backend.REGIONS = "1"): exact against ATen's padded conv on every shape
 class of the plan (regions of width 0 or 1, rates >= the map, 1-pixel maps), differentiable,
 counted (issued == valid), and never recorded where a graph must run at any size.
 """
@@ -124,8 +125,8 @@ def test_compile_with_regions(regions):
             assert_close_rel(compiled(x), m(x), 1e-5, "compiled at %s" % (hw,))
 
 
-def test_regions_default_is_cuda_only(monkeypatch):
-    monkeypatch.setattr(T, "REGIONS", "auto")
+def test_regions_cuda_setting_is_cuda_only(monkeypatch):
+    monkeypatch.setattr(T, "REGIONS", "cuda")
     assert not T._use_regions(torch.randn(1, 2, 9, 9), torch.randn(2, 2, 3, 3), 2)
     monkeypatch.setattr(T, "REGIONS", "1")
     assert T._use_regions(torch.randn(1, 2, 9, 9), torch.randn(2, 2, 3, 3), 2)
@@ -135,21 +136,24 @@ def test_regions_default_is_cuda_only(monkeypatch):
 
 def test_bad_regions_setting_is_named(monkeypatch):
     monkeypatch.setenv("ASPP_FUSED_TORCH_REGIONS", "yes")
-    with pytest.raises(ValueError, match="ASPP_FUSED_TORCH_REGIONS must be 'auto'.*got 'yes'"):
+    with pytest.raises(ValueError, match="ASPP_FUSED_TORCH_REGIONS must be '0'.*got 'yes'"):
         T._regions_mode()
 
 
-def test_benchmark_provider_with_regions_off(regions):
-    """benchmarks' fused_torch_dense runs the same module with the region plan off, and restores it."""
-    from benchmarks.cases import _RegionsOff
+def test_benchmark_provider_with_regions_on(monkeypatch):
+    """benchmarks' fused_torch_regions runs the same module with the region plan on, then restores the
+    setting; the default is off (no GPU measurement yet)."""
+    from benchmarks.cases import _WithRegions
 
+    monkeypatch.delenv("ASPP_FUSED_TORCH_REGIONS", raising=False)
+    assert T._regions_mode() == "0"
     m = ann.FusedASPP(8, [2, 5], out_channels=6).eval()
     x = torch.randn(2, 8, 9, 11)
     with record_work() as log, torch.no_grad():
-        off = _RegionsOff(m)(x)
-    assert [e["kernel"] for e in log if e["kernel"].startswith("torch_region")] == []
-    assert T.REGIONS == "1"
+        off = m(x)
+    assert [e["kernel"] for e in log].count("torch_region_conv") == 0
     with record_work() as log, torch.no_grad():
-        on = m(x)
+        on = _WithRegions(m)(x)
     assert [e["kernel"] for e in log].count("torch_region_conv") == 2
+    assert T.REGIONS == "0"
     assert_close_rel(off, on, 1e-5, "regions off vs on")

@@ -124,8 +124,9 @@ def build(kernel, ptrs, consts, arch, cfg=None):
     return out
 
 
-def problems(fam, res, stages):
-    """What one build breaks of its family's promises ([] = none)."""
+def problems(fam, res, stages, arch):
+    """What one build breaks of its family's promises ([] = none). The pipeline is judged from the
+    build's own PTX / TTGIR (cp.async, buffer depths), never from its config alone."""
     bad = []
     if res["ldl"] or res["stl"]:
         bad.append("local memory traffic (LDL %d / STL %d)" % (res["ldl"], res["stl"]))
@@ -134,11 +135,15 @@ def problems(fam, res, stages):
             bad.append("no tensor-core MMA of its arch in the PTX")
         if not res["cp_async"]:
             bad.append("no cp.async in the PTX")
-        # sm_90 (wgmma) allocates num_stages buffers per tile, sm_80 (mma.sync) num_stages - 1.
-        deep = sum(1 for d in res["depths"] if d >= max(2, (stages or 0) - 1))
-        if stages < 3 or deep < fam["operands"]:
-            bad.append("%d of %d operand tiles in a %d-stage pipeline (>= 3 promised): K loop not pipelined" % (
-                deep, fam["operands"], stages))
+        # sm_90 (wgmma) allocates num_stages buffers per pipelined tile, sm_80 (mma.sync) num_stages
+        # - 1; multi-buffered means at least 2.
+        need = max(2, stages if arch == "sm_90" else stages - 1)
+        deep = sum(1 for d in res["depths"] if d >= need)
+        if deep < fam["operands"]:
+            bad.append("%d of %d operand tiles multi-buffered %d deep in the TTGIR: K loop not pipelined" % (
+                deep, fam["operands"], need))
+        if stages < 3:
+            bad.append("num_stages %d < 3" % stages)
     return bad
 
 
@@ -159,7 +164,7 @@ def run(archs, all_configs, counter=True, log=print):
                         stages = c.num_stages if c else None
                         rec = dict(family=fam["name"], arch=arch, variant=variant, config=str(c.kwargs) if c else "",
                                    warps=c.num_warps if c else None, stages=stages, counter=is_counter, **res,
-                                   problems=problems(fam, res, stages))
+                                   problems=problems(fam, res, stages, arch))
                         log("%-12s %-5s %-5s %-44s w%-2s s%-4s shared %6d B  mma %-5s cp.async %-5s buffers %-8s "
                             "LDL/STL %s/%s  %s%s" % (
                                 rec["family"], arch, variant, rec["config"], rec["warps"], rec["stages"],

@@ -97,8 +97,10 @@ std::shared_ptr<const BranchWeights> packed_weights(const Problem& pb) {
   return pack_cache::get<BranchWeights>("cpu/separable/" + std::string(c10::toString(acc_type)), sources, [&] {
     BranchWeights out;
     for (const BranchSpec& spec : pb.branches) {
-      const at::Tensor pw = spec.pw.reshape({spec.out_channels, pb.C}).to(acc_type);
-      out.push_back({spec.dw.defined() ? spec.dw.reshape({pb.C, kTaps}).to(acc_type).t().contiguous() : at::Tensor(),
+      // A copy even when no cast is needed: an entry must not alias (and keep alive) its source.
+      const at::Tensor pw = spec.pw.reshape({spec.out_channels, pb.C}).to(acc_type, false, /*copy=*/true);
+      out.push_back({spec.dw.defined() ? spec.dw.reshape({pb.C, kTaps}).to(acc_type, false, true).t().contiguous()
+                                       : at::Tensor(),
                      pw.contiguous(), pw.t().contiguous()});
     }
     return out;

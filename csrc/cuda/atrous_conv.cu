@@ -62,7 +62,7 @@ std::shared_ptr<const PackedWeights> packed_weights(at::TensorList weights, bool
     PackedWeights p;
     p.buf = pack_weights(weights, transpose, &p.offs, &p.ldbs);
     return p;
-  });
+  }, /*use=*/!stream_capturing());
 }
 
 at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }

@@ -17,6 +17,7 @@
 // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream aliases.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -34,6 +35,13 @@ inline int num_sms() {
   return n;
 }
 inline at::Device current_device() { return at::Device(at::kCUDA, c10::cuda::current_device()); }
+
+// Whether the current stream is being captured into a CUDA graph. The pack cache is bypassed then:
+// a graph must re-pack on every replay (an entry read by a graph would not follow later weight
+// updates, and one written during capture holds nothing until the first replay).
+inline bool stream_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 // The current device and stream, as a pack_cache tag: an entry packed on one stream is only read
 // on that stream, after the pack in stream order.

@@ -81,7 +81,7 @@ std::shared_ptr<const SepWeights> packed_weights(const SepProblem& pb, at::Scala
     w.pw = at::cat(pws);
     if (!dws.empty()) w.dw = at::cat(dws);
     return w;
-  });
+  }, /*use=*/!stream_capturing());
 }
 
 SepPacked pack_separable(const SepProblem& pb, at::ScalarType dtype) {

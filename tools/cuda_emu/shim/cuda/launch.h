@@ -26,6 +26,7 @@ struct DeviceGuard {
 inline int num_sms() { return ::emu::num_sms(); }
 inline at::Device current_device() { return at::Device(at::kCPU); }
 inline std::string stream_key() { return "emulator"; }
+inline bool stream_capturing() { return false; }
 inline void check_device(const char*) {}
 
 template <typename... KArgs, typename... Args>
