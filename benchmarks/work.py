@@ -36,7 +36,8 @@ def _triton_work(case: C.Case, size: str, batch: int) -> dict:
     kernels = _extension.triton_kernels()
     from aspp_fused.kernels import atrous_conv as KA
     from aspp_fused.kernels import plan as P
-    from aspp_fused.kernels._common import record_work, skip_launches
+    from aspp_fused.kernels._common import skip_launches
+    from aspp_fused.kernels.worklog import record_work
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not kernels.INTERPRET:

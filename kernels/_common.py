@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from .plan import REGION_COLS, RegionItem
-from .worklog import log_work, record_work  # noqa: F401  (the launchers' and tests' import point)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -38,9 +38,10 @@ from ._common import autotune_configs
 from ._common import (INTERPRET, ITEM_ROW, META_COLS, PACKED, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
                       TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
-                      WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, log_work, max_tiles,
+                      WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles,
                       nhwc, pixel_tile, sm_count, tap_range)
-from .bn_act import epilogue_backward
+from .worklog import log_work
+from .bn_act import epilogue_grads
 from .plan import REGION_COLS, plan_work, region_plan
 
 
@@ -511,20 +512,12 @@ def atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, 
     if not (need_in or need_w or need_ep):
         return grad_x, grad_ws, g_scale, g_shift, g_bias
 
-    # acc is needed for grad_scale, and z when relu hides the negative z that 2 z grad_sumsq needs;
-    # otherwise `out` stands in for z (act none) or gives the relu mask (out > 0).
-    recompute = need_ep or (act == 1 and grad_sumsq is not None)
-    if recompute:
-        zsrc = atrous_forward(x, weights, dilations, None, None, None, sum_mode, 0, False, torch.float32)[0]
-    else:
-        zsrc = out
-    g_acc, p_scale, p_shift = epilogue_backward(grad_out, zsrc, recompute, scale, shift, bias, grad_sum, grad_sumsq,
-                                                act, need_in or need_w, need_ep, x.dtype)
+    g_acc, gs, gsh, gb = epilogue_grads(
+        grad_out, out, lambda: atrous_forward(x, weights, dilations, None, None, None, sum_mode, 0, False,
+                                              torch.float32)[0],
+        scale, shift, bias, grad_sum, grad_sumsq, act, need_in or need_w, need_ep, x.dtype)
     if need_ep:
-        g_scale = p_scale.to(scale.dtype)
-        g_shift = p_shift.sum((0, 1)).to(shift.dtype)
-        if bias is not None:
-            g_bias = p_shift.sum(1).to(bias.dtype)
+        g_scale, g_shift, g_bias = gs, gsh, (g_bias if gb is None else gb)
     prec = dot_precision(x.dtype)
     if need_in:
         # dgrad: the forward kernel in sum mode over the branches with negated taps and

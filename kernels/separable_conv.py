@@ -26,9 +26,10 @@ from ._common import autotune_configs
 from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET, PACKED,
                       PARTIAL_STATS_ARGS, ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
-                      empty_nchw_cl, epilogue_store, launch, log_work, max_tiles, nhwc, pixel_tile, tap_range)
+                      empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc, pixel_tile, tap_range)
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
-from .bn_act import epilogue_backward
+from .worklog import log_work
+from .bn_act import epilogue_grads
 
 
 def _cfg(th, tw, bm, bn, bk, warps, stages):
@@ -367,19 +368,12 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
                 g_bias = torch.zeros_like(bias)
         return grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias
 
-    recompute = need_ep or (act == 1 and grad_sumsq is not None)
-    if recompute:
-        zsrc = separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, None, None,
-                                 None, 0, False, f32)[0]
-    else:
-        zsrc = out
-    g_acc, p_scale, p_shift = epilogue_backward(grad_out, zsrc, recompute, scale, shift, bias, grad_sum, grad_sumsq,
-                                                act, need_in or need_w, need_ep, x.dtype)
+    g_acc, gs, gsh, gb = epilogue_grads(
+        grad_out, out, lambda: separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
+                                                 pw_weights, None, None, None, 0, False, f32)[0],
+        scale, shift, bias, grad_sum, grad_sumsq, act, need_in or need_w, need_ep, x.dtype)
     if need_ep:
-        g_scale = p_scale.to(scale.dtype)
-        g_shift = p_shift.sum((0, 1)).to(shift.dtype)
-        if bias is not None:
-            g_bias = p_shift.sum(1).to(bias.dtype)
+        g_scale, g_shift, g_bias = gs, gsh, (g_bias if gb is None else gb)
     if not (need_in or need_w):
         return grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias
 

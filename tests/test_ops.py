@@ -171,6 +171,14 @@ def test_batch_zero_gives_empty_outputs_and_zero_stats():
 # --------------------------------------------------------------------------- gradcheck / opcheck
 
 
+@pytest.fixture(autouse=True)
+def _no_pack_cache(request, monkeypatch):
+    # gradcheck perturbs its inputs in place through .data, which moves no version counter: the
+    # packed-weight cache (csrc/pack_cache.h) cannot see it, as README says, so it is off here.
+    if "gradcheck" in request.node.name:
+        monkeypatch.setenv("ASPP_FUSED_FOLD_CACHE", "0")
+
+
 def _gradcheck(fn, args):
     def flat_fn(*leaves):
         it = iter(leaves)
