@@ -20,7 +20,6 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "glue.h"
-#include "pack_cache.h"
 
 namespace aspp_fused {
 namespace cuda {
@@ -57,12 +56,11 @@ struct PackedWeights {
 };
 
 std::shared_ptr<const PackedWeights> packed_weights(at::TensorList weights, bool transpose) {
-  const std::string tag = std::string("cuda/atrous/") + (transpose ? "dgrad/" : "forward/") + stream_key();
-  return pack_cache::get<PackedWeights>(tag, weights.vec(), [&] {
+  return cached_pack<PackedWeights>(transpose ? "cuda/atrous/dgrad" : "cuda/atrous/forward", weights.vec(), [&] {
     PackedWeights p;
     p.buf = pack_weights(weights, transpose, &p.offs, &p.ldbs);
     return p;
-  }, /*use=*/!stream_capturing());
+  });
 }
 
 at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }

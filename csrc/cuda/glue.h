@@ -21,6 +21,7 @@
 #include "params.cuh"
 
 #include "cuda/launch.h"  // current stream, device guard, SM count, launch helper, op registration
+#include "pack_cache.h"
 
 namespace aspp_fused {
 namespace cuda {
@@ -67,6 +68,14 @@ bool conv(const Ctx& c, ...) {
   return c.allowTF32CuDNN();
 }
 }  // namespace tf32_query
+
+// pack_cache::get for the CUDA glue: the entry is keyed by the current device and stream (read only
+// in stream order after the pack that wrote it) and bypassed while a CUDA graph is captured (a
+// replay packs the weights of its time).
+template <typename V, typename F>
+std::shared_ptr<const V> cached_pack(const std::string& what, const std::vector<at::Tensor>& sources, F make) {
+  return pack_cache::get<V>(what + "/" + stream_key(), sources, make, /*use=*/!stream_capturing());
+}
 
 inline bool allow_tf32() { return tf32_query::conv(at::globalContext(), 0); }
 

@@ -26,7 +26,6 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "glue.h"
-#include "pack_cache.h"
 #include "separable_gemm.cuh"
 
 namespace aspp_fused {
@@ -57,8 +56,7 @@ std::shared_ptr<const SepWeights> packed_weights(const SepProblem& pb, at::Scala
     sources.push_back(spec.pw);
     sources.push_back(spec.dw);
   }
-  const std::string tag = "cuda/separable/" + std::string(c10::toString(dtype)) + "/" + stream_key();
-  return pack_cache::get<SepWeights>(tag, sources, [&] {
+  return cached_pack<SepWeights>("cuda/separable/" + std::string(c10::toString(dtype)), sources, [&] {
     const at::ScalarType acc = acc_dtype(dtype);
     const int vec = vec_elems(dtype);
     SepWeights w;
@@ -81,7 +79,7 @@ std::shared_ptr<const SepWeights> packed_weights(const SepProblem& pb, at::Scala
     w.pw = at::cat(pws);
     if (!dws.empty()) w.dw = at::cat(dws);
     return w;
-  }, /*use=*/!stream_capturing());
+  });
 }
 
 SepPacked pack_separable(const SepProblem& pb, at::ScalarType dtype) {
