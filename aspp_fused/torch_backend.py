@@ -13,6 +13,7 @@ image there (region_conv).
 Low-precision inputs run PyTorch's own conv in that dtype, so this backend's rounding is
 PyTorch's.
 """
+import contextlib
 import os
 from typing import List, Optional, Sequence
 
@@ -128,6 +129,20 @@ def _regions_mode() -> str:
 # 6 / 12 / 18, batch 2, fp32, 2 busy cores), medians of 7 interleaved calls, 208 ms plain against
 # 1038 ms in regions.
 REGIONS = _regions_mode()
+
+
+@contextlib.contextmanager
+def regions(mode: str):
+    """REGIONS set to ``mode`` for the block (the benchmark's fused_torch_regions, --work-only);
+    process-wide, not per thread."""
+    global REGIONS
+    if mode not in ("0", "1", "cuda"):
+        raise ValueError("regions: mode must be '0', 'cuda' or '1', got %r" % (mode,))
+    prev, REGIONS = REGIONS, mode
+    try:
+        yield
+    finally:
+        REGIONS = prev
 
 
 def _use_regions(x: torch.Tensor, w: torch.Tensor, dilation: int) -> bool:

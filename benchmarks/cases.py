@@ -246,11 +246,8 @@ class _WithRegions(nn.Module):
     def forward(self, *args, **kwargs):
         from aspp_fused import torch_backend
 
-        mode, torch_backend.REGIONS = torch_backend.REGIONS, "1"
-        try:
+        with torch_backend.regions("1"):
             return self.inner(*args, **kwargs)
-        finally:
-            torch_backend.REGIONS = mode
 
 
 def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,

@@ -75,15 +75,13 @@ def _torch_work(case: C.Case, size: str, batch: int) -> dict:
 
     twin, spec = C.build_twin(case, size, "cpu", torch.float32)
     fused = case.fused.from_module(twin.eval(), backend="torch")
-    mode, torch_backend.REGIONS = torch_backend.REGIONS, "1"
     cache, os.environ["ASPP_FUSED_FOLD_CACHE"] = os.environ.get("ASPP_FUSED_FOLD_CACHE"), "0"  # no fake weights kept
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch_backend.regions("1"), FakeTensorMode(allow_non_fake_inputs=True):
             x = C.make_inputs(spec, batch, 1, "cpu", torch.float32, True, False)[0]
             with record_work() as log, torch.inference_mode():
                 fused(x)
     finally:
-        torch_backend.REGIONS = mode
         if cache is None:
             del os.environ["ASPP_FUSED_FOLD_CACHE"]
         else:

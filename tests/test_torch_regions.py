@@ -23,8 +23,9 @@ DILATIONS = [1, 2, 3, 4, 6, 7, 12, 13]
 
 
 @pytest.fixture
-def regions(monkeypatch):
-    monkeypatch.setattr(T, "REGIONS", "1")
+def regions():
+    with T.regions("1"):
+        yield
 
 
 @pytest.mark.parametrize("h", SIZES)
