@@ -7,6 +7,7 @@ spatial sizes and rates, so the padding geometry is the same as on the GPU). Eve
 starts from a deep copy of the same twin, with the same randomised weights and BN statistics.
 """
 import copy
+import os
 import sys
 import types
 import warnings
@@ -21,7 +22,7 @@ from aspp_fused import _extension
 from aspp_fused import nn as ann
 
 PROVIDERS = ("eager", "eager_cl", "compile", "fused_torch", "fused_torch_regions", "compile_fused_torch",
-             "fused_triton", "fused_cpp")
+             "fused_triton", "fused_cpp", "fused_cpp_tiles")
 BASELINE = "eager_cl"  # speedups are reported against channels_last eager PyTorch (cudnn.benchmark on GPU)
 
 Shape = Tuple[int, int, int]  # (C, H, W) of one sample
@@ -250,6 +251,26 @@ class _WithRegions(nn.Module):
             return self.inner(*args, **kwargs)
 
 
+class _WithTilePlan(nn.Module):
+    """Runs ``inner`` with the CUDA kernels' concat forward on the tile plan
+    (ASPP_FUSED_CUDA_REGIONS=0, read by the CUDA glue on every call)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        old = os.environ.get("ASPP_FUSED_CUDA_REGIONS")
+        os.environ["ASPP_FUSED_CUDA_REGIONS"] = "0"
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ["ASPP_FUSED_CUDA_REGIONS"]
+            else:
+                os.environ["ASPP_FUSED_CUDA_REGIONS"] = old
+
+
 def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
                   compile_mode: str = "default") -> Provider:
     """Provider ``name`` for ``twin`` (already on device, dtype, train/eval). Raises Skip(reason).
@@ -273,6 +294,13 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
                        "see torch_backend.REGIONS)")
         fused = make_provider("fused_torch", case, twin, device, compile_mode)
         return Provider(name, _WithRegions(fused.module), True, True, note=fused.note + "; region plan on")
+    if name == "fused_cpp_tiles":
+        # fused_cpp with the CUDA concat forward on the per-tile tap plan: what the exact-region
+        # plan (the default) gains against it, for a GPU run to say.
+        if not cuda:
+            raise Skip("the tile / region choice is the CUDA kernels' (the CPU kernels tile their own way)")
+        fused = make_provider("fused_cpp", case, twin, device, compile_mode)
+        return Provider(name, _WithTilePlan(fused.module), True, True, note=fused.note + "; tile plan")
     if name == "compile_fused_torch":
         # What a user who converts and then compiles runs: torch.compile of the converted model.
         fused = make_provider("fused_torch", case, twin, device, compile_mode)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-PROVIDERS = ["eager", "compile", "fused_torch", "fused_torch_regions", "compile_fused_torch", "fused_cpp", "fused_triton"]
+PROVIDERS = ["eager", "compile", "fused_torch", "fused_torch_regions", "compile_fused_torch", "fused_cpp", "fused_cpp_tiles", "fused_triton"]
 
 
 def rows(path):

@@ -10,6 +10,12 @@ included), per provider, from the provider's own launches:
   (atrous_conv.GPU_REGION_TILE) with the same plan builder. Launches whose taps come from the tile
   inside the kernel (sum mode: the tile kernel; the separable kernel) have no issued count: the
   record's issued_macs is then null and ``partial`` names them.
+* ``fused_cuda``: the fused head runs once with the ``cpp`` backend on fake tensors (nothing
+  computed) while a dispatch mode notes each ``aspp_fused.atrous_conv`` call; each call is then
+  counted by ``torch.ops.aspp_fused.cuda_plan_work``, the host half of the plan the CUDA glue
+  launches (csrc/tap_plan.h; the exact-region plan for the concat forward unless
+  ASPP_FUSED_CUDA_REGIONS=0, the tile plan in sum mode), at the bf16 GEMM tile. Separable calls
+  have no count (``partial``).
 * ``fused_torch_regions``: the fused head with the torch backend's exact-region convolutions
   (torch_backend.region_conv, ASPP_FUSED_TORCH_REGIONS=cuda), run on fake tensors (nothing computed) while the backend
   logs each ATen conv it asks for: a region conv issues exactly its valid (pixel, tap) pairs, a
@@ -21,6 +27,7 @@ included), per provider, from the provider's own launches:
 Writes ``<out>/work_<size>.json`` (a list of records ``{case, provider, dense_macs, valid_macs,
 issued_macs, ...}``) and prints a table.
 """
+import contextlib
 import json
 import os
 from typing import List
@@ -67,25 +74,71 @@ def _triton_work(case: C.Case, size: str, batch: int) -> dict:
     return rec
 
 
-def _torch_work(case: C.Case, size: str, batch: int) -> dict:
+class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Notes the args of every aspp_fused op call (the ops themselves run on, here, fake tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aspp_fused":
+            self.calls.append((func._opname, args))
+        return func(*args, **(kwargs or {}))
+
+
+def _fake_run(case: C.Case, size: str, batch: int, backend: str, mode=None) -> list:
+    """Runs the fused head once on fake tensors with ``backend``; returns the aspp_fused op calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from aspp_fused import torch_backend
-    from aspp_fused.kernels.worklog import record_work
-
     twin, spec = C.build_twin(case, size, "cpu", torch.float32)
-    fused = case.fused.from_module(twin.eval(), backend="torch")
+    fused = case.fused.from_module(twin.eval(), backend=backend)
     cache, os.environ["ASPP_FUSED_FOLD_CACHE"] = os.environ.get("ASPP_FUSED_FOLD_CACHE"), "0"  # no fake weights kept
+    calls = _OpCalls()
     try:
-        with torch_backend.regions("1"), FakeTensorMode(allow_non_fake_inputs=True):
+        with mode or contextlib.nullcontext(), FakeTensorMode(allow_non_fake_inputs=True):
             x = C.make_inputs(spec, batch, 1, "cpu", torch.float32, True, False)[0]
-            with record_work() as log, torch.inference_mode():
+            with calls, torch.inference_mode():
                 fused(x)
     finally:
         if cache is None:
             del os.environ["ASPP_FUSED_FOLD_CACHE"]
         else:
             os.environ["ASPP_FUSED_FOLD_CACHE"] = cache
+    return calls.calls
+
+
+def _cuda_work(case: C.Case, size: str, batch: int) -> dict:
+    from aspp_fused import _extension
+
+    if not _extension.cpp_available():
+        raise C.Skip("aspp_fused._C is not built (the CUDA plan is counted by its cuda_plan_work op)")
+    dense = valid = issued = 0
+    partial = []
+    calls = _fake_run(case, size, batch, "cpp")
+    for name, args in calls:
+        if name != "atrous_conv":
+            partial.append(name)
+            continue
+        x, weights, dilations, sum_mode = args[0], args[1], args[2], args[6]
+        n, c, h, w = x.shape
+        d, v, i = torch.ops.aspp_fused.cuda_plan_work(n, c, h, w, [wt.shape[-1] for wt in weights], list(dilations),
+                                                      [wt.shape[0] for wt in weights], sum_mode, 2)
+        dense, valid, issued = dense + d, valid + v, issued + i
+    rec = {"dense_macs": dense, "valid_macs": valid, "issued_macs": issued, "launches": len(calls),
+           "note": "csrc/tap_plan.h at the bf16 GEMM tile"}
+    if partial:  # the head's totals are unknown: report none rather than a part of them
+        rec.update(dense_macs=None, valid_macs=None, issued_macs=None,
+                   partial="not counted: %s" % ", ".join(sorted(set(partial))))
+    return rec
+
+
+def _torch_work(case: C.Case, size: str, batch: int) -> dict:
+    from aspp_fused import torch_backend
+    from aspp_fused.kernels.worklog import record_work
+
+    with record_work() as log:
+        _fake_run(case, size, batch, "torch", torch_backend.regions("1"))
     return {"dense_macs": sum(e["dense_macs"] for e in log), "valid_macs": sum(e["valid_macs"] for e in log),
             "issued_macs": sum(e["issued_macs"] for e in log), "launches": len(log),
             "note": "ATen convs asked for (region plan on)"}
@@ -107,6 +160,10 @@ def work_records(case_names: List[str], size: str, batch_override=None):
         records.append(dict({"case": name, "provider": "fused_torch_regions", "batch": batch},
                             **_torch_work(case, size, batch)))
         try:
+            records.append(dict({"case": name, "provider": "fused_cuda", "batch": batch}, **_cuda_work(case, size, batch)))
+        except C.Skip as exc:
+            skipped.append({"case": name, "provider": "fused_cuda", "reason": str(exc)})
+        try:
             rec = _triton_work(case, size, batch)
         except C.Skip as exc:
             skipped.append({"case": name, "provider": "fused_triton", "reason": str(exc)})
@@ -122,12 +179,12 @@ def _g(v):
 
 
 def work_table(records) -> str:
-    lines = ["%-18s %-13s %10s %10s %10s %13s %13s" % ("case", "provider", "dense G", "valid G", "issued G",
+    lines = ["%-18s %-19s %10s %10s %10s %13s %13s" % ("case", "provider", "dense G", "valid G", "issued G",
                                                         "issued/valid", "issued/dense")]
     for r in records:
         iv = "-" if not (r["issued_macs"] and r["valid_macs"]) else "%.4f" % (r["issued_macs"] / r["valid_macs"])
-        idn = "-" if not r["issued_macs"] else "%.3f" % (r["issued_macs"] / r["dense_macs"])
-        lines.append("%-18s %-13s %10s %10s %10s %13s %13s" % (r["case"], r["provider"], _g(r["dense_macs"]),
+        idn = "-" if not (r["issued_macs"] and r["dense_macs"]) else "%.3f" % (r["issued_macs"] / r["dense_macs"])
+        lines.append("%-18s %-19s %10s %10s %10s %13s %13s" % (r["case"], r["provider"], _g(r["dense_macs"]),
                                                                _g(r["valid_macs"]), _g(r["issued_macs"]), iv, idn))
     return "\n".join(lines)
 

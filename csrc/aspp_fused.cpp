@@ -17,7 +17,45 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cuda/params.cuh"  // the GEMM tiles (plain C++)
 #include "pack_cache.h"
+#include "tap_plan.h"
+
+namespace {
+
+// cuda_plan_work: the plan the CUDA glue (csrc/cuda/tap_gemm.cu) launches for an atrous_conv
+// forward, counted on the host (no GPU needed).
+std::vector<int64_t> cuda_plan_work(int64_t N, int64_t C, int64_t H, int64_t W, c10::IntArrayRef ksizes,
+                                    c10::IntArrayRef dilations, c10::IntArrayRef couts, bool sum_mode,
+                                    int64_t elem_bytes, std::optional<bool> regions) {
+  TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8,
+              "cuda_plan_work: elem_bytes must be 2, 4 or 8, got ", elem_bytes);
+  TORCH_CHECK(ksizes.size() == dilations.size() && ksizes.size() == couts.size(),
+              "cuda_plan_work: ksizes, dilations and couts must have one entry per branch, got ", ksizes.size(), ", ",
+              dilations.size(), " and ", couts.size());
+  TORCH_CHECK(N >= 0 && C >= 0 && H >= 1 && W >= 1, "cuda_plan_work: expected N, C >= 0 and H, W >= 1, got ", N,
+              ", ", C, ", ", H, ", ", W);
+  std::vector<aspp_fused::PlanBranch> branches;
+  for (size_t b = 0; b < ksizes.size(); ++b) {
+    TORCH_CHECK(ksizes[b] == 1 || ksizes[b] == 3, "cuda_plan_work: ksizes[", b, "] must be 1 or 3, got ", ksizes[b]);
+    TORCH_CHECK(dilations[b] >= 1, "cuda_plan_work: dilations[", b, "] must be >= 1, got ", dilations[b]);
+    branches.push_back({static_cast<int>(ksizes[b]), aspp_fused::clamp_dilation(dilations[b], H, W),
+                        static_cast<int>(C), static_cast<int>(couts[b])});
+  }
+  const int eb = static_cast<int>(elem_bytes);
+  const int bm = aspp_fused::cuda::gemm_bm(eb), bn = aspp_fused::cuda::gemm_bn(eb), bk = aspp_fused::cuda::gemm_bk(eb);
+  const aspp_fused::cuda::Tiling tl = aspp_fused::cuda::make_tiling(N, H, W, bm);
+  const aspp_fused::PlanWork tiles =
+      aspp_fused::tile_plan_work(N, H, W, tl.tile_h, tl.tile_w, branches, sum_mode, bm, bn, bk);
+  if (sum_mode) return {tiles.dense, tiles.valid, tiles.issued};
+  const int mode = regions.has_value() ? (*regions ? 1 : 0) : aspp_fused::cuda_region_mode();
+  const aspp_fused::PlanWork w =
+      aspp_fused::region_plan_work(N, H, W, branches, aspp_fused::region_plan(N, H, W, branches, bm, bn), bm, bn, bk);
+  if (!aspp_fused::choose_region_plan(mode, w, tiles)) return {tiles.dense, tiles.valid, tiles.issued};
+  return {w.dense, w.valid, w.issued};
+}
+
+}  // namespace
 
 // `import aspp_fused._C` only has to load this library so the registrations run;
 // the ops are reached through torch.ops.aspp_fused (no pybind functions).
@@ -76,4 +114,16 @@ TORCH_LIBRARY(aspp_fused, m) {
   // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all.
   m.def("pack_cache_info() -> int[]", [] { return aspp_fused::pack_cache::info(); });
   m.def("pack_cache_clear() -> ()", [] { aspp_fused::pack_cache::clear(); });
+  // The multiply-adds the CUDA backend's forward plan issues for one atrous_conv call, counted
+  // on the host from the plan the CUDA glue launches (csrc/tap_plan.h; no GPU needed):
+  // [dense, valid, issued] for an N x C x H x W input and branches of ksizes[b] x ksizes[b] taps
+  // at dilations[b] with couts[b] outputs; elem_bytes 2 / 4 / 8 picks the GEMM tile
+  // (csrc/cuda/params.cuh); regions: True the concat forward's exact-region plan, False its tile
+  // plan, None the glue's choice (ASPP_FUSED_CUDA_REGIONS: 1, 0, or unset / auto: the plan that
+  // issues fewer MACs; sum mode always runs the tile plan). python -m benchmarks --work-only
+  // reports it.
+  m.def(
+      "cuda_plan_work(int N, int C, int H, int W, int[] ksizes, int[] dilations, int[] couts, bool sum_mode, "
+      "int elem_bytes, bool? regions=None) -> int[]",
+      &cuda_plan_work);
 }

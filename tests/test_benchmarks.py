@@ -299,15 +299,16 @@ def test_roofline_bound_is_the_slower_of_compute_and_memory():
 def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
     """--work-only times nothing: each head's dense / valid / issued MACs per provider, the torch
     backend's from the ATen convs its region plan asks for, the Triton figures from its own
-    launches' plans at the GPU tile (docs/DESIGN.md's standard OS16 head:
-    issued within 5% of the valid work; the sum-mode v2 head's tile kernel has no plan to count)."""
+    launches' plans at the GPU tile, the CUDA figures from the host half of the CUDA glue's plan
+    (docs/DESIGN.md's standard OS16 head: issued within 5% of the valid work; the sum-mode v2
+    head's Triton tile kernel has no plan to count, the CUDA tile plan has)."""
     pytest.importorskip("triton")
     rc = R.main(["--work-only", "--cases", "aspp_v3_os16,aspp_v2_os8", "--size", "gpu", "--out", str(tmp_path)])
     assert rc == 0
     doc = json.load(open(os.path.join(str(tmp_path), "work_gpu.json")))
     recs = {(r["case"], r["provider"]): r for r in doc["records"]}
     assert set(recs) == {(c, p) for c in ("aspp_v3_os16", "aspp_v2_os8")
-                         for p in ("eager_cl", "fused_torch_regions", "fused_triton")}
+                         for p in ("eager_cl", "fused_torch_regions", "fused_triton", "fused_cuda")}
     for case in ("aspp_v3_os16", "aspp_v2_os8"):
         # the torch backend's region convs issue exactly the valid work
         t = recs[(case, "fused_torch_regions")]
@@ -317,3 +318,11 @@ def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
     assert tri["valid_macs"] < tri["issued_macs"] <= 1.05 * tri["valid_macs"] < tri["dense_macs"]
     v2 = recs[("aspp_v2_os8", "fused_triton")]
     assert v2["issued_macs"] is None and "tap_conv" in v2["partial"]
+    # CUDA: the same region plan and tile as Triton for the concat head, so the same count; the
+    # v2 head (sum mode, 21 classes in one 128-column block) runs the tile plan, column slack included
+    cu = recs[("aspp_v3_os16", "fused_cuda")]
+    assert "partial" not in cu and (cu["dense_macs"], cu["valid_macs"], cu["issued_macs"]) == (
+        tri["dense_macs"], tri["valid_macs"], tri["issued_macs"])
+    cu2 = recs[("aspp_v2_os8", "fused_cuda")]
+    assert cu2["valid_macs"] == recs[("aspp_v2_os8", "fused_torch_regions")]["valid_macs"]
+    assert cu2["issued_macs"] > 128 / 21 * cu2["valid_macs"]

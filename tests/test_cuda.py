@@ -373,6 +373,41 @@ def test_atrous_conv_more_branches_than_one_launch(dtype, sum_mode):
     _atrous_case(prob, dtype, sum_mode, 1, True)
 
 
+# The exact-region plan of the concat forward (csrc/tap_plan.h; forced here with
+# ASPP_FUSED_CUDA_REGIONS=1, where the glue would pick the tile plan for some of these small maps):
+# the fuzz's shape classes. (n, c, h, w, branches (k, O_b, d)).
+REGION_SHAPES = [
+    (3, 16, 1, 1, ((3, 8, 1), (3, 8, 5))),  # 1-pixel maps: centre tap only, tiles across images
+    (2, 24, 7, 13, ((3, 8, 3), (3, 136, 6), (1, 8, 1))),  # width-1 regions (7 - 2 * 3), 2 column blocks
+    (5, 8, 6, 6, ((3, 8, 3),)),  # rate = map / 2: breakpoints coincide
+    (4, 32, 4, 4, ((3, 8, 4), (3, 8, 9))),  # rates at / beyond the map
+    (3, 40, 11, 11, ((3, 16, 2), (1, 16, 1))),  # 9 x 9 centre region: tiles span images, bias per image
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", REGION_SHAPES, ids=lambda s: "n%d_c%d_%dx%d" % s[:4])
+def test_atrous_conv_region_plan(dtype, shape, monkeypatch):
+    """The region plan against the reference (forward, backward, eval with a per-image bias, train
+    statistics), and against the tile plan: both multiply the same valid taps in the same order
+    (the tile plan's extra taps add exact zeros), so the outputs are bitwise equal."""
+    n, c, h, w, branches = shape
+    monkeypatch.setenv("ASPP_FUSED_CUDA_REGIONS", "1")
+    prob = atrous_problem(n, c, h, w, branches, bias=True)
+    _atrous_case(prob, dtype, False, 1, False)
+    _atrous_case(atrous_problem(n, c, h, w, branches, bias=False, gen_seed=1), dtype, False, 0, True)
+    x, ws, dil, scale, shift, bias = prob
+    sd = _stat_dtype(dtype)
+    args = (_dev(x, dtype), _dev(ws, dtype), dil, _dev(scale, sd), _dev(shift, sd), _dev(bias, sd), False, 1, True)
+    regions = OPS.atrous_conv(*args)
+    monkeypatch.setenv("ASPP_FUSED_CUDA_REGIONS", "0")
+    tiles = OPS.atrous_conv(*args)
+    _sync()
+    assert torch.equal(regions[0], tiles[0])
+    for i in (1, 2):  # the statistics: per-CTA partial sums added atomically, in another grouping
+        torch.testing.assert_close(regions[i], tiles[i], rtol=1e-12 if dtype == F64 else 1e-5, atol=0)
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_atrous_conv_batch_0_and_1(n):
     prob = atrous_problem(n, 8, 7, 9, ATROUS_BRANCHES)

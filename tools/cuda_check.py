@@ -83,15 +83,19 @@ def parse(text):
     return rows
 
 
-def find_cuobjdump(nvcc):
-    """The CUDA toolkit's cuobjdump beside nvcc, else the one bundled with Triton, else None."""
-    cands = [os.environ.get("CUOBJDUMP"), os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"),
-             shutil.which("cuobjdump")]
+def find_cuobjdump(nvcc=None):
+    """$CUOBJDUMP, else the CUDA toolkit's cuobjdump beside ``nvcc`` (or on PATH), else the one
+    bundled with Triton, else None. Without ``nvcc`` (tools/triton_check.py: Triton's own cubins)
+    Triton's bundled one comes before the toolkit's."""
+    triton_one = None
     try:
         import triton
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        triton_one = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     except Exception:
         pass
+    toolkit = [os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump") if nvcc else None,
+               shutil.which("cuobjdump")]
+    cands = [os.environ.get("CUOBJDUMP")] + (toolkit + [triton_one] if nvcc else [triton_one] + toolkit)
     for c in cands:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c

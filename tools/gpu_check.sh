@@ -174,7 +174,7 @@ EOF
             # (BENCH_ARGS="--providers ...,compile_fused_torch" asks for it).
             ASPP_FUSED_TRITON_AUTOTUNE=${GPU_CHECK_BENCH_AUTOTUNE:-0} "$PYTHON" -m benchmarks \
                 --cases aspp_v3_os16,aspp_v3_os8 --dtypes bf16 --modes infer,train --batch 16 \
-                --providers eager_cl,compile,fused_torch,fused_torch_regions,fused_cpp,fused_triton --compile-mode default \
+                --providers eager_cl,compile,fused_torch,fused_torch_regions,fused_cpp,fused_cpp_tiles,fused_triton --compile-mode default \
                 --budget-s 1 --out "$GPU_CHECK_WORK/bench" ${BENCH_ARGS:-} ;;
         sanitize)
             # A few small cases per kernel family (atrous and separable, eval and train, bf16 and

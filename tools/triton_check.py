@@ -43,7 +43,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import atrous_conv as A, bn_act as B, separable_conv as S  # noqa: E402  (the Triton backend, as aspp_fused.kernels ships it)
-from cuda_check import sass_mix  # noqa: E402
+from cuda_check import find_cuobjdump, sass_mix  # noqa: E402
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 MMA = {"sm_90": "wgmma.mma_async", "sm_80": "mma.sync"}
@@ -89,14 +89,6 @@ def families():
              consts=dict(RECOMPUTE=True, HAS_BIAS=True, HAS_GSUM=True, HAS_GSUMSQ=True, ACT=1, STORE_GACC=True,
                          NEED_EP=True, BP=B.BP, BO=B.BO)),
     ]
-
-
-def find_cuobjdump():
-    for c in (os.environ.get("CUOBJDUMP"), os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                                         "cuobjdump")):
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 def build(kernel, ptrs, consts, arch, cfg=None):

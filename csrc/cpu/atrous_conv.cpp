@@ -30,7 +30,7 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "pack_cache.h"
-#include "tap_range.h"
+#include "tap_plan.h"
 
 namespace aspp_fused {
 namespace {

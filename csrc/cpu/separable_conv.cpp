@@ -3,7 +3,7 @@
 //
 // This is a readable model of the fused GPU kernel, not a tuned CPU path. Work is split
 // into (image n, TH x TW output tile) items. Per tile and branch:
-//   1. depthwise prologue: d[p][c] over only the taps that touch the image (tap_range.h),
+//   1. depthwise prologue: d[p][c] over only the taps that touch the image (tap_plan.h),
 //      each over its valid sub-rectangle, so the inner loops carry no bounds checks;
 //   2. mid affine + mid_act (when given), rounded to x.dtype as the GEMM operand m[p][c];
 //   3. pointwise GEMM acc[p][o] = sum_c m[p][c] * pw[c][o] with pw packed [C][O_b];
@@ -31,7 +31,7 @@
 #include "checks.h"
 #include "op_signatures.h"
 #include "pack_cache.h"
-#include "cpu/tap_range.h"
+#include "tap_plan.h"
 
 namespace aspp_fused {
 namespace {

@@ -1,5 +1,5 @@
-// Device basics shared by every CUDA kernel of aspp_fused: element types, conversions, tap
-// ranges, warp / block reductions (the PTX wrappers: ptx.cuh).
+// Device basics shared by every CUDA kernel of aspp_fused: element types, conversions, warp /
+// block reductions (tap ranges: csrc/tap_plan.h) (the PTX wrappers: ptx.cuh).
 //
 // Pure CUDA: no torch headers, so `make cuda-check` can compile every kernel with nvcc alone.
 // The PTX wrappers are in ptx.cuh; the host emulator (tools/cuda_emu) compiles these same
@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "cuda/ptx.cuh"  // CUDA headers, ASPP_DEVICE / ASPP_HD / ASPP_DYNAMIC_SMEM, the PTX wrappers
+#include "tap_plan.h"     // tap_range (host and device)
 
 namespace aspp_fused {
 namespace cuda {
@@ -145,23 +146,6 @@ ASPP_DEVICE void load_vec16(const A* p, A (&v)[V]) {
 template <typename A>
 ASPP_HD A relu(A v) {
   return v < A(0) ? A(0) : v;
-}
-
-// ------------------------------------------------------------------------------------------
-// Tap ranges (the device twin of csrc/cpu/tap_range.h): the taps t in [0, k) of one axis,
-// offset (t - k/2) * step, that read at least one in-image row of [lo, hi) (t1 < t0: none).
-
-ASPP_HD void tap_range(int lo, int hi, int size, int k, int step, int* t0, int* t1) {
-  *t0 = k;
-  *t1 = -1;
-  for (int t = 0; t < k; ++t) {
-    const int off = (t - k / 2) * step;
-    const int a = imax(lo, -off), b = imin(hi, size - off);
-    if (a < b) {
-      *t0 = imin(*t0, t);
-      *t1 = imax(*t1, t);
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -39,9 +39,14 @@ struct GemmCfg {
   // registers across K steps) needs ~165 registers and spills under the bound: 1 CTA / SM,
   // latency hidden by the 4-stage pipeline alone.
   static constexpr int kMinBlocks = M == Math::kFfma ? 1 : 2;
-  static constexpr int BM = kWide ? 64 : 128;  // pixels per CTA
-  static constexpr int BN = kWide ? 64 : 128;  // output channels per CTA
-  static constexpr int BK = 64 / (int)sizeof(T);  // input channels per stage: 64-byte rows
+  // The tap-list kernel's launch bound. 16-bit / fp32: none (0 = no minimum; ptxas lands at
+  // <= 128 registers by itself). float64: 1, i.e. all registers allowed: without it ptxas aimed
+  // at 128 and spilled 8 bytes on sm_90a once the region plan's prologue was added (cuda-check;
+  // 144 registers with the bound).
+  static constexpr int kTapMinBlocks = kWide ? 1 : 0;
+  static constexpr int BM = gemm_bm(sizeof(T));  // pixels per CTA
+  static constexpr int BN = gemm_bn(sizeof(T));  // output channels per CTA
+  static constexpr int BK = gemm_bk(sizeof(T));  // input channels per stage: 64-byte rows
   static constexpr int kStages = kWide ? 3 : 4;
   static constexpr int kVec = 16 / (int)sizeof(T);  // elements per 16-byte copy
   static constexpr int WM = BM / kWarpsM, WN = BN / kWarpsN;
@@ -79,24 +84,36 @@ struct TapEntry {
   int64_t w_off;  // weights of this tap: [cin][ldb]
 };
 
-// The CTA's pixel tile.
+// The CTA's pixels. GEMM row r is pixel q0 + r of a th x tw block at (h0, w0) repeated in every
+// image, counted image-major (image q / (th * tw)), for r < rows.
+//   tile plan:   one image's tile (q0 = n * th * tw, rows = th * tw), clipped at the image edge;
+//   region plan: BM consecutive pixels of one region across the batch (th x tw = the region).
+// n0 / off0 split q0 once per CTA so each row needs only 32-bit arithmetic.
 struct CtaTile {
-  int n, h0, w0, th, tw, H, W;
+  int h0, w0, th, tw, H, W;
+  int n0, off0, rows;
 
-  // GEMM row r -> pixel (h, w); false for rows past the tile or the image edge.
-  ASPP_DEVICE bool pixel(int r, int* h, int* w) const {
-    if (r >= th * tw) return false;
-    *h = h0 + r / tw;
-    *w = w0 + r % tw;
+  // GEMM row r -> image n, pixel (h, w); false for rows past the tile or the image edge.
+  ASPP_DEVICE bool pixel(int r, int* n, int* h, int* w) const {
+    if (r >= rows) return false;
+    const int area = th * tw;
+    const int off = off0 + r;
+    *n = n0 + off / area;
+    const int in_img = off % area;
+    *h = h0 + in_img / tw;
+    *w = w0 + in_img % tw;
     return *h < H && *w < W;
   }
+  ASPP_DEVICE int image(int r) const { return n0 + (off0 + r) / (th * tw); }
+  ASPP_DEVICE int64_t pixel_index(int n, int h, int w) const { return (static_cast<int64_t>(n) * H + h) * W + w; }
   ASPP_DEVICE int h_end() const { return imin(h0 + th, H); }
   ASPP_DEVICE int w_end() const { return imin(w0 + tw, W); }
 };
 
+// Tile plan: tile `tile` of the tiling (image-major).
 ASPP_DEVICE CtaTile cta_tile(const Tiling& tl, int64_t tile) {
   CtaTile c;
-  c.n = static_cast<int>(tile / tl.tiles_per_image);
+  c.n0 = static_cast<int>(tile / tl.tiles_per_image);
   const int t = static_cast<int>(tile % tl.tiles_per_image);
   c.th = tl.tile_h;
   c.tw = tl.tile_w;
@@ -104,6 +121,26 @@ ASPP_DEVICE CtaTile cta_tile(const Tiling& tl, int64_t tile) {
   c.w0 = (t % tl.tiles_w) * tl.tile_w;
   c.H = tl.H;
   c.W = tl.W;
+  c.off0 = 0;
+  c.rows = tl.tile_h * tl.tile_w;
+  return c;
+}
+
+// Region plan: pixel tile `ptile` (bm pixels) of region `rd`, counted across the batch.
+ASPP_DEVICE CtaTile region_tile(const Tiling& tl, const RegionDesc& rd, int ptile, int bm) {
+  CtaTile c;
+  c.h0 = rd.h0;
+  c.w0 = rd.w0;
+  c.th = rd.h1 - rd.h0;
+  c.tw = rd.w1 - rd.w0;
+  c.H = tl.H;
+  c.W = tl.W;
+  const int64_t area = static_cast<int64_t>(c.th) * c.tw;
+  const int64_t q0 = static_cast<int64_t>(ptile) * bm;
+  c.n0 = static_cast<int>(q0 / area);
+  c.off0 = static_cast<int>(q0 % area);
+  const int64_t left = tl.N * area - q0;
+  c.rows = static_cast<int>(left < bm ? left : bm);
   return c;
 }
 
@@ -131,11 +168,11 @@ struct ARows {
 #pragma unroll
     for (int i = 0; i < Cfg::kAChunks; ++i) {
       row[i] = tid / Cfg::kAChunksPerRow + i * (Cfg::kThreads / Cfg::kAChunksPerRow);
-      int hh = 0, ww = 0;
-      ok[i] = ct.pixel(row[i], &hh, &ww);
+      int nn = 0, hh = 0, ww = 0;
+      ok[i] = ct.pixel(row[i], &nn, &hh, &ww);
       h[i] = hh;
       w[i] = ww;
-      pix[i] = (static_cast<int64_t>(ct.n) * ct.H + hh) * ct.W + ww;
+      pix[i] = ct.pixel_index(nn, hh, ww);
     }
   }
 };
@@ -332,7 +369,7 @@ ASPP_DEVICE void gemm_epilogue(A (&acc)[Cfg::MI][Cfg::NI][4], const Epilogue& ep
   const bool stats = !raw && ep.ch_sum != nullptr;
   const A* scale = static_cast<const A*>(ep.scale);
   const A* shift = static_cast<const A*>(ep.shift);
-  const A* bias = ep.bias ? static_cast<const A*>(ep.bias) + static_cast<int64_t>(ct.n) * ep.o_total : nullptr;
+  const A* bias = static_cast<const A*>(ep.bias);  // [N][o_total]: per row's image (region tiles span images)
 
   int64_t pix[Cfg::MI][2];
   bool rok[Cfg::MI][2];
@@ -340,9 +377,9 @@ ASPP_DEVICE void gemm_epilogue(A (&acc)[Cfg::MI][Cfg::NI][4], const Epilogue& ep
   for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      int h = 0, w = 0;
-      rok[mi][hf] = ct.pixel(wm0 + mi * 16 + g + hf * 8, &h, &w);
-      pix[mi][hf] = (static_cast<int64_t>(ct.n) * ct.H + h) * ct.W + w;
+      int n = 0, h = 0, w = 0;
+      rok[mi][hf] = ct.pixel(wm0 + mi * 16 + g + hf * 8, &n, &h, &w);
+      pix[mi][hf] = ct.pixel_index(n, h, w);
     }
 
 #pragma unroll
@@ -353,11 +390,10 @@ ASPP_DEVICE void gemm_epilogue(A (&acc)[Cfg::MI][Cfg::NI][4], const Epilogue& ep
       const int o = o0 + col;
       const bool cok = o < cout;
       const int oc = out_off + o;
-      A sc = A(1), sh = A(0), bi = A(0);
+      A sc = A(1), sh = A(0);
       if (cok && !raw) {
         sc = scale[oc];
         sh = shift[oc];
-        if (bias) bi = bias[oc];
       }
       A s = A(0), q = A(0);
 #pragma unroll
@@ -367,7 +403,10 @@ ASPP_DEVICE void gemm_epilogue(A (&acc)[Cfg::MI][Cfg::NI][4], const Epilogue& ep
           if (!(rok[mi][hf] && cok)) continue;
           A v = acc[mi][ni][hf * 2 + j];
           if (!raw) {
-            v = v * sc + sh + bi;
+            v = v * sc + sh;
+            // The row's image (region tiles span images) is recomputed here, only when there
+            // is a bias, rather than kept in a register per row through the epilogue.
+            if (bias) v += bias[static_cast<int64_t>(ct.image(wm0 + mi * 16 + g + hf * 8)) * ep.o_total + oc];
             s += v;
             q += v * v;
             if (ep.act == 1) v = relu(v);

@@ -22,6 +22,7 @@
 
 #include "cuda/launch.h"  // current stream, device guard, SM count, launch helper, op registration
 #include "pack_cache.h"
+#include "tap_plan.h"  // tap ranges, the exact-region plan, clamp_dilation
 
 namespace aspp_fused {
 namespace cuda {
@@ -83,13 +84,6 @@ inline bool allow_tf32() { return tf32_query::conv(at::globalContext(), 0); }
 template <typename P>
 inline P* ptr(const at::Tensor& t) {
   return t.defined() ? static_cast<P*>(t.data_ptr()) : nullptr;
-}
-
-// Dilations beyond the map only ever hit padding with their outer taps: clamp them so the
-// kernels' int offsets cannot overflow (the result is the same).
-inline int clamp_dilation(int64_t d, int64_t H, int64_t W) {
-  const int64_t m = std::max<int64_t>(std::max<int64_t>(H, W), 1);
-  return static_cast<int>(std::min<int64_t>(d, m));
 }
 
 // Elements per 16-byte copy, and whether a [pixels][stride] tensor read from channel offsets

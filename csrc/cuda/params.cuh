@@ -12,6 +12,15 @@ namespace cuda {
 // independent channel slices; sum mode: raw partial sums accumulated in a float buffer).
 constexpr int kMaxBranches = 8;
 constexpr int kMaxTaps = kMaxBranches * 9;
+// Regions of one exact-region launch (csrc/tap_plan.h: at most 3 x 3 per 3x3 branch).
+constexpr int kMaxRegions = kMaxBranches * 9;
+
+// The GEMM kernels' tile per element size (GemmCfg in gemm_core.cuh reads them from here, and so
+// does the host's count of what a plan issues, cuda_plan_work): BM pixels x BN output channels,
+// BK input channels per K step (64-byte rows). float64 keeps its accumulators in doubles: 64 x 64.
+constexpr int gemm_bm(int elem_bytes) { return elem_bytes == 8 ? 64 : 128; }
+constexpr int gemm_bn(int elem_bytes) { return elem_bytes == 8 ? 64 : 128; }
+constexpr int gemm_bk(int elem_bytes) { return 64 / elem_bytes; }
 
 // ------------------------------------------------------------------------------------------
 // Pixel tiling: a CTA owns tile_h x tile_w pixels (tile_h * tile_w <= BM rows of the GEMM) of
@@ -88,6 +97,14 @@ struct GemmBranch {
   int out_off;      // first output channel (concat); 0 in sum mode
 };
 
+// One region of the exact-region plan as a launch reads it (csrc/tap_plan.h: PlanRegion). CTAs
+// [first_cta, first_cta + pixel_tiles * col_blocks) of the launch are its items, pixel tile
+// major, column block fastest; the column blocks are those of `branch` (cb_start).
+struct RegionDesc {
+  int branch, h0, h1, w0, w1, ky0, ky1, kx0, kx1;
+  int first_cta;
+};
+
 struct TapGemmParams {
   const void* in;     // [N * H * W][in_stride] (NHWC)
   int64_t in_stride;  // elements per input pixel
@@ -101,7 +118,14 @@ struct TapGemmParams {
   int cb_start[kMaxBranches + 1];  // concat: branch b owns column blocks [cb_start[b], cb_start[b+1])
   GemmBranch br[kMaxBranches];
   Epilogue ep;
+  // Concat mode only. nregion > 0: the CTAs run the exact-region plan rg[0, nregion) (each one
+  // region's pixels across the batch, exactly its valid taps; `tl` only gives N, H, W);
+  // nregion == 0: the tile plan (`tl`'s tiles, taps from tap_range per tile).
+  int nregion;
+  RegionDesc rg[kMaxRegions];
 };
+// Kernel parameters must fit the classic 4 KB limit (launches go through any driver).
+static_assert(sizeof(TapGemmParams) <= 4096, "TapGemmParams exceeds 4 KB of kernel parameters");
 
 // ------------------------------------------------------------------------------------------
 // The fused separable conv: depthwise prologue -> (mid affine, act) -> pointwise GEMM.

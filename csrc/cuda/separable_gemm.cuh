@@ -48,8 +48,11 @@ __global__ void __launch_bounds__(GemmCfg<T, M>::kThreads)
   const int d = br.dilation;
   int ty0 = 1, ty1 = 1, tx0 = 1, tx1 = 1;
   if (has_dw) {
-    tap_range(ct.h0, ct.h_end(), ct.H, 3, d, &ty0, &ty1);
-    tap_range(ct.w0, ct.w_end(), ct.W, 3, d, &tx0, &tx1);
+    const TapRange ry = tap_range(ct.h0, ct.h_end(), ct.H, 3, d), rx = tap_range(ct.w0, ct.w_end(), ct.W, 3, d);
+    ty0 = ry.t0;
+    ty1 = ry.t1;
+    tx0 = rx.t0;
+    tx1 = rx.t1;
   }
   const int ntx = tx1 - tx0 + 1;
   const int ntap = (ty1 - ty0 + 1) * ntx;  // >= 1: the centre tap always reads the tile itself

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "glue.h"  // first: the torch headers must not see the emulator's CUDA keyword macros
+#include "tap_plan.h"
 #include "epilogue_kernels.cuh"
 #include "tap_gemm.cuh"
 #include "wgrad_gemm.cuh"
@@ -13,10 +14,40 @@ namespace aspp_fused {
 namespace cuda {
 namespace {
 
+// The concat forward's plan for p's branches (csrc/tap_plan.h: cuda_region_mode,
+// choose_region_plan): fills p.rg / p.nregion with the exact-region plan and returns its number
+// of CTAs, or leaves p.nregion = 0 (the tile plan) and returns -1.
+int64_t set_region_plan(TapGemmParams& p, int bm, int bn, int bk) {
+  p.nregion = 0;
+  const int mode = cuda_region_mode();
+  if (mode == 0) return -1;
+  std::vector<PlanBranch> branches;
+  for (int b = 0; b < p.nbranch; ++b) branches.push_back({p.br[b].k, p.br[b].step, p.br[b].cin, p.br[b].cout});
+  const std::vector<PlanRegion> plan = region_plan(p.tl.N, p.tl.H, p.tl.W, branches, bm, bn);
+  if (mode < 0) {
+    const PlanWork regions = region_plan_work(p.tl.N, p.tl.H, p.tl.W, branches, plan, bm, bn, bk);
+    const PlanWork tiles = tile_plan_work(p.tl.N, p.tl.H, p.tl.W, p.tl.tile_h, p.tl.tile_w, branches, false, bm, bn, bk);
+    if (!choose_region_plan(mode, regions, tiles)) return -1;
+  }
+  TORCH_CHECK(static_cast<int>(plan.size()) <= kMaxRegions, "aspp_fused: internal error: ", plan.size(),
+              " regions in one launch, at most ", kMaxRegions);
+  int64_t first = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const PlanRegion& r = plan[i];
+    TORCH_CHECK(r.col_blocks == p.cb_start[r.branch + 1] - p.cb_start[r.branch],
+                "aspp_fused: internal error: region plan and column blocks disagree");
+    p.rg[i] = RegionDesc{r.branch, r.h0, r.h1, r.w0, r.w1, r.ky0, r.ky1, r.kx0, r.kx1, static_cast<int>(first)};
+    first += r.items();
+  }
+  TORCH_CHECK(first < (int64_t(1) << 31), "aspp_fused: ", first, " CTAs in one launch (at most 2^31 - 1)");
+  p.nregion = static_cast<int>(plan.size());
+  return first;
+}
+
 template <typename T, typename OutT, Math M>
-void launch_group(const TapGemmParams& p, bool vec_a) {
+void launch_group(const TapGemmParams& p, bool vec_a, int64_t region_ctas = 0) {
   using Cfg = GemmCfg<T, M>;
-  const int64_t grid = static_cast<int64_t>(p.tl.N) * p.tl.tiles_per_image * p.ncol;
+  const int64_t grid = p.nregion > 0 ? region_ctas : static_cast<int64_t>(p.tl.N) * p.tl.tiles_per_image * p.ncol;
   if (vec_a) {
     launch(tap_gemm_kernel<T, OutT, M, true>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
   } else {
@@ -44,11 +75,11 @@ void run_typed(const TapGemmCall& call) {
   check_aligned16(p.w, "the packed weights");
   p.tl = make_tiling(static_cast<int>(call.N), static_cast<int>(call.H), static_cast<int>(call.W), Cfg::BM);
 
-  auto run = [&](bool to_acc) {
+  auto run = [&](bool to_acc, int64_t region_ctas) {
     if (to_acc) {
-      launch_group<T, OutAcc, M>(p, vec_a);
+      launch_group<T, OutAcc, M>(p, vec_a, region_ctas);
     } else {
-      launch_group<T, T, M>(p, vec_a);
+      launch_group<T, T, M>(p, vec_a, region_ctas);
     }
   };
 
@@ -66,7 +97,9 @@ void run_typed(const TapGemmCall& call) {
       p.out = call.out;
       p.out_stride = call.out_stride;
       p.ep = call.ep;
-      run(call.out_acc);
+      const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
+      if (region_ctas == 0) continue;  // region plan without items: no output channels in this group
+      run(call.out_acc, region_ctas);
     }
     return;
   }
@@ -80,7 +113,7 @@ void run_typed(const TapGemmCall& call) {
     p.out = call.out;
     p.out_stride = call.out_stride;
     p.ep = call.ep;
-    run(call.out_acc);
+    run(call.out_acc, 0);
     return;
   }
 

@@ -91,6 +91,7 @@ def main():
     units += [(os.path.join(HERE, "cuda_emu.cpp"), False), (schemas, False)]
     headers = [os.path.join(ROOT, "csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
                if f.endswith((".cuh", ".h"))] + [os.path.join(HERE, "cuda_emu.h")]
+    headers += [os.path.join(ROOT, "csrc", f) for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".h")]
     headers += [os.path.join(HERE, "shim", "cuda", f) for f in os.listdir(os.path.join(HERE, "shim", "cuda"))]
     newest_header = max(os.path.getmtime(h) for h in headers)
 

@@ -1,0 +1,207 @@
+// Tap plans: which taps of a dilated conv touch the image where. Pure C++ (no torch, no CUDA
+// runtime), shared by the CPU kernels (tile tap ranges), the CUDA kernels (tap_range, on the
+// device too), the CUDA glue (the exact-region plan of the concat forward, csrc/cuda/tap_gemm.cu)
+// and the op that reports what the CUDA plan issues (cuda_plan_work, csrc/aspp_fused.cpp). The
+// Triton and torch backends' plan builder is kernels/plan.py (tests/test_cuda_plan.py checks that
+// the region plans here and there count the same work).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define ASPP_PLAN_HD __host__ __device__ inline
+#else
+#define ASPP_PLAN_HD inline
+#endif
+
+namespace aspp_fused {
+
+// Output pixels are processed in TH x TW tiles. For a tile covering rows
+// [h0, h1) and a k-tap axis at dilation d (tap t reads row h + (t - k/2) * d),
+// the taps that read at least one in-image row form [t0, t1] (t1 < t0: none).
+struct TapRange {
+  int t0, t1;
+};
+
+ASPP_PLAN_HD TapRange tap_range(int64_t h0, int64_t h1, int64_t size, int k, int64_t d) {
+  TapRange r{k, -1};
+  const int half = k / 2;
+  for (int t = 0; t < k; ++t) {
+    const int64_t off = (t - half) * d;
+    // Rows h in [h0, h1) with 0 <= h + off < size.
+    const int64_t lo = h0 > -off ? h0 : -off;
+    const int64_t hi = h1 < size - off ? h1 : size - off;
+    if (lo < hi) {
+      r.t0 = t < r.t0 ? t : r.t0;
+      r.t1 = t > r.t1 ? t : r.t1;
+    }
+  }
+  return r;
+}
+
+// The sub-range [lo, hi) of rows [h0, h1) whose tap at offset `off` is inside [0, size).
+inline void valid_rows(int64_t h0, int64_t h1, int64_t size, int64_t off, int64_t* lo, int64_t* hi) {
+  *lo = std::max<int64_t>(h0, -off);
+  *hi = std::min<int64_t>(h1, size - off);
+}
+
+// Dilations beyond the map only ever hit padding with their outer taps: clamp them so the
+// kernels' int offsets cannot overflow (the result is the same).
+inline int clamp_dilation(int64_t d, int64_t H, int64_t W) {
+  const int64_t m = std::max<int64_t>(std::max<int64_t>(H, W), 1);
+  return static_cast<int>(std::min<int64_t>(d, m));
+}
+
+// ------------------------------------------------------------------------------------------
+// The exact-region plan (kernels/plan.py states the same plan for Triton; see its docstring).
+// Per axis, a k-tap axis at step d has breakpoints where a tap enters or leaves the image;
+// between two breakpoints the set of valid taps is constant and contiguous.
+
+struct AxisRegion {
+  int lo, hi;  // output positions [lo, hi)
+  int t0, t1;  // exactly the taps [t0, t1] are valid for each of them
+};
+
+inline std::vector<AxisRegion> axis_regions(int size, int k, int step) {
+  const int half = k / 2;
+  std::vector<int> cuts{0, size};
+  for (int t = 0; t < k; ++t) {
+    const int64_t off = static_cast<int64_t>(t - half) * step;
+    for (int64_t b : {-off, size - off})  // tap t is valid for p in [-off, size - off)
+      if (b > 0 && b < size) cuts.push_back(static_cast<int>(b));
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  std::vector<AxisRegion> out;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    AxisRegion r{cuts[i], cuts[i + 1], k, -1};
+    for (int t = 0; t < k; ++t) {
+      const int64_t src = cuts[i] + static_cast<int64_t>(t - half) * step;
+      if (src >= 0 && src < size) {
+        r.t0 = std::min(r.t0, t);
+        r.t1 = std::max(r.t1, t);
+      }
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
+// One branch as the plan sees it: k x k taps at `step`, cin input and cout output channels.
+struct PlanBranch {
+  int k, step, cin, cout;
+};
+
+// One region of one branch: output pixels [h0, h1) x [w0, w1) of every image, taps
+// [ky0, ky1] x [kx0, kx1]. Its work items are its pixel tiles (bm consecutive pixels of the
+// region counted across the batch, image-major) x its column blocks (bn output channels).
+struct PlanRegion {
+  int branch, h0, h1, w0, w1, ky0, ky1, kx0, kx1;
+  int64_t pixel_tiles;  // ceil(N * area / bm)
+  int col_blocks;       // ceil(cout / bn)
+
+  int64_t items() const { return pixel_tiles * col_blocks; }
+  int taps() const { return (ky1 - ky0 + 1) * (kx1 - kx0 + 1); }
+};
+
+// The regions of one concat-mode launch, longest first (taps x cin, stable: ties keep the
+// (branch, row region, column region) order): item order = region order, then pixel tile, then
+// column block (kernels/plan.region_plan lists the very same items).
+inline std::vector<PlanRegion> region_plan(int64_t N, int H, int W, const std::vector<PlanBranch>& branches, int bm,
+                                           int bn) {
+  std::vector<PlanRegion> out;
+  for (size_t b = 0; b < branches.size(); ++b) {
+    const PlanBranch& br = branches[b];
+    if (br.cout <= 0) continue;
+    for (const AxisRegion& ry : axis_regions(H, br.k, br.step))
+      for (const AxisRegion& rx : axis_regions(W, br.k, br.step)) {
+        PlanRegion r{static_cast<int>(b), ry.lo, ry.hi, rx.lo, rx.hi, ry.t0, ry.t1, rx.t0, rx.t1, 0, 0};
+        const int64_t pixels = N * (ry.hi - ry.lo) * (rx.hi - rx.lo);
+        r.pixel_tiles = (pixels + bm - 1) / bm;
+        r.col_blocks = (br.cout + bn - 1) / bn;
+        out.push_back(r);
+      }
+  }
+  std::stable_sort(out.begin(), out.end(), [&](const PlanRegion& a, const PlanRegion& b) {
+    return static_cast<int64_t>(a.taps()) * branches[a.branch].cin >
+           static_cast<int64_t>(b.taps()) * branches[b.branch].cin;
+  });
+  return out;
+}
+
+// What a plan multiplies. dense: every tap at every pixel; valid: the (pixel, tap) pairs inside
+// the image; issued: what the kernel's K loops run, bm x bn x (cin rounded up to bk) per tap
+// of each item, masked rows and columns included.
+struct PlanWork {
+  int64_t dense = 0, valid = 0, issued = 0;
+};
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+inline PlanWork dense_and_valid(int64_t N, int H, int W, const std::vector<PlanBranch>& branches) {
+  PlanWork w;
+  for (const PlanBranch& br : branches) {
+    int64_t taps_h = 0, taps_w = 0;
+    for (const AxisRegion& r : axis_regions(H, br.k, br.step)) taps_h += int64_t(r.hi - r.lo) * (r.t1 - r.t0 + 1);
+    for (const AxisRegion& r : axis_regions(W, br.k, br.step)) taps_w += int64_t(r.hi - r.lo) * (r.t1 - r.t0 + 1);
+    w.dense += N * H * W * br.k * br.k * br.cin * int64_t(br.cout);
+    w.valid += N * taps_h * taps_w * br.cin * int64_t(br.cout);
+  }
+  return w;
+}
+
+inline PlanWork region_plan_work(int64_t N, int H, int W, const std::vector<PlanBranch>& branches,
+                                 const std::vector<PlanRegion>& regions, int bm, int bn, int bk) {
+  PlanWork w = dense_and_valid(N, H, W, branches);
+  for (const PlanRegion& r : regions)
+    w.issued += r.items() * bm * bn * r.taps() * round_up(branches[r.branch].cin, bk);
+  return w;
+}
+
+// The tile plan (the sum-mode forward, and the concat forward when it issues less): a CTA per
+// tile_h x tile_w pixels of one image runs, per branch, every tap of the rectangle that touches
+// its tile (tap_range). Concat: a CTA per (tile, column block of one branch); sum mode: a CTA
+// per (tile, column block of the common cout) runs every branch. A tile's taps are the product
+// of its row and column tap ranges, so the sum over tiles is the product of two axis sums.
+inline PlanWork tile_plan_work(int64_t N, int H, int W, int tile_h, int tile_w, const std::vector<PlanBranch>& branches,
+                               bool sum_mode, int bm, int bn, int bk) {
+  PlanWork w = dense_and_valid(N, H, W, branches);
+  for (const PlanBranch& br : branches) {
+    if (br.cout <= 0) continue;
+    int64_t taps_h = 0, taps_w = 0;  // sum over row (column) tiles of the tile's tap count
+    for (int h0 = 0; h0 < H; h0 += tile_h) {
+      const TapRange r = tap_range(h0, std::min(h0 + tile_h, H), H, br.k, br.step);
+      taps_h += std::max(0, r.t1 - r.t0 + 1);
+    }
+    for (int w0 = 0; w0 < W; w0 += tile_w) {
+      const TapRange r = tap_range(w0, std::min(w0 + tile_w, W), W, br.k, br.step);
+      taps_w += std::max(0, r.t1 - r.t0 + 1);
+    }
+    const int64_t cols = sum_mode ? branches[0].cout : br.cout;
+    w.issued += N * bm * round_up(cols, bn) * taps_h * taps_w * round_up(br.cin, bk);
+  }
+  return w;
+}
+
+// Which plan the CUDA concat forward runs (csrc/cuda/tap_gemm.cu; cuda_plan_work counts the same
+// choice): ASPP_FUSED_CUDA_REGIONS=1 the exact-region plan, =0 the tile plan, unset / auto the
+// one that issues fewer MACs. The region plan wins on DeepLab heads (standard OS16 head: 1.026 of
+// the valid MACs against 1.318); the tile plan on maps so small that one tile holds a whole image
+// and the regions' tiles would be mostly empty rows (2 images of 9 x 11: 128-row tiles for 9
+// regions of at most 35 pixels each).
+inline int cuda_region_mode() {
+  const char* v = std::getenv("ASPP_FUSED_CUDA_REGIONS");
+  if (v == nullptr) return -1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  if (std::strcmp(v, "1") == 0) return 1;
+  return -1;
+}
+
+inline bool choose_region_plan(int mode, const PlanWork& regions, const PlanWork& tiles) {
+  return mode == 1 || (mode < 0 && regions.issued < tiles.issued);
+}
+
+}  // namespace aspp_fused
