@@ -27,6 +27,7 @@ those taps x channel blocks of BK, a single flattened loop with computed bounds 
 inside, loads masked only where the tap leaves the image or the channel block is ragged.
 """
 import functools
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -82,8 +83,8 @@ else:
 # (sm_90, Triton 3.9) dropped: 4 warps on the 128 x 128 accumulator (150-170 LDL), BK = 32 with
 # 8 warps (4 LDL in the train epilogue) and BK = 128 at 2 stages (not a >= 3-stage pipeline).
 # Known: with Triton 3.6 the train epilogue with a per-sample bias (each row's image's bias, a
-# 2-D load beside the statistics) spills 12 LDL on sm_90 in both configs; 16 warps, 64 x 128
-# and 64 x 256 tiles spill too there. Clean with 3.9 and on sm_80.
+# 2-D load beside the statistics) spills 12 LDL on sm_90 in both configs (17 with the weight tiles by
+# TMA); 16 warps, 64 x 128 and 64 x 256 tiles spill too there. Clean with 3.9 and on sm_80.
 GPU_REGION_TILE = (128, 128)  # (BM, BN) on a GPU
 REGION_BM, REGION_BN = (16, 16) if INTERPRET else GPU_REGION_TILE
 if INTERPRET:
@@ -93,16 +94,24 @@ else:
         triton.Config({"BK": 64}, num_warps=8, num_stages=3),
         triton.Config({"BK": 64}, num_warps=8, num_stages=4),
     ]
+# One BK for all region configs: the TMA descriptor's block is fixed before the autotuner picks.
+REGION_BK, = {c.kwargs["BK"] for c in REGION_CONFIGS}
 
 
 @triton.jit
 def tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx1, H, W, CIN_STRIDE, ocols, omask,
                   BOUNDS: tl.constexpr, DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                  BK: tl.constexpr):
+                  BK: tl.constexpr, w_desc=None, o0=0, USE_TMA: tl.constexpr = False):
     """acc += the branch at meta row ``row`` (TapRow) over taps [ky0, ky1] x [kx0, kx1] for the
     pixels (img / H, ph, pw) of the program's rows (``valid``): one flattened loop over
     (tap, channel block of BK), no branch inside. BOUNDS: mask the taps' reads at the image edge
-    (the tile kernel); without, every tap of the rectangle must read inside (a region's)."""
+    (the tile kernel); without, every tap of the rectangle must read inside (a region's).
+
+    USE_TMA: the weight tiles come from ``w_desc``, a tensor descriptor over the packed weights
+    as rows of the branch's N_b columns (block [BK, BN], columns from ``o0``): one TMA copy per
+    tile, out-of-range columns zero-filled by the copy engine. Rows past the tap's K_b belong to
+    the next tap, not to the padding: the input tile is zero there (its channel mask), so those
+    rows multiply zeros."""
     w_off = tl.multiple_of(tl.load(row + TAP_W_OFF), W_ALIGN)
     step = tl.load(row + TAP_STEP)
     k = tl.load(row + TAP_K)
@@ -127,8 +136,11 @@ def tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx
         cm = c < kb
         src = ((img + sh) * W + sw) * CIN_STRIDE + in_off
         a = tl.load(in_ptr + src[:, None] + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
-        wrow = w_off + ((ky * k + kx) * kb + c) * nb
-        wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
+        if USE_TMA:
+            wt = w_desc.load([w_off // nb + (ky * k + kx) * kb + cb * BK, o0])
+        else:
+            wrow = w_off + ((ky * k + kx) * kb + c) * nb
+            wt = tl.load(w_ptr + wrow[:, None] + ocols[None, :], mask=cm[:, None] & omask[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
     return acc
 
@@ -195,15 +207,16 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
 @triton.autotune(configs=autotune_configs(REGION_CONFIGS), key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NI"],
                  reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
-def region_conv_kernel(in_ptr, w_ptr, meta_ptr, item_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,
+def region_conv_kernel(in_ptr, w_ptr, w_desc, meta_ptr, item_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,
                        psumsq_ptr, N, H, W, CIN_STRIDE, OUT_STRIDE, NI,
                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-                       DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr):
+                       DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, USE_TMA: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Concat mode over an exact-region plan (kernels/plan.py): program pid runs item pid, BM
     pixels of one region of one branch across the batch, over exactly the region's valid taps
     (no image-bounds masks: every tap of the rectangle reads inside the image). Rows as
-    tap_conv_kernel's (TapRow); the alignment hints as there."""
+    tap_conv_kernel's (TapRow); the alignment hints as there. USE_TMA: the weight tiles by TMA
+    from ``w_desc`` (tap_rect_gemm; Hopper), else ``w_desc`` is None."""
     pid = tl.program_id(0)
     item = item_ptr + pid * ITEM_ROW
     b = tl.load(item + RI_BRANCH)
@@ -233,7 +246,7 @@ def region_conv_kernel(in_ptr, w_ptr, meta_ptr, item_ptr, out_ptr, scale_ptr, sh
     omask = ocols < nb
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx1, H, W, CIN_STRIDE, ocols,
-                        omask, False, DOT_PREC, A_ALIGN, W_ALIGN, BK)
+                        omask, False, DOT_PREC, A_ALIGN, W_ALIGN, BK, w_desc, o0, USE_TMA)
 
     pix = (img + ph) * W + pw
     epilogue_store(acc, n, pid, pix, valid, out_off + ocols, omask, out_ptr, OUT_STRIDE, scale_ptr, shift_ptr,
@@ -399,16 +412,49 @@ def region_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, items, out: tor
     meta = meta_tensor(rows, inp.device)
     table = meta_tensor(items, inp.device, REGION_COLS)
     dummy = inp.new_empty((1,), dtype=torch.float32)  # see tap_conv
+    w_desc = weight_descriptor(w_packed, rows) if use_tma(inp) else None
     with device_guard(inp):
-        launch(region_conv_kernel, (len(items),), inp, w_packed, meta, table, out,
+        launch(region_conv_kernel, (len(items),), inp, w_packed, w_desc, meta, table, out,
                scale if scale is not None else dummy, shift if shift is not None else dummy,
                bias if bias is not None else dummy, psum if stats else dummy, psumsq if stats else dummy,
                N, H, W, cin, o_stride, len(items),
                HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=int(act), STATS=bool(stats),
                DOT_PREC=prec, A_ALIGN=pow2_align(cin, *(v for r in rows for v in (r.k_b, r.in_off))),
                W_ALIGN=pow2_align(o_stride, *(v for r in rows for v in (r.w_off, r.n_b, r.out_off))),
-               BM=REGION_BM, BN=REGION_BN)
+               USE_TMA=w_desc is not None, BM=REGION_BM, BN=REGION_BN)
     return (psum, psumsq) if stats else None
+
+
+def use_tma(inp: torch.Tensor) -> bool:
+    """Whether region_conv loads its weight tiles by TMA: ASPP_FUSED_TRITON_TMA (read per call)
+    = "auto" (the default: on CUDA devices of compute capability >= 9, Hopper's copy engine),
+    "1" (wherever a descriptor fits, also under the interpreter: the tests), "0" (never)."""
+    mode = os.environ.get("ASPP_FUSED_TRITON_TMA", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError("ASPP_FUSED_TRITON_TMA must be 'auto', '0' or '1', got %r" % mode)
+    if mode == "auto":
+        return inp.is_cuda and not INTERPRET and torch.cuda.get_device_capability(inp.device)[0] >= 9
+    return mode == "1"
+
+
+def weight_descriptor(w_packed: torch.Tensor, rows):
+    """A TMA descriptor over the packed weights as rows of N_b columns, block [BK, BN] (the
+    configs' one BK), or None where one does not fit: branches of different widths, or a base
+    or row that is not 16-byte aligned (TMA's rules; then the pointer loads run)."""
+    widths = {r.n_b for r in rows}
+    if len(widths) != 1:
+        return None
+    nb = widths.pop()
+    # The base's alignment from its storage offset (the packed buffers are our own allocations,
+    # 16-byte aligned at offset 0): data_ptr() does not exist under torch.compile's fake tensors.
+    elem = w_packed.element_size()
+    if nb == 0 or (nb * elem) % 16 or (w_packed.storage_offset() * elem) % 16 or any(r.w_off % nb for r in rows):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    # A 2-D view and from_tensor, the form torch.compile's Triton wrapper rebuilds descriptors in.
+    rows_total = w_packed.numel() // nb
+    return TensorDescriptor.from_tensor(w_packed[:rows_total * nb].view(rows_total, nb), [REGION_BK, REGION_BN])
 
 
 def tap_wgrad(x: torch.Tensor, g: torch.Tensor, entries, total: int, kc: int, omax: int, prec: str) -> torch.Tensor:

@@ -170,8 +170,8 @@ def test_refs_match_torch_backend():
 def test_kernels_build_for_sm90_and_sm80_with_their_promises():
     """tools/triton_check.py builds every Triton kernel family for sm_90 and sm_80 (Triton's own
     ptxas; no GPU) in the modules' eval and train epilogues: the GEMM families hold wgmma (sm_90)
-    / mma.sync (sm_80), cp.async and a >= 3-stage pipeline of their operand tiles, and no family
-    spills. Each GEMM family's one-stage build must break the pipeline promises, so the check
+    / mma.sync (sm_80), cp.async and a >= 3-stage pipeline of their operand tiles (region_conv_tma:
+    its weight tiles by TMA, cp.async.bulk.tensor), and no family spills. Each GEMM family's one-stage build must break the pipeline promises, so the check
     is shown able to fail. (`make triton-check` runs every autotune config.)"""
     import json
     import subprocess
@@ -190,8 +190,12 @@ def test_kernels_build_for_sm90_and_sm80_with_their_promises():
         assert os.path.exists(out), proc.stdout[-3000:] + proc.stderr[-3000:]
         recs = json.load(open(out))["records"]
     assert proc.returncode == 0, proc.stdout[-5000:]
-    gemm = {"tap_conv", "region_conv", "tap_wgrad", "sep_conv"}
+    gemm = {"tap_conv", "region_conv", "region_conv_tma", "tap_wgrad", "sep_conv"}
     assert {r["family"] for r in recs} == gemm | {"dw", "dw_bwd", "epilogue_bwd"}
+    # the Hopper path: region_conv's weight tiles by TMA, built for sm_90 only
+    tma = [r for r in recs if r["family"] == "region_conv_tma" and not r["counter"]]
+    assert tma and all(r["arch"] == "sm_90" and r["tma"] for r in tma), tma
+    assert not any(r["tma"] for r in recs if r["family"] != "region_conv_tma"), "TMA where none was asked for"
     for arch in ("sm_90", "sm_80"):
         for r in (r for r in recs if r["arch"] == arch):
             if r["counter"]:
@@ -294,6 +298,69 @@ def test_gpu_standard_backward(dtype):
 
 
 # --------------------------------------------------------------------------- packed-weight cache
+
+
+# Branch widths equal (a descriptor spans the packed weights as rows of one width) and 16-byte rows:
+# C off the channel block (20 = 16 + 4: the last K step's rows run into the next tap's weights,
+# zero-masked on the input side), width-1 regions across images, a 1-pixel map, rates beyond it.
+TMA_CASES = {
+    "c20_width1_regions_7x7": (3, 20, 7, 7, ((3, 4, 3), (3, 4, 5), (1, 4, 1)), True),
+    "1x1_map": (2, 6, 1, 1, ((1, 8, 1), (3, 8, 2)), False),
+    "rates_ge_map_c16": (2, 16, 4, 5, ((3, 4, 6), (3, 4, 2)), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TMA_CASES))
+def test_region_conv_weight_tiles_by_tma(monkeypatch, case):
+    """ASPP_FUSED_TRITON_TMA=1: region_conv reads its weight tiles through a tensor descriptor
+    (the Hopper path, here under the interpreter): the reference's numbers (forward and every
+    grad), and bitwise the pointer path's (the same tiles, the same products)."""
+    from aspp_fused.kernels import atrous_conv as KA
+    from op_problems import atrous_fn, op_parity
+
+    n, c, h, w, branches, bias = TMA_CASES[case]
+    made = []
+
+    def spy(w_packed, rows):
+        made.append(real(w_packed, rows))
+        return made[-1]
+
+    real = KA.weight_descriptor
+    monkeypatch.setattr(KA, "weight_descriptor", spy)
+    monkeypatch.setenv("ASPP_FUSED_TRITON_TMA", "1")
+    args = atrous_problem(n, c, h, w, branches, False, bias)
+    op_parity("triton", lambda be: atrous_fn(be, False, 1, True), args, True)
+    assert made and all(d is not None for d in made), "the descriptor path did not run"
+    via_tma = AF.atrous_conv(*args, act="relu", compute_stats=True, backend="triton")
+    monkeypatch.setenv("ASPP_FUSED_TRITON_TMA", "0")
+    calls = len(made)
+    via_pointers = AF.atrous_conv(*args, act="relu", compute_stats=True, backend="triton")
+    assert len(made) == calls  # no descriptor asked for
+    for a, b in zip(via_tma, via_pointers):
+        assert torch.equal(a, b)
+
+
+def test_tma_switch_and_descriptor_rules(monkeypatch):
+    from aspp_fused.kernels import atrous_conv as KA
+
+    x = torch.zeros(1, 2, 2, 2)
+    monkeypatch.setenv("ASPP_FUSED_TRITON_TMA", "yes")
+    with pytest.raises(ValueError, match="ASPP_FUSED_TRITON_TMA must be 'auto', '0' or '1', got 'yes'"):
+        KA.use_tma(x)
+    monkeypatch.setenv("ASPP_FUSED_TRITON_TMA", "auto")
+    assert not KA.use_tma(x)  # CPU tensors: no copy engine
+
+    class Row:
+        def __init__(self, n_b, w_off):
+            self.n_b, self.w_off = n_b, w_off
+
+    w = torch.zeros(4096)
+    assert KA.weight_descriptor(w, [Row(8, 0), Row(8, 72)]) is not None
+    assert KA.weight_descriptor(w, [Row(8, 0), Row(4, 72)]) is None  # widths differ
+    assert KA.weight_descriptor(w, [Row(2, 0)]) is None  # 8-byte rows
+    assert KA.weight_descriptor(w, [Row(8, 0), Row(8, 12)]) is None  # a branch off a row start
+    assert KA.weight_descriptor(w[1:], [Row(8, 0)]) is None  # base not 16-byte aligned
+    assert KA.weight_descriptor(w[4:], [Row(8, 0)]) is not None
 
 
 def test_weights_are_packed_once_per_parameter_version():

@@ -7,9 +7,11 @@ GPU. Each kernel is built as its launcher specialises it (16-byte aligned pointe
 multiples of 16 at the DESIGN sizes marked so, bf16 activations), with its first autotune config
 (all of them with --all-configs). Promises checked:
 
-* GEMM families (tap_conv, region_conv, tap_wgrad, sep_conv):
+* GEMM families (tap_conv, region_conv, region_conv_tma, tap_wgrad, sep_conv):
   - sm_90: `wgmma.mma_async` in the PTX (Hopper's tensor-core path); sm_80: `mma.sync`;
   - `cp.async` in the PTX (asynchronous copies of the K loop's tiles);
+  - region_conv_tma (sm_90 only: Hopper's copy engine): its weight tiles by TMA,
+    `cp.async.bulk.tensor` in the PTX;
   - a software pipeline of >= 3 stages: in the TTGIR, each operand tile the K loop copies
     asynchronously (A and B; sep_conv: its pointwise weights B, its A being the depthwise result
     computed in registers) is allocated num_stages deep in shared memory (sm_90; sm_80's
@@ -70,7 +72,14 @@ def families():
               dict(SUM_MODE=False, A_ALIGN=16, W_ALIGN=16, **EPILOGUE_FLAGS), A.FWD_CONFIGS, 2),
         _gemm("region_conv", A.region_conv_kernel,
               dict(in_ptr=BF, w_ptr=BF, meta_ptr="*i32", item_ptr="*i32", out_ptr=BF, **EPILOGUE),
-              dict(A_ALIGN=16, W_ALIGN=16, BM=A.REGION_BM, BN=A.REGION_BN, **EPILOGUE_FLAGS), A.REGION_CONFIGS, 2),
+              dict(A_ALIGN=16, W_ALIGN=16, BM=A.REGION_BM, BN=A.REGION_BN, w_desc=None, USE_TMA=False,
+                   **EPILOGUE_FLAGS), A.REGION_CONFIGS, 2),
+        # Hopper: the weight tiles by TMA (a host tensor descriptor over the packed weights).
+        dict(_gemm("region_conv_tma", A.region_conv_kernel,
+                   dict(in_ptr=BF, w_ptr=BF, meta_ptr="*i32", item_ptr="*i32", out_ptr=BF,
+                        w_desc="tensordesc<bf16[%d, %d]>" % (A.REGION_BK, A.REGION_BN), **EPILOGUE),
+                   dict(A_ALIGN=16, W_ALIGN=16, BM=A.REGION_BM, BN=A.REGION_BN, USE_TMA=True, **EPILOGUE_FLAGS),
+                   A.REGION_CONFIGS, 2), archs=("sm_90",), tma=True),
         _gemm("tap_wgrad", A.tap_wgrad_kernel, dict(x_ptr=BF, g_ptr=BF, ent_ptr="*i32", part_ptr=F32),
               dict(DOT_PREC="tf32", X_ALIGN=16, G_ALIGN=16), A.WGRAD_CONFIGS, 2),
         _gemm("sep_conv", S.sep_conv_kernel,
@@ -102,7 +111,8 @@ def build(kernel, ptrs, consts, arch, cfg=None):
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else {}
     k = triton.compile(ASTSource(fn, sig, c, attrs), target=GPUTarget("cuda", ARCHS[arch], 32), options=opts)
     ptx = k.asm["ptx"]
-    out = dict(shared=k.metadata.shared, mma=MMA[arch] in ptx, cp_async="cp.async" in ptx,
+    out = dict(shared=k.metadata.shared, mma=MMA[arch] in ptx, cp_async="cp.async." in ptx.replace(
+        "cp.async.bulk", ""), tma="cp.async.bulk.tensor" in ptx,
                depths=[int(d) for d in PIPELINED.findall(k.asm["ttgir"])], ldl=None, stl=None)
     tool = find_cuobjdump()
     if tool:
@@ -127,6 +137,8 @@ def problems(fam, res, stages, arch):
             bad.append("no tensor-core MMA of its arch in the PTX")
         if not res["cp_async"]:
             bad.append("no cp.async in the PTX")
+        if fam.get("tma") and not res["tma"]:
+            bad.append("no TMA copy (cp.async.bulk.tensor) in the PTX")
         # sm_90 (wgmma) allocates num_stages buffers per pipelined tile, sm_80 (mma.sync) num_stages
         # - 1; multi-buffered means at least 2.
         need = max(2, stages if arch == "sm_90" else stages - 1)
@@ -145,6 +157,8 @@ def run(archs, all_configs, counter=True, log=print):
     out = []
     for arch in archs:
         for fam in families():
+            if arch not in fam.get("archs", ARCHS):
+                continue
             configs = fam.get("configs") or [None]
             for variant, flags in fam["variants"].items():
                 for cfg in configs if all_configs else configs[:1]:
@@ -157,10 +171,11 @@ def run(archs, all_configs, counter=True, log=print):
                         rec = dict(family=fam["name"], arch=arch, variant=variant, config=str(c.kwargs) if c else "",
                                    warps=c.num_warps if c else None, stages=stages, counter=is_counter, **res,
                                    problems=problems(fam, res, stages, arch))
-                        log("%-12s %-5s %-5s %-44s w%-2s s%-4s shared %6d B  mma %-5s cp.async %-5s buffers %-8s "
+                        log("%-15s %-5s %-5s %-44s w%-2s s%-4s shared %6d B  mma %-5s cp.async %-5s tma %-5s buffers %-8s "
                             "LDL/STL %s/%s  %s%s" % (
                                 rec["family"], arch, variant, rec["config"], rec["warps"], rec["stages"],
-                                rec["shared"], rec["mma"], rec["cp_async"], rec["depths"], rec["ldl"], rec["stl"],
+                                rec["shared"], rec["mma"], rec["cp_async"], rec["tma"], rec["depths"], rec["ldl"],
+                                rec["stl"],
                                 "counter-check: " if is_counter else "", "; ".join(rec["problems"]) or "ok"))
                         out.append(rec)
     return out
