@@ -18,11 +18,18 @@ from .plan import REGION_COLS, RegionItem
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_configs(configs):
-    """ASPP_FUSED_TRITON_AUTOTUNE=0 keeps the first config only: no autotuning. A GPU check sets it
-    to spend its minutes on checks instead of on compiling every candidate (read at import)."""
+def autotune_configs(configs, group=None):
+    """ASPP_FUSED_TRITON_AUTOTUNE=0 keeps the first config only (the first of each ``group(config)``
+    when a kernel prunes its configs by that key per launch, e.g. the column tile): no
+    autotuning. A GPU check sets it to spend its minutes on checks instead of on compiling every
+    candidate (read at import)."""
     if os.environ.get("ASPP_FUSED_TRITON_AUTOTUNE", "1") == "0":
-        return list(configs[:1])
+        if group is None:
+            return list(configs[:1])
+        firsts = {}
+        for c in configs:
+            firsts.setdefault(group(c), c)
+        return list(firsts.values())
     return list(configs)
 
 # Layouts shared by all kernels: activations are [N, H, W, C] row-major (NHWC) views; a pixel

@@ -62,12 +62,17 @@ else:
     # builds without local memory (no spills) for sm_90 and sm_80 with Triton 3.6 and 3.9
     # (`make triton-check`); dropped for spilling there: 11x11/128x256/64 (117 LDL on sm_90),
     # 16x16/256x128/64 and 8x32/256x128/32 (3-7 LDL on sm_90).
+    # Narrow column tiles (BN 32, 64) serve heads with few outputs per branch: the v2 head's 21
+    # classes in a 128-column block are 6.1x the MACs they need; fit_column_tile keeps, per
+    # launch, only the configs of the narrowest BN that covers its widest branch.
     FWD_CONFIGS = [
         _cfg(8, 16, 128, 128, 64, 8, 3),
         _cfg(8, 16, 128, 128, 32, 4, 4),
         _cfg(11, 11, 128, 128, 64, 8, 3),
         _cfg(13, 9, 128, 128, 64, 8, 3),
         _cfg(8, 8, 64, 128, 64, 4, 4),
+        _cfg(11, 11, 128, 64, 64, 4, 3),
+        _cfg(11, 11, 128, 32, 64, 4, 3),
     ]
     WGRAD_CONFIGS = [
         triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
@@ -145,16 +150,28 @@ def tap_rect_gemm(acc, in_ptr, w_ptr, row, img, ph, pw, valid, ky0, ky1, kx0, kx
     return acc
 
 
-@triton.autotune(configs=autotune_configs(FWD_CONFIGS),
-                 key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "SUM_MODE"],
+def fit_column_tile(configs, named_args, **kwargs):
+    """tap_conv_kernel's early_config_prune: the configs whose BN is the narrowest that covers the
+    launch's widest branch (NMAX output channels), or the widest BN where none covers it: a
+    program's column block then wastes less than half of itself (none at O_b = 256 or 21 -> 32)."""
+    nmax = named_args["NMAX"]
+    widths = sorted({c.kwargs["BN"] for c in configs})
+    want = next((bn for bn in widths if bn >= nmax), widths[-1])
+    return [c for c in configs if c.kwargs["BN"] == want]
+
+
+@triton.autotune(configs=autotune_configs(FWD_CONFIGS, group=lambda c: c.kwargs["BN"]),
+                 key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "NMAX", "SUM_MODE"],
+                 prune_configs_by={"early_config_prune": fit_column_tile},
                  reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
 @triton.jit
 def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr, psumsq_ptr,
-                    N, H, W, CIN_STRIDE, OUT_STRIDE, NB,
+                    N, H, W, CIN_STRIDE, OUT_STRIDE, NB, NMAX,
                     SUM_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                     STATS: tl.constexpr, DOT_PREC: tl.constexpr, A_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
                     TH: tl.constexpr, TW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # A_ALIGN / W_ALIGN: powers of two dividing every input-side (in_off, K_b, CIN_STRIDE) and
+    # NMAX: the widest branch's output channels; not read here, it picks the column tile
+    # (fit_column_tile). A_ALIGN / W_ALIGN: powers of two dividing every input-side (in_off, K_b, CIN_STRIDE) and
     # weight/output-side (w_off, N_b, out_off, OUT_STRIDE) value of the meta table. Values loaded
     # from memory carry no divisibility facts: without the hints the masks `c < K_b` and
     # `o < N_b` are not known constant over a 16-byte vector, the loads cannot become cp.async
@@ -376,7 +393,7 @@ def tap_conv(inp: torch.Tensor, w_packed: torch.Tensor, rows, out: torch.Tensor,
         launch(tap_conv_kernel, grid, inp, w_packed, meta, out,
                scale if scale is not None else dummy, shift if shift is not None else dummy,
                bias if bias is not None else dummy, psum if stats else dummy, psumsq if stats else dummy,
-               N, H, W, cin, o_stride, len(rows),
+               N, H, W, cin, o_stride, len(rows), max((r.n_b for r in rows), default=0),
                SUM_MODE=bool(sum_mode), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=int(act),
                STATS=bool(stats), DOT_PREC=prec, A_ALIGN=pow2_align(cin, *(v for r in rows for v in (r.k_b, r.in_off))),
                W_ALIGN=pow2_align(o_stride, *(v for r in rows for v in (r.w_off, r.n_b, r.out_off))))

@@ -72,8 +72,10 @@ class StubBench:
 def _retune(kernel, configs, times):
     """kernel's JIT function under triton.autotune with kernel's own arguments but `configs`."""
     bench = StubBench(times)
+    prune = {"early_config_prune": kernel.early_config_prune} if kernel.early_config_prune else None
     tuned = triton.autotune(configs=configs, key=list(kernel.keys), reset_to_zero=list(kernel.reset_to_zero) or None,
-                            restore_value=list(kernel.restore_value) or None, do_bench=bench)(kernel.fn)
+                            restore_value=list(kernel.restore_value) or None, prune_configs_by=prune,
+                            do_bench=bench)(kernel.fn)
     return tuned, bench
 
 
@@ -218,3 +220,23 @@ def test_kernels_declare_their_partial_statistics_resets():
         assert sorted(k.reset_to_zero) == sorted(_common.PARTIAL_STATS_ARGS)
         assert all(name in k.fn.arg_names for name in _common.PARTIAL_STATS_ARGS)
     assert list(KA.tap_wgrad_kernel.reset_to_zero) == []
+
+
+def test_column_tile_fits_the_widest_branch(monkeypatch):
+    """tap_conv_kernel keeps, per launch, the configs of the narrowest BN covering its widest
+    branch (NMAX): 21 classes run 32-column blocks, not 128. ASPP_FUSED_TRITON_AUTOTUNE=0 keeps
+    the first config of each width, so that choice survives without autotuning."""
+    from aspp_fused.kernels import _common
+    from aspp_fused.kernels.atrous_conv import fit_column_tile
+
+    cfgs = [_tile_cfg(8, 16, 128, 128), _tile_cfg(11, 11, 128, 128), _tile_cfg(11, 11, 128, 64),
+            _tile_cfg(11, 11, 128, 32), _tile_cfg(8, 8, 64, 32)]
+    for nmax, want in ((21, 32), (32, 32), (33, 64), (64, 64), (200, 128), (256, 128), (1000, 128), (0, 32)):
+        kept = fit_column_tile(cfgs, {"NMAX": nmax})
+        assert kept and {c.kwargs["BN"] for c in kept} == {want}, (nmax, kept)
+    assert fit_column_tile(cfgs, {"NMAX": 21}) == [cfgs[3], cfgs[4]]
+    monkeypatch.setenv("ASPP_FUSED_TRITON_AUTOTUNE", "0")
+    assert _common.autotune_configs(cfgs) == cfgs[:1]
+    assert _common.autotune_configs(cfgs, group=lambda c: c.kwargs["BN"]) == [cfgs[0], cfgs[2], cfgs[3]]
+    monkeypatch.setenv("ASPP_FUSED_TRITON_AUTOTUNE", "1")
+    assert _common.autotune_configs(cfgs, group=lambda c: c.kwargs["BN"]) == cfgs
