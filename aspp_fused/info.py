@@ -78,6 +78,31 @@ def print_auto_section() -> None:
         print("  never used on %s (gave a wrong result): %s: %s" % (device_type, backend, why))
 
 
+def plan_switches() -> list:
+    """(switch, value, what it does here) of the kernels' plan and copy choices (README, runtime
+    switches): the CUDA and Triton ones are read per call, the torch backend's at import."""
+    cuda_regions = os.environ.get("ASPP_FUSED_CUDA_REGIONS", "auto")
+    tma = os.environ.get("ASPP_FUSED_TRITON_TMA", "auto")
+    if tma == "auto":
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 9
+        tma_why = "on: compute capability >= 9" if hopper else "off: no CUDA device of compute capability >= 9"
+    else:
+        tma_why = {"0": "off", "1": "on wherever a descriptor fits"}.get(tma, "invalid: expected auto, 0 or 1")
+    from aspp_fused import torch_backend
+
+    torch_regions = torch_backend.REGIONS
+    return [
+        ("ASPP_FUSED_CUDA_REGIONS", cuda_regions,
+         {"0": "CUDA concat forward on the per-tile tap plan", "1": "CUDA concat forward on the exact-region plan"}
+         .get(cuda_regions, "CUDA concat forward on whichever plan issues fewer multiply-adds")),
+        ("ASPP_FUSED_TRITON_TMA", tma, "Triton concat forward's weight tiles by TMA: " + tma_why),
+        ("ASPP_FUSED_TORCH_REGIONS", torch_regions,
+         {"0": "torch backend: one conv per branch (its exact-region convs off)", "cuda": "torch backend: "
+          "exact-region convs on CUDA tensors", "1": "torch backend: exact-region convs everywhere"}
+         .get(torch_regions, "invalid: expected 0, cuda or 1")),
+    ]
+
+
 def main() -> int:
     info = collect()
     backends = info.pop("backends")
@@ -92,6 +117,9 @@ def main() -> int:
         print("\nto enable a missing backend:")
         for name, hint in hints:
             print("  %-*s  %s" % (width, name, hint))
+    print("\nplans (runtime switches):")
+    for name, value, what in plan_switches():
+        print("  %s=%s  %s" % (name, value, what))
     print_auto_section()
     return 0
 
