@@ -204,6 +204,10 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
 
     for name in runners:
         prepare, step = steps[name]
+        # What the provider's own plan issues (benchmarks/work.py), forward only: the backward's
+        # plans are not counted, so train records carry none.
+        issued, issued_why = (None, "train: the backward's plans are not counted") if mode == "train" else \
+            _issued(ctx, case, size, batch, name, device.type)
         progress.status("%s: peak memory %s" % (label, name))
         prepare(0)
         with H.cudnn_benchmark(providers[name].cudnn_benchmark):
@@ -227,6 +231,9 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
             "matmul_peak_tflops": _sig(peak_tflops), "runs": len(ms), "size": size,
             "gmacs_dense": round(dense * work / 1e9, 3),
             "gmacs_executed": round(executed * work / 1e9, 3),
+            "gmacs_issued": None if issued is None else round(issued / 1e9, 3),
+            "tflops_issued": None if issued is None else _sig(2.0 * issued / (med * 1e-3) / 1e12),
+            "issued_note": issued_why,
             "roofline_ms": _sig(bound), "pct_of_roofline": _sig(100 * bound / med),
             # CUDA: the host's time per call (Python, dispatch, launches), beside the GPU time.
             "host_ms_median": round(H.percentile(host[name], 50), 4) if host[name] else None,
@@ -239,6 +246,17 @@ def measure_group(case: C.Case, mode: str, dtype: torch.dtype, ctx: dict, progre
     del providers, runners, steps, inputs
     _free(device)
     return records, skipped
+
+
+def _issued(ctx, case, size, batch, provider, device_type):
+    """benchmarks/work.issued_for, once per (case, size, batch, provider) of a run."""
+    from benchmarks import work as W
+
+    key = (case.name, size, batch, provider, device_type)
+    cache = ctx.setdefault("issued", {})
+    if key not in cache:
+        cache[key] = W.issued_for(case, size, batch, provider, device_type)
+    return cache[key]
 
 
 def _sig(x: float, digits: int = 4) -> float:

@@ -108,7 +108,7 @@ def _fake_run(case: C.Case, size: str, batch: int, backend: str, mode=None) -> l
     return calls.calls
 
 
-def _cuda_work(case: C.Case, size: str, batch: int) -> dict:
+def _cuda_work(case: C.Case, size: str, batch: int, regions=None) -> dict:
     from aspp_fused import _extension
 
     if not _extension.cpp_available():
@@ -123,7 +123,7 @@ def _cuda_work(case: C.Case, size: str, batch: int) -> dict:
         x, weights, dilations, sum_mode = args[0], args[1], args[2], args[6]
         n, c, h, w = x.shape
         d, v, i = torch.ops.aspp_fused.cuda_plan_work(n, c, h, w, [wt.shape[-1] for wt in weights], list(dilations),
-                                                      [wt.shape[0] for wt in weights], sum_mode, 2)
+                                                      [wt.shape[0] for wt in weights], sum_mode, 2, regions)
         dense, valid, issued = dense + d, valid + v, issued + i
     rec = {"dense_macs": dense, "valid_macs": valid, "issued_macs": issued, "launches": len(calls),
            "note": "csrc/tap_plan.h at the bf16 GEMM tile"}
@@ -142,6 +142,25 @@ def _torch_work(case: C.Case, size: str, batch: int) -> dict:
     return {"dense_macs": sum(e["dense_macs"] for e in log), "valid_macs": sum(e["valid_macs"] for e in log),
             "issued_macs": sum(e["issued_macs"] for e in log), "launches": len(log),
             "note": "ATen convs asked for (region plan on)"}
+
+
+def issued_for(case: C.Case, size: str, batch: int, provider: str, device_type: str):
+    """(issued MACs of one forward of ``provider`` from its own plan, or None; why None). The
+    benchmark's records carry it beside the dense and executed counts (gmacs_issued)."""
+    try:
+        if provider in ("fused_cpp", "fused_cpp_tiles"):
+            if device_type != "cuda":
+                return None, "the CPU kernels' tiles are not counted"
+            rec = _cuda_work(case, size, batch, regions=False if provider == "fused_cpp_tiles" else None)
+        elif provider == "fused_triton":
+            rec = _triton_work(case, size, batch)
+        elif provider == "fused_torch_regions":
+            rec = _torch_work(case, size, batch)
+        else:
+            return None, "no plan of its own to count (cuDNN / oneDNN / inductor choose)"
+    except C.Skip as exc:
+        return None, str(exc)
+    return rec["issued_macs"], rec.get("partial")
 
 
 def work_records(case_names: List[str], size: str, batch_override=None):

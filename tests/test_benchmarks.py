@@ -326,3 +326,20 @@ def test_work_only_reports_the_plans_issued_multiply_adds(tmp_path):
     cu2 = recs[("aspp_v2_os8", "fused_cuda")]
     assert cu2["valid_macs"] == recs[("aspp_v2_os8", "fused_torch_regions")]["valid_macs"]
     assert cu2["issued_macs"] > 128 / 21 * cu2["valid_macs"]
+
+
+def test_records_carry_the_issued_work_of_the_providers_plan():
+    """benchmarks/work.issued_for: what a provider's own plan issues, for the benchmark's records
+    (gmacs_issued, tflops_issued): the CUDA plan counted on the host (region plan, and the tile
+    plan of fused_cpp_tiles), none with a reason where there is no plan to count."""
+    from benchmarks import cases as C
+    from benchmarks import work as W
+
+    case = C.CASES["aspp_v3_os16"]
+    regions, why = W.issued_for(case, "gpu", 16, "fused_cpp", "cuda")
+    tiles, _ = W.issued_for(case, "gpu", 16, "fused_cpp_tiles", "cuda")
+    dense, executed, _, _ = C.meta_macs(case, "gpu", 16)
+    assert why is None and executed < regions <= 1.05 * executed < tiles < dense
+    for provider, device in (("eager_cl", "cuda"), ("compile", "cuda"), ("fused_cpp", "cpu")):
+        issued, why = W.issued_for(case, "gpu", 16, provider, device)
+        assert issued is None and why, (provider, device)
