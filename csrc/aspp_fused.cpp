@@ -47,10 +47,11 @@ std::vector<int64_t> cuda_plan_work(int64_t N, int64_t C, int64_t H, int64_t W, 
   const aspp_fused::cuda::Tiling tl = aspp_fused::cuda::make_tiling(N, H, W, bm);
   const aspp_fused::PlanWork tiles =
       aspp_fused::tile_plan_work(N, H, W, tl.tile_h, tl.tile_w, branches, sum_mode, bm, bn, bk);
-  if (sum_mode) return {tiles.dense, tiles.valid, tiles.issued};
   const int mode = regions.has_value() ? (*regions ? 1 : 0) : aspp_fused::cuda_region_mode();
-  const aspp_fused::PlanWork w =
-      aspp_fused::region_plan_work(N, H, W, branches, aspp_fused::region_plan(N, H, W, branches, bm, bn), bm, bn, bk);
+  const std::vector<aspp_fused::PlanRegion> plan = aspp_fused::region_plan(N, H, W, branches, bm, bn, sum_mode);
+  if (mode == 0 || static_cast<int>(plan.size()) > aspp_fused::cuda::kMaxRegions)
+    return {tiles.dense, tiles.valid, tiles.issued};
+  const aspp_fused::PlanWork w = aspp_fused::region_plan_work(N, H, W, branches, plan, bm, bn, bk);
   if (!aspp_fused::choose_region_plan(mode, w, tiles)) return {tiles.dense, tiles.valid, tiles.issued};
   return {w.dense, w.valid, w.issued};
 }
@@ -120,8 +121,9 @@ TORCH_LIBRARY(aspp_fused, m) {
   // at dilations[b] with couts[b] outputs; elem_bytes 2 / 4 / 8 picks the GEMM tile
   // (csrc/cuda/params.cuh); regions: True the concat forward's exact-region plan, False its tile
   // plan, None the glue's choice (ASPP_FUSED_CUDA_REGIONS: 1, 0, or unset / auto: the plan that
-  // issues fewer MACs; sum mode always runs the tile plan). python -m benchmarks --work-only
-  // reports it.
+  // issues fewer MACs; a region plan of more than kMaxRegions regions: the tile plan). Sum mode
+  // too (the v2 head; the backward's dgrad is this sum with negated dilations). python -m
+  // benchmarks --work-only reports it.
   m.def(
       "cuda_plan_work(int N, int C, int H, int W, int[] ksizes, int[] dilations, int[] couts, bool sum_mode, "
       "int elem_bytes, bool? regions=None) -> int[]",

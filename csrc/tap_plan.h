@@ -95,40 +95,76 @@ struct PlanBranch {
   int k, step, cin, cout;
 };
 
-// One region of one branch: output pixels [h0, h1) x [w0, w1) of every image, taps
-// [ky0, ky1] x [kx0, kx1]. Its work items are its pixel tiles (bm consecutive pixels of the
-// region counted across the batch, image-major) x its column blocks (bn output channels).
+// One region: output pixels [h0, h1) x [w0, w1) of every image, inside which the valid taps of
+// `branch` (concat) or of every branch (sum mode, branch = -1) are the same for each pixel, so
+// tap_range over the region is exactly them. Its work items are its pixel tiles (bm consecutive
+// pixels of the region counted across the batch, image-major) x its column blocks (bn outputs).
 struct PlanRegion {
-  int branch, h0, h1, w0, w1, ky0, ky1, kx0, kx1;
+  int branch, h0, h1, w0, w1;
   int64_t pixel_tiles;  // ceil(N * area / bm)
   int col_blocks;       // ceil(cout / bn)
 
   int64_t items() const { return pixel_tiles * col_blocks; }
-  int taps() const { return (ky1 - ky0 + 1) * (kx1 - kx0 + 1); }
 };
 
-// The regions of one concat-mode launch, longest first (taps x cin, stable: ties keep the
-// (branch, row region, column region) order): item order = region order, then pixel tile, then
-// column block (kernels/plan.region_plan lists the very same items).
-inline std::vector<PlanRegion> region_plan(int64_t N, int H, int W, const std::vector<PlanBranch>& branches, int bm,
-                                           int bn) {
-  std::vector<PlanRegion> out;
-  for (size_t b = 0; b < branches.size(); ++b) {
-    const PlanBranch& br = branches[b];
-    if (br.cout <= 0) continue;
-    for (const AxisRegion& ry : axis_regions(H, br.k, br.step))
-      for (const AxisRegion& rx : axis_regions(W, br.k, br.step)) {
-        PlanRegion r{static_cast<int>(b), ry.lo, ry.hi, rx.lo, rx.hi, ry.t0, ry.t1, rx.t0, rx.t1, 0, 0};
-        const int64_t pixels = N * (ry.hi - ry.lo) * (rx.hi - rx.lo);
-        r.pixel_tiles = (pixels + bm - 1) / bm;
-        r.col_blocks = (br.cout + bn - 1) / bn;
-        out.push_back(r);
-      }
+// The taps of `br` valid at every pixel of region r (all of them: r lies inside one of br's
+// axis regions per axis).
+inline int64_t region_taps(const PlanBranch& br, const PlanRegion& r, int H, int W) {
+  const TapRange ty = tap_range(r.h0, r.h1, H, br.k, br.step), tx = tap_range(r.w0, r.w1, W, br.k, br.step);
+  return int64_t(std::max(0, ty.t1 - ty.t0 + 1)) * std::max(0, tx.t1 - tx.t0 + 1);
+}
+
+// The branches a region's items run: its own (concat) or all (sum mode).
+template <class F>
+void for_region_branches(const PlanRegion& r, const std::vector<PlanBranch>& branches, F&& f) {
+  if (r.branch >= 0) {
+    f(branches[r.branch]);
+  } else {
+    for (const PlanBranch& br : branches) f(br);
   }
-  std::stable_sort(out.begin(), out.end(), [&](const PlanRegion& a, const PlanRegion& b) {
-    return static_cast<int64_t>(a.taps()) * branches[a.branch].cin >
-           static_cast<int64_t>(b.taps()) * branches[b.branch].cin;
-  });
+}
+
+// The plan of one launch, regions longest first (valid taps x cin of their items, stable: ties
+// keep the order they were made in); item order = region order, then pixel tile, then column
+// block. Concat: each branch's own axis regions (at most 3 x 3 for k = 3; kernels/plan.region_plan
+// lists the very same items). Sum mode (every item runs every branch into the same columns):
+// the common refinement of all branches' axis regions (at most (2 x branches + 1)^2).
+inline std::vector<PlanRegion> region_plan(int64_t N, int H, int W, const std::vector<PlanBranch>& branches, int bm,
+                                           int bn, bool sum_mode = false) {
+  std::vector<PlanRegion> out;
+  auto add = [&](int branch, int h0, int h1, int w0, int w1, int cout) {
+    PlanRegion r{branch, h0, h1, w0, w1, 0, 0};
+    r.pixel_tiles = (N * (h1 - h0) * (w1 - w0) + bm - 1) / bm;
+    r.col_blocks = (cout + bn - 1) / bn;
+    out.push_back(r);
+  };
+  if (!sum_mode) {
+    for (size_t b = 0; b < branches.size(); ++b) {
+      const PlanBranch& br = branches[b];
+      if (br.cout <= 0) continue;
+      for (const AxisRegion& ry : axis_regions(H, br.k, br.step))
+        for (const AxisRegion& rx : axis_regions(W, br.k, br.step))
+          add(static_cast<int>(b), ry.lo, ry.hi, rx.lo, rx.hi, br.cout);
+    }
+  } else if (!branches.empty() && branches[0].cout > 0) {
+    auto cuts = [&](int size) {
+      std::vector<int> c{size};
+      for (const PlanBranch& br : branches)
+        for (const AxisRegion& r : axis_regions(size, br.k, br.step)) c.push_back(r.lo);
+      std::sort(c.begin(), c.end());
+      c.erase(std::unique(c.begin(), c.end()), c.end());
+      return c;
+    };
+    const std::vector<int> ch = cuts(H), cw = cuts(W);
+    for (size_t i = 0; i + 1 < ch.size(); ++i)
+      for (size_t j = 0; j + 1 < cw.size(); ++j) add(-1, ch[i], ch[i + 1], cw[j], cw[j + 1], branches[0].cout);
+  }
+  auto cost = [&](const PlanRegion& r) {
+    int64_t c = 0;
+    for_region_branches(r, branches, [&](const PlanBranch& br) { c += region_taps(br, r, H, W) * br.cin; });
+    return c;
+  };
+  std::stable_sort(out.begin(), out.end(), [&](const PlanRegion& a, const PlanRegion& b) { return cost(a) > cost(b); });
   return out;
 }
 
@@ -157,7 +193,9 @@ inline PlanWork region_plan_work(int64_t N, int H, int W, const std::vector<Plan
                                  const std::vector<PlanRegion>& regions, int bm, int bn, int bk) {
   PlanWork w = dense_and_valid(N, H, W, branches);
   for (const PlanRegion& r : regions)
-    w.issued += r.items() * bm * bn * r.taps() * round_up(branches[r.branch].cin, bk);
+    for_region_branches(r, branches, [&](const PlanBranch& br) {
+      w.issued += r.items() * bm * bn * region_taps(br, r, H, W) * round_up(br.cin, bk);
+    });
   return w;
 }
 

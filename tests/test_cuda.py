@@ -387,18 +387,22 @@ REGION_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", REGION_SHAPES, ids=lambda s: "n%d_c%d_%dx%d" % s[:4])
-def test_atrous_conv_region_plan(dtype, shape, monkeypatch):
-    """The region plan against the reference (forward, backward, eval with a per-image bias, train
-    statistics), and against the tile plan: both multiply the same valid taps in the same order
-    (the tile plan's extra taps add exact zeros), so the outputs are bitwise equal."""
+@pytest.mark.parametrize("sum_mode", [False, True], ids=["concat", "sum"])
+def test_atrous_conv_region_plan(dtype, shape, sum_mode, monkeypatch):
+    """The region plan against the reference (forward; backward, whose dgrad is a sum-mode launch
+    with negated rates; eval with a per-image bias, train statistics), and against the tile plan:
+    both multiply the same valid taps in the same order (the tile plan's extra taps add exact
+    zeros), so the outputs are bitwise equal. Sum mode plans over the common refinement of the
+    branches' regions."""
     n, c, h, w, branches = shape
     monkeypatch.setenv("ASPP_FUSED_CUDA_REGIONS", "1")
-    prob = atrous_problem(n, c, h, w, branches, bias=True)
-    _atrous_case(prob, dtype, False, 1, False)
-    _atrous_case(atrous_problem(n, c, h, w, branches, bias=False, gen_seed=1), dtype, False, 0, True)
+    prob = atrous_problem(n, c, h, w, branches, sum_mode=sum_mode, bias=True)
+    _atrous_case(prob, dtype, sum_mode, 1, False)
+    _atrous_case(atrous_problem(n, c, h, w, branches, sum_mode=sum_mode, bias=False, gen_seed=1), dtype, sum_mode, 0,
+                 True)
     x, ws, dil, scale, shift, bias = prob
     sd = _stat_dtype(dtype)
-    args = (_dev(x, dtype), _dev(ws, dtype), dil, _dev(scale, sd), _dev(shift, sd), _dev(bias, sd), False, 1, True)
+    args = (_dev(x, dtype), _dev(ws, dtype), dil, _dev(scale, sd), _dev(shift, sd), _dev(bias, sd), sum_mode, 1, True)
     regions = OPS.atrous_conv(*args)
     monkeypatch.setenv("ASPP_FUSED_CUDA_REGIONS", "0")
     tiles = OPS.atrous_conv(*args)

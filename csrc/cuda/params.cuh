@@ -12,8 +12,11 @@ namespace cuda {
 // independent channel slices; sum mode: raw partial sums accumulated in a float buffer).
 constexpr int kMaxBranches = 8;
 constexpr int kMaxTaps = kMaxBranches * 9;
-// Regions of one exact-region launch (csrc/tap_plan.h: at most 3 x 3 per 3x3 branch).
-constexpr int kMaxRegions = kMaxBranches * 9;
+// Regions of one exact-region launch (csrc/tap_plan.h): concat at most 3 x 3 per 3x3 branch
+// (72 for 8 branches); sum mode the common refinement of all branches' regions, (2 d + 1)^2 for
+// d distinct dilated rates (81 for DeepLab v2's four, 121 for five). A plan with more runs on
+// the tile plan.
+constexpr int kMaxRegions = 128;
 
 // The GEMM kernels' tile per element size (GemmCfg in gemm_core.cuh reads them from here, and so
 // does the host's count of what a plan issues, cuda_plan_work): BM pixels x BN output channels,
@@ -99,9 +102,11 @@ struct GemmBranch {
 
 // One region of the exact-region plan as a launch reads it (csrc/tap_plan.h: PlanRegion). CTAs
 // [first_cta, first_cta + pixel_tiles * col_blocks) of the launch are its items, pixel tile
-// major, column block fastest; the column blocks are those of `branch` (cb_start).
+// major, column block fastest; the column blocks are those of `branch` (cb_start; sum mode:
+// branch -1, every branch into the launch's ncol blocks). Its taps per branch: tap_range over
+// the region, exact there.
 struct RegionDesc {
-  int branch, h0, h1, w0, w1, ky0, ky1, kx0, kx1;
+  int branch, h0, h1, w0, w1;
   int first_cta;
 };
 
@@ -118,9 +123,9 @@ struct TapGemmParams {
   int cb_start[kMaxBranches + 1];  // concat: branch b owns column blocks [cb_start[b], cb_start[b+1])
   GemmBranch br[kMaxBranches];
   Epilogue ep;
-  // Concat mode only. nregion > 0: the CTAs run the exact-region plan rg[0, nregion) (each one
-  // region's pixels across the batch, exactly its valid taps; `tl` only gives N, H, W);
-  // nregion == 0: the tile plan (`tl`'s tiles, taps from tap_range per tile).
+  // nregion > 0: the CTAs run the exact-region plan rg[0, nregion) (each one region's pixels
+  // across the batch, exactly its valid taps; `tl` only gives N, H, W); nregion == 0: the tile
+  // plan (`tl`'s tiles, taps from tap_range per tile).
   int nregion;
   RegionDesc rg[kMaxRegions];
 };

@@ -14,29 +14,30 @@ namespace aspp_fused {
 namespace cuda {
 namespace {
 
-// The concat forward's plan for p's branches (csrc/tap_plan.h: cuda_region_mode,
-// choose_region_plan): fills p.rg / p.nregion with the exact-region plan and returns its number
-// of CTAs, or leaves p.nregion = 0 (the tile plan) and returns -1.
+// The plan of one launch of p's branches (csrc/tap_plan.h: cuda_region_mode, choose_region_plan):
+// fills p.rg / p.nregion with the exact-region plan and returns its number of CTAs, or leaves
+// p.nregion = 0 (the tile plan) and returns -1. Concat and sum mode alike (sum mode: the common
+// refinement of the branches' regions; more than kMaxRegions of them: the tile plan).
 int64_t set_region_plan(TapGemmParams& p, int bm, int bn, int bk) {
   p.nregion = 0;
   const int mode = cuda_region_mode();
   if (mode == 0) return -1;
+  const bool sum = p.sum_mode != 0;
   std::vector<PlanBranch> branches;
   for (int b = 0; b < p.nbranch; ++b) branches.push_back({p.br[b].k, p.br[b].step, p.br[b].cin, p.br[b].cout});
-  const std::vector<PlanRegion> plan = region_plan(p.tl.N, p.tl.H, p.tl.W, branches, bm, bn);
+  const std::vector<PlanRegion> plan = region_plan(p.tl.N, p.tl.H, p.tl.W, branches, bm, bn, sum);
+  if (static_cast<int>(plan.size()) > kMaxRegions) return -1;
   if (mode < 0) {
     const PlanWork regions = region_plan_work(p.tl.N, p.tl.H, p.tl.W, branches, plan, bm, bn, bk);
-    const PlanWork tiles = tile_plan_work(p.tl.N, p.tl.H, p.tl.W, p.tl.tile_h, p.tl.tile_w, branches, false, bm, bn, bk);
+    const PlanWork tiles = tile_plan_work(p.tl.N, p.tl.H, p.tl.W, p.tl.tile_h, p.tl.tile_w, branches, sum, bm, bn, bk);
     if (!choose_region_plan(mode, regions, tiles)) return -1;
   }
-  TORCH_CHECK(static_cast<int>(plan.size()) <= kMaxRegions, "aspp_fused: internal error: ", plan.size(),
-              " regions in one launch, at most ", kMaxRegions);
   int64_t first = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     const PlanRegion& r = plan[i];
-    TORCH_CHECK(r.col_blocks == p.cb_start[r.branch + 1] - p.cb_start[r.branch],
-                "aspp_fused: internal error: region plan and column blocks disagree");
-    p.rg[i] = RegionDesc{r.branch, r.h0, r.h1, r.w0, r.w1, r.ky0, r.ky1, r.kx0, r.kx1, static_cast<int>(first)};
+    const int ncolb = sum ? p.ncol : p.cb_start[r.branch + 1] - p.cb_start[r.branch];
+    TORCH_CHECK(r.col_blocks == ncolb, "aspp_fused: internal error: region plan and column blocks disagree");
+    p.rg[i] = RegionDesc{r.branch, r.h0, r.h1, r.w0, r.w1, static_cast<int>(first)};
     first += r.items();
   }
   TORCH_CHECK(first < (int64_t(1) << 31), "aspp_fused: ", first, " CTAs in one launch (at most 2^31 - 1)");
@@ -113,7 +114,9 @@ void run_typed(const TapGemmCall& call) {
     p.out = call.out;
     p.out_stride = call.out_stride;
     p.ep = call.ep;
-    run(call.out_acc, 0);
+    const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
+    if (region_ctas == 0) return;  // region plan without items: no output channels
+    run(call.out_acc, region_ctas);
     return;
   }
 
@@ -139,7 +142,8 @@ void run_typed(const TapGemmCall& call) {
     p.ep = call.ep;
     p.ep.raw = 1;
     p.ep.accumulate = direct ? (g0 > 0 || call.ep.accumulate) : 1;
-    launch_group<T, OutAcc, M>(p, vec_a);
+    const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
+    if (region_ctas != 0) launch_group<T, OutAcc, M>(p, vec_a, region_ctas);
   }
   if (direct) return;
   if (call.ep.raw) {

@@ -10,7 +10,7 @@ namespace cuda {
 // ------------------------------------------------------------------------------------------
 // The tap-list conv kernel. Grid: 1-D, column block fastest (the CTAs sharing pixels run
 // together and share their input in L2). Tile plan: N * tiles_per_image * ncol CTAs. Region plan
-// (concat mode, p.nregion > 0): the plan's items (csrc/tap_plan.h), longest region first.
+// (p.nregion > 0): the plan's items (csrc/tap_plan.h), longest region first.
 
 template <typename T, typename OutT, Math M, bool kVecA>
 __global__ void __launch_bounds__(GemmCfg<T, M>::kThreads, GemmCfg<T, M>::kTapMinBlocks)
@@ -26,26 +26,25 @@ __global__ void __launch_bounds__(GemmCfg<T, M>::kThreads, GemmCfg<T, M>::kTapMi
   const int warp_m = warp % Cfg::kWarpsM, warp_n = warp / Cfg::kWarpsM;
   const int wm0 = warp_m * Cfg::WM, wn0 = warp_n * Cfg::WN;
 
-  // The CTA's pixels, branches [b0, b1), output columns [o0, o0 + BN) of them, and (region plan)
-  // the one tap rectangle valid at every one of its pixels.
+  // The CTA's pixels, branches [b0, b1) and output columns [o0, o0 + BN) of them. Its taps per
+  // branch: tap_range over its pixels (region plan: exactly the region's valid taps, the same
+  // for each of its pixels; tile plan: every tap that touches the tile).
   int b0 = 0, b1 = p.nbranch, o0 = 0;
-  int rky0 = 0, rky1 = -1, rkx0 = 0, rkx1 = -1;
   CtaTile ct;
   if (p.nregion > 0) {
     const int cta = static_cast<int>(blockIdx.x);
     int r = 0;
     while (r + 1 < p.nregion && cta >= p.rg[r + 1].first_cta) ++r;
     const RegionDesc rd = p.rg[r];
-    b0 = rd.branch;
-    b1 = b0 + 1;
-    const int ncolb = p.cb_start[b0 + 1] - p.cb_start[b0];
+    int ncolb = p.ncol;
+    if (rd.branch >= 0) {
+      b0 = rd.branch;
+      b1 = b0 + 1;
+      ncolb = p.cb_start[b0 + 1] - p.cb_start[b0];
+    }
     const int local = cta - rd.first_cta;
     o0 = (local % ncolb) * Cfg::BN;
     ct = region_tile(p.tl, rd, local / ncolb, Cfg::BM);
-    rky0 = rd.ky0;
-    rky1 = rd.ky1;
-    rkx0 = rd.kx0;
-    rkx1 = rd.kx1;
   } else {
     const int col = static_cast<int>(blockIdx.x % p.ncol);
     ct = cta_tile(p.tl, static_cast<int64_t>(blockIdx.x / p.ncol));
@@ -57,21 +56,16 @@ __global__ void __launch_bounds__(GemmCfg<T, M>::kThreads, GemmCfg<T, M>::kTapMi
     }
   }
 
-  // The CTA's tap table: for each branch, the rectangle of taps that touch its pixels (region
-  // plan: exactly the region's valid taps; tile plan: every tap that touches the tile).
+  // The CTA's tap table: for each branch, its rectangle of taps.
   if (tid == 0) {
     int ne = 0, iters = 0;
     for (int b = b0; b < b1; ++b) {
       const GemmBranch& br = p.br[b];
       if (br.cin <= 0) continue;
-      TapRange ry{rky0, rky1}, rx{rkx0, rkx1};
-      if (p.nregion == 0) {
-        ry = tap_range(ct.h0, ct.h_end(), ct.H, br.k, br.step);
-        rx = tap_range(ct.w0, ct.w_end(), ct.W, br.k, br.step);
-      }
-      const int ty0 = ry.t0, ty1 = ry.t1, tx0 = rx.t0, tx1 = rx.t1;
-      for (int ty = ty0; ty <= ty1; ++ty)
-        for (int tx = tx0; tx <= tx1; ++tx) {
+      const TapRange ry = tap_range(ct.h0, ct.h_end(), ct.H, br.k, br.step);
+      const TapRange rx = tap_range(ct.w0, ct.w_end(), ct.W, br.k, br.step);
+      for (int ty = ry.t0; ty <= ry.t1; ++ty)
+        for (int tx = rx.t0; tx <= rx.t1; ++tx) {
           TapEntry& e = taps[ne++];
           e.dy = (ty - br.k / 2) * br.step;
           e.dx = (tx - br.k / 2) * br.step;
