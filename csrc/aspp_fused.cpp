@@ -45,14 +45,13 @@ std::vector<int64_t> cuda_plan_work(int64_t N, int64_t C, int64_t H, int64_t W, 
   const int eb = static_cast<int>(elem_bytes);
   const int bm = aspp_fused::cuda::gemm_bm(eb), bn = aspp_fused::cuda::gemm_bn(eb), bk = aspp_fused::cuda::gemm_bk(eb);
   const aspp_fused::cuda::Tiling tl = aspp_fused::cuda::make_tiling(N, H, W, bm);
-  const aspp_fused::PlanWork tiles =
-      aspp_fused::tile_plan_work(N, H, W, tl.tile_h, tl.tile_w, branches, sum_mode, bm, bn, bk);
   const int mode = regions.has_value() ? (*regions ? 1 : 0) : aspp_fused::cuda_region_mode();
-  const std::vector<aspp_fused::PlanRegion> plan = aspp_fused::region_plan(N, H, W, branches, bm, bn, sum_mode);
-  if (mode == 0 || static_cast<int>(plan.size()) > aspp_fused::cuda::kMaxRegions)
-    return {tiles.dense, tiles.valid, tiles.issued};
-  const aspp_fused::PlanWork w = aspp_fused::region_plan_work(N, H, W, branches, plan, bm, bn, bk);
-  if (!aspp_fused::choose_region_plan(mode, w, tiles)) return {tiles.dense, tiles.valid, tiles.issued};
+  std::vector<aspp_fused::PlanRegion> plan;
+  const aspp_fused::PlanWork w =
+      aspp_fused::use_region_plan(mode, N, H, W, branches, sum_mode, tl.tile_h, tl.tile_w, bm, bn, bk,
+                                  aspp_fused::cuda::kMaxRegions, &plan)
+          ? aspp_fused::region_plan_work(N, H, W, branches, plan, bm, bn, bk)
+          : aspp_fused::tile_plan_work(N, H, W, tl.tile_h, tl.tile_w, branches, sum_mode, bm, bn, bk);
   return {w.dense, w.valid, w.issued};
 }
 

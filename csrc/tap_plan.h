@@ -159,12 +159,16 @@ inline std::vector<PlanRegion> region_plan(int64_t N, int H, int W, const std::v
     for (size_t i = 0; i + 1 < ch.size(); ++i)
       for (size_t j = 0; j + 1 < cw.size(); ++j) add(-1, ch[i], ch[i + 1], cw[j], cw[j + 1], branches[0].cout);
   }
-  auto cost = [&](const PlanRegion& r) {
+  // Each region's cost once (not per comparison), then a stable sort of (cost, region) pairs.
+  std::vector<std::pair<int64_t, PlanRegion>> keyed;
+  keyed.reserve(out.size());
+  for (const PlanRegion& r : out) {
     int64_t c = 0;
     for_region_branches(r, branches, [&](const PlanBranch& br) { c += region_taps(br, r, H, W) * br.cin; });
-    return c;
-  };
-  std::stable_sort(out.begin(), out.end(), [&](const PlanRegion& a, const PlanRegion& b) { return cost(a) > cost(b); });
+    keyed.emplace_back(c, r);
+  }
+  std::stable_sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = 0; i < keyed.size(); ++i) out[i] = keyed[i].second;
   return out;
 }
 
@@ -224,10 +228,10 @@ inline PlanWork tile_plan_work(int64_t N, int H, int W, int tile_h, int tile_w, 
   return w;
 }
 
-// Which plan the CUDA concat forward runs (csrc/cuda/tap_gemm.cu; cuda_plan_work counts the same
-// choice): ASPP_FUSED_CUDA_REGIONS=1 the exact-region plan, =0 the tile plan, unset / auto the
-// one that issues fewer MACs. The region plan wins on DeepLab heads (standard OS16 head: 1.026 of
-// the valid MACs against 1.318); the tile plan on maps so small that one tile holds a whole image
+// Which plan a CUDA launch runs (csrc/cuda/tap_gemm.cu; cuda_plan_work counts the same choice):
+// ASPP_FUSED_CUDA_REGIONS=1 the exact-region plan, =0 the tile plan, unset / auto the one that
+// issues fewer MACs. The region plan wins on DeepLab heads (standard OS16 head: 1.026 of the
+// valid MACs against 1.318); the tile plan on maps so small that one tile holds a whole image
 // and the regions' tiles would be mostly empty rows (2 images of 9 x 11: 128-row tiles for 9
 // regions of at most 35 pixels each).
 inline int cuda_region_mode() {
@@ -238,8 +242,18 @@ inline int cuda_region_mode() {
   return -1;
 }
 
-inline bool choose_region_plan(int mode, const PlanWork& regions, const PlanWork& tiles) {
-  return mode == 1 || (mode < 0 && regions.issued < tiles.issued);
+// The choice itself, for mode (cuda_region_mode's values): true and the region plan in *plan
+// when the launch runs it; false for the tile plan (mode 0, more than max_regions regions, or,
+// in auto mode, the tile plan issues no more). The one statement of the rule for the glue and
+// the op that counts its work.
+inline bool use_region_plan(int mode, int64_t N, int H, int W, const std::vector<PlanBranch>& branches, bool sum_mode,
+                            int tile_h, int tile_w, int bm, int bn, int bk, int max_regions,
+                            std::vector<PlanRegion>* plan) {
+  if (mode == 0) return false;
+  *plan = region_plan(N, H, W, branches, bm, bn, sum_mode);
+  if (static_cast<int>(plan->size()) > max_regions) return false;
+  return mode == 1 || region_plan_work(N, H, W, branches, *plan, bm, bn, bk).issued <
+                          tile_plan_work(N, H, W, tile_h, tile_w, branches, sum_mode, bm, bn, bk).issued;
 }
 
 }  // namespace aspp_fused

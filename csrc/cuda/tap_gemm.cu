@@ -14,28 +14,22 @@ namespace aspp_fused {
 namespace cuda {
 namespace {
 
-// The plan of one launch of p's branches (csrc/tap_plan.h: cuda_region_mode, choose_region_plan):
-// fills p.rg / p.nregion with the exact-region plan and returns its number of CTAs, or leaves
-// p.nregion = 0 (the tile plan) and returns -1. Concat and sum mode alike (sum mode: the common
-// refinement of the branches' regions; more than kMaxRegions of them: the tile plan).
-int64_t set_region_plan(TapGemmParams& p, int bm, int bn, int bk) {
+// The plan of one launch of p's branches (csrc/tap_plan.h: use_region_plan): fills p.rg /
+// p.nregion with the exact-region plan, or leaves p.nregion = 0 (the tile plan); returns the
+// launch's number of CTAs (0: nothing to launch). Concat and sum mode alike (sum mode: the common
+// refinement of the branches' regions).
+int64_t plan_launch(TapGemmParams& p, int bm, int bn, int bk) {
   p.nregion = 0;
-  const int mode = cuda_region_mode();
-  if (mode == 0) return -1;
-  const bool sum = p.sum_mode != 0;
   std::vector<PlanBranch> branches;
   for (int b = 0; b < p.nbranch; ++b) branches.push_back({p.br[b].k, p.br[b].step, p.br[b].cin, p.br[b].cout});
-  const std::vector<PlanRegion> plan = region_plan(p.tl.N, p.tl.H, p.tl.W, branches, bm, bn, sum);
-  if (static_cast<int>(plan.size()) > kMaxRegions) return -1;
-  if (mode < 0) {
-    const PlanWork regions = region_plan_work(p.tl.N, p.tl.H, p.tl.W, branches, plan, bm, bn, bk);
-    const PlanWork tiles = tile_plan_work(p.tl.N, p.tl.H, p.tl.W, p.tl.tile_h, p.tl.tile_w, branches, sum, bm, bn, bk);
-    if (!choose_region_plan(mode, regions, tiles)) return -1;
-  }
+  std::vector<PlanRegion> plan;
+  if (!use_region_plan(cuda_region_mode(), p.tl.N, p.tl.H, p.tl.W, branches, p.sum_mode != 0, p.tl.tile_h,
+                       p.tl.tile_w, bm, bn, bk, kMaxRegions, &plan))
+    return static_cast<int64_t>(p.tl.N) * p.tl.tiles_per_image * p.ncol;
   int64_t first = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     const PlanRegion& r = plan[i];
-    const int ncolb = sum ? p.ncol : p.cb_start[r.branch + 1] - p.cb_start[r.branch];
+    const int ncolb = p.sum_mode ? p.ncol : p.cb_start[r.branch + 1] - p.cb_start[r.branch];
     TORCH_CHECK(r.col_blocks == ncolb, "aspp_fused: internal error: region plan and column blocks disagree");
     p.rg[i] = RegionDesc{r.branch, r.h0, r.h1, r.w0, r.w1, static_cast<int>(first)};
     first += r.items();
@@ -46,9 +40,8 @@ int64_t set_region_plan(TapGemmParams& p, int bm, int bn, int bk) {
 }
 
 template <typename T, typename OutT, Math M>
-void launch_group(const TapGemmParams& p, bool vec_a, int64_t region_ctas = 0) {
+void launch_group(const TapGemmParams& p, bool vec_a, int64_t grid) {
   using Cfg = GemmCfg<T, M>;
-  const int64_t grid = p.nregion > 0 ? region_ctas : static_cast<int64_t>(p.tl.N) * p.tl.tiles_per_image * p.ncol;
   if (vec_a) {
     launch(tap_gemm_kernel<T, OutT, M, true>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
   } else {
@@ -76,11 +69,11 @@ void run_typed(const TapGemmCall& call) {
   check_aligned16(p.w, "the packed weights");
   p.tl = make_tiling(static_cast<int>(call.N), static_cast<int>(call.H), static_cast<int>(call.W), Cfg::BM);
 
-  auto run = [&](bool to_acc, int64_t region_ctas) {
+  auto run = [&](bool to_acc, int64_t grid) {
     if (to_acc) {
-      launch_group<T, OutAcc, M>(p, vec_a, region_ctas);
+      launch_group<T, OutAcc, M>(p, vec_a, grid);
     } else {
-      launch_group<T, T, M>(p, vec_a, region_ctas);
+      launch_group<T, T, M>(p, vec_a, grid);
     }
   };
 
@@ -98,9 +91,8 @@ void run_typed(const TapGemmCall& call) {
       p.out = call.out;
       p.out_stride = call.out_stride;
       p.ep = call.ep;
-      const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
-      if (region_ctas == 0) continue;  // region plan without items: no output channels in this group
-      run(call.out_acc, region_ctas);
+      const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
+      if (grid > 0) run(call.out_acc, grid);
     }
     return;
   }
@@ -114,9 +106,8 @@ void run_typed(const TapGemmCall& call) {
     p.out = call.out;
     p.out_stride = call.out_stride;
     p.ep = call.ep;
-    const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
-    if (region_ctas == 0) return;  // region plan without items: no output channels
-    run(call.out_acc, region_ctas);
+    const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
+    if (grid > 0) run(call.out_acc, grid);
     return;
   }
 
@@ -142,8 +133,8 @@ void run_typed(const TapGemmCall& call) {
     p.ep = call.ep;
     p.ep.raw = 1;
     p.ep.accumulate = direct ? (g0 > 0 || call.ep.accumulate) : 1;
-    const int64_t region_ctas = set_region_plan(p, Cfg::BM, Cfg::BN, Cfg::BK);
-    if (region_ctas != 0) launch_group<T, OutAcc, M>(p, vec_a, region_ctas);
+    const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
+    if (grid > 0) launch_group<T, OutAcc, M>(p, vec_a, grid);
   }
   if (direct) return;
   if (call.ep.raw) {
