@@ -6,6 +6,7 @@ so that the whole suite runs in a few minutes on a small CPU machine: batch 2, C
 spatial sizes and rates, so the padding geometry is the same as on the GPU). Every provider
 starts from a deep copy of the same twin, with the same randomised weights and BN statistics.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -237,38 +238,45 @@ def _compiled(name: str, module: nn.Module, device: torch.device, compile_mode: 
     return Provider(name, compiled, True, True, before, note=note)
 
 
-class _WithRegions(nn.Module):
-    """Runs ``inner`` with the torch backend's region plan on (torch_backend.REGIONS = "1")."""
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """os.environ[name] = value for the block, then as it was (set or unset)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
-    def __init__(self, inner: nn.Module):
+
+class _Within(nn.Module):
+    """Runs ``inner`` inside ``context()`` (a provider's switch: the torch backend's region plan,
+    the CUDA kernels' tile plan)."""
+
+    def __init__(self, inner: nn.Module, context):
         super().__init__()
         self.inner = inner
+        self.context = context
 
     def forward(self, *args, **kwargs):
-        from aspp_fused import torch_backend
-
-        with torch_backend.regions("1"):
+        with self.context():
             return self.inner(*args, **kwargs)
 
 
-class _WithTilePlan(nn.Module):
-    """Runs ``inner`` with the CUDA kernels' concat forward on the tile plan
-    (ASPP_FUSED_CUDA_REGIONS=0, read by the CUDA glue on every call)."""
+def with_torch_regions(module: nn.Module) -> nn.Module:
+    """``module`` with the torch backend's region plan on (fused_torch_regions)."""
+    from aspp_fused import torch_backend
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
+    return _Within(module, lambda: torch_backend.regions("1"))
 
-    def forward(self, *args, **kwargs):
-        old = os.environ.get("ASPP_FUSED_CUDA_REGIONS")
-        os.environ["ASPP_FUSED_CUDA_REGIONS"] = "0"
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            if old is None:
-                del os.environ["ASPP_FUSED_CUDA_REGIONS"]
-            else:
-                os.environ["ASPP_FUSED_CUDA_REGIONS"] = old
+
+def with_cuda_tile_plan(module: nn.Module) -> nn.Module:
+    """``module`` with the CUDA kernels on the tile plan (fused_cpp_tiles; ASPP_FUSED_CUDA_REGIONS is
+    read by the CUDA glue on every call)."""
+    return _Within(module, lambda: env_set("ASPP_FUSED_CUDA_REGIONS", "0"))
 
 
 def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
@@ -293,14 +301,14 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
             raise Skip("the torch backend's region plan is for CUDA tensors (measured 5x slower on CPU, "
                        "see torch_backend.REGIONS)")
         fused = make_provider("fused_torch", case, twin, device, compile_mode)
-        return Provider(name, _WithRegions(fused.module), True, True, note=fused.note + "; region plan on")
+        return Provider(name, with_torch_regions(fused.module), True, True, note=fused.note + "; region plan on")
     if name == "fused_cpp_tiles":
         # fused_cpp with the CUDA concat forward on the per-tile tap plan: what the exact-region
         # plan (the default) gains against it, for a GPU run to say.
         if not cuda:
             raise Skip("the tile / region choice is the CUDA kernels' (the CPU kernels tile their own way)")
         fused = make_provider("fused_cpp", case, twin, device, compile_mode)
-        return Provider(name, _WithTilePlan(fused.module), True, True, note=fused.note + "; tile plan")
+        return Provider(name, with_cuda_tile_plan(fused.module), True, True, note=fused.note + "; tile plan")
     if name == "compile_fused_torch":
         # What a user who converts and then compiles runs: torch.compile of the converted model.
         fused = make_provider("fused_torch", case, twin, device, compile_mode)

@@ -93,18 +93,13 @@ def _fake_run(case: C.Case, size: str, batch: int, backend: str, mode=None) -> l
 
     twin, spec = C.build_twin(case, size, "cpu", torch.float32)
     fused = case.fused.from_module(twin.eval(), backend=backend)
-    cache, os.environ["ASPP_FUSED_FOLD_CACHE"] = os.environ.get("ASPP_FUSED_FOLD_CACHE"), "0"  # no fake weights kept
     calls = _OpCalls()
-    try:
-        with mode or contextlib.nullcontext(), FakeTensorMode(allow_non_fake_inputs=True):
-            x = C.make_inputs(spec, batch, 1, "cpu", torch.float32, True, False)[0]
-            with calls, torch.inference_mode():
-                fused(x)
-    finally:
-        if cache is None:
-            del os.environ["ASPP_FUSED_FOLD_CACHE"]
-        else:
-            os.environ["ASPP_FUSED_FOLD_CACHE"] = cache
+    # no fake weights kept in the fold cache
+    with C.env_set("ASPP_FUSED_FOLD_CACHE", "0"), mode or contextlib.nullcontext(), \
+            FakeTensorMode(allow_non_fake_inputs=True):
+        x = C.make_inputs(spec, batch, 1, "cpu", torch.float32, True, False)[0]
+        with calls, torch.inference_mode():
+            fused(x)
     return calls.calls
 
 

@@ -144,7 +144,7 @@ def test_bad_regions_setting_is_named(monkeypatch):
 def test_benchmark_provider_with_regions_on(monkeypatch):
     """benchmarks' fused_torch_regions runs the same module with the region plan on, then restores the
     setting; the default is off (no GPU measurement yet)."""
-    from benchmarks.cases import _WithRegions
+    from benchmarks.cases import with_torch_regions
 
     monkeypatch.delenv("ASPP_FUSED_TORCH_REGIONS", raising=False)
     assert T._regions_mode() == "0"
@@ -154,7 +154,7 @@ def test_benchmark_provider_with_regions_on(monkeypatch):
         off = m(x)
     assert [e["kernel"] for e in log].count("torch_region_conv") == 0
     with record_work() as log, torch.no_grad():
-        on = _WithRegions(m)(x)
+        on = with_torch_regions(m)(x)
     assert [e["kernel"] for e in log].count("torch_region_conv") == 2
     assert T.REGIONS == "0"
     assert_close_rel(off, on, 1e-5, "regions off vs on")
