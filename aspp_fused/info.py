@@ -80,7 +80,7 @@ def print_auto_section() -> None:
 
 def plan_switches() -> list:
     """(switch, value, what it does here) of the kernels' plan and copy choices (README, runtime
-    switches): the CUDA and Triton ones are read per call, the torch backend's at import."""
+    switches): the CUDA, Triton and oneDNN ones are read per call, the torch backend's regions at import."""
     cuda_regions = os.environ.get("ASPP_FUSED_CUDA_REGIONS", "auto")
     tma = os.environ.get("ASPP_FUSED_TRITON_TMA", "auto")
     if tma == "auto":
@@ -88,9 +88,12 @@ def plan_switches() -> list:
         tma_why = "on: compute capability >= 9" if hopper else "off: no CUDA device of compute capability >= 9"
     else:
         tma_why = {"0": "off", "1": "on wherever a descriptor fits"}.get(tma, "invalid: expected auto, 0 or 1")
-    from aspp_fused import torch_backend
+    from aspp_fused import torch_backend, torch_onednn
 
     torch_regions = torch_backend.REGIONS
+    onednn = os.environ.get("ASPP_FUSED_ONEDNN", "1")
+    onednn_why = ("invalid: expected 1 or 0" if onednn not in ("0", "1") else "off" if onednn == "0"
+                  else "on" if torch_onednn.AVAILABLE else "off: this torch has no oneDNN")
     return [
         ("ASPP_FUSED_CUDA_REGIONS", cuda_regions,
          {"0": "CUDA concat forward on the per-tile tap plan", "1": "CUDA concat forward on the exact-region plan"}
@@ -100,6 +103,8 @@ def plan_switches() -> list:
          {"0": "torch backend: one conv per branch (its exact-region convs off)", "cuda": "torch backend: "
           "exact-region convs on CUDA tensors", "1": "torch backend: exact-region convs everywhere"}
          .get(torch_regions, "invalid: expected 0, cuda or 1")),
+        ("ASPP_FUSED_ONEDNN", onednn, "torch backend, CPU float32 inference: oneDNN convs on weights packed once, "
+         "an ASPP head without its concatenation: " + onednn_why),
     ]
 
 

@@ -6,7 +6,6 @@ when a kernel is defined (``@triton.jit`` returns an interpreted function under 
 import contextlib
 import os
 import threading
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -126,86 +125,6 @@ def skip_launches():
         _skip.on = prev
 
 
-class PackCache:
-    """Packed weights kept while their sources are unchanged (eval: the same parameters every call).
-
-    An entry is keyed by the packing's own arguments (dtype, dilations, ...) and holds weak
-    references to its source tensors with their version counters and storage pointers: an
-    optimizer step, load_state_dict, an in-place edit under no_grad, a new parameter or .to()
-    all miss. (An in-place write through ``.data`` bumps no counter: clear() after one, as
-    aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing
-    (torch.compile, export, fake tensors): a graph must not hold a copy its inputs cannot
-    invalidate. Thread-safe; at most
-    ``size`` entries (least recently used dropped), and an entry goes when a source tensor does."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self.entries = {}
-        # Re-entrant: a source's weakref callback (drop) can run from a garbage collection that
-        # starts inside get(), in the same thread.
-        self.lock = threading.RLock()
-        self.misses = 0  # packings computed (tests count them)
-
-    @staticmethod
-    def _fingerprint(t):
-        """(the tensor a view is of, what must not have moved). A view (a slice of a parameter
-        made afresh each call, e.g. the projection's main part) is known by its base; views
-        share the base's version counter."""
-        return (t if t._base is None else t._base), (t._version, t.data_ptr(), tuple(t.shape), t.stride())
-
-    def _state(self, tensors, key):
-        # A source's death drops its entry (a deleted model's packed weights are not kept); not a
-        # newer entry under the same key.
-        def drop(ref):
-            with self.lock:
-                entry = self.entries.get(key)
-                if entry is not None and any(r is ref for r, _ in entry[0]):
-                    del self.entries[key]
-
-        return [(weakref.ref(base, drop), rest) for base, rest in map(self._fingerprint, tensors)]
-
-    def get(self, key, tensors, compute):
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-        tensors = [t for t in tensors if t is not None]
-        if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling()
-                or _get_current_dispatch_mode() is not None
-                or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
-            return compute()
-        if tensors and tensors[0].is_cuda:
-            if torch.cuda.is_current_stream_capturing():
-                # A CUDA graph packs on every replay: an entry read by the graph would not follow
-                # later weight updates, one written during capture holds nothing until a replay.
-                return compute()
-            # Per stream: a packing is queued on the current stream, so an entry is only read on
-            # the stream that wrote it, after the copies in stream order (as csrc/pack_cache.h).
-            key = key + (torch.cuda.current_stream(tensors[0].device).cuda_stream,)
-        # Under the lock, compute included: threads sharing a model pack once (a packing is a few
-        # copies, queued on the device's stream).
-        with self.lock:
-            entry = self.entries.pop(key, None)
-            if entry is not None:
-                state, value = entry
-                if len(state) == len(tensors) and all(
-                        ref() is base and rest == now
-                        for (ref, rest), (base, now) in zip(state, map(self._fingerprint, tensors))):
-                    self.entries[key] = entry  # most recent last
-                    return value
-            value = compute()
-            self.misses += 1
-            self.entries[key] = (self._state(tensors, key), value)
-            while len(self.entries) > self.size:
-                self.entries.pop(next(iter(self.entries)))
-            return value
-
-    def clear(self):
-        with self.lock:
-            self.entries.clear()
-
-
-# The Triton ops' packed weights (atrous_conv.pack_forward, separable_conv._pack): repacking costs
-# a pass over every weight and several small launches per call (about 29 MB at the OS16 head).
-PACKED = PackCache()
 
 
 def launch(kernel, grid, *args, **kwargs):

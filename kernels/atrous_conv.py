@@ -36,11 +36,12 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (INTERPRET, ITEM_ROW, META_COLS, PACKED, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
+from ._common import (INTERPRET, ITEM_ROW, META_COLS, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
                       TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
                       WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles,
                       nhwc, pixel_tile, sm_count, tap_range)
+from .pack_cache import PACKED
 from .worklog import log_work
 from .bn_act import epilogue_grads
 from .plan import REGION_COLS, plan_work, region_plan

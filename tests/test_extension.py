@@ -49,10 +49,11 @@ def test_import_without_extension_warns_once_and_torch_backend_works():
 
 def test_info_runs():
     env = {k: v for k, v in os.environ.items() if k not in ("ASPP_FUSED_CUDA_REGIONS", "ASPP_FUSED_TRITON_TMA",
-                                                           "ASPP_FUSED_TORCH_REGIONS")}
+                                                           "ASPP_FUSED_TORCH_REGIONS", "ASPP_FUSED_ONEDNN")}
     out = subprocess.run([sys.executable, "-m", "aspp_fused.info"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout and "torch" in out.stdout
     # the plan switches, with what each does on this machine
-    for switch in ("ASPP_FUSED_CUDA_REGIONS=auto", "ASPP_FUSED_TRITON_TMA=auto", "ASPP_FUSED_TORCH_REGIONS=0"):
+    for switch in ("ASPP_FUSED_CUDA_REGIONS=auto", "ASPP_FUSED_TRITON_TMA=auto", "ASPP_FUSED_TORCH_REGIONS=0",
+                   "ASPP_FUSED_ONEDNN=1"):
         assert switch in out.stdout, out.stdout

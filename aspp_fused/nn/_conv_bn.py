@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from aspp_fused import functional as AF
-from aspp_fused import torch_backend
+from aspp_fused import torch_backend, torch_onednn
 from aspp_fused.nn._batchnorm import (batch_norm_act, centers, conv_batch_mean, eval_affine_all, running_centre,
                                       uses_batch_stats)
 from aspp_fused.nn._fold_cache import FoldCache, fold_cache_enabled
@@ -48,10 +48,7 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     weights = [c.weight for c in convs] if weights is None else list(weights)
     dilations = [c.dilation[0] for c in convs]
     biases = [c.bias for c in convs]
-    conv_bias = None
-    if any(b is not None for b in biases):
-        conv_bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dt)
-                               for b, w in zip(biases, weights)])
+    conv_bias = _conv_biases(convs, weights, dt)
     n = x.shape[0]
     if any(uses_batch_stats(bn) for bn in bns):
         # The op emits z = conv + bias - K and the sums of z, z^2 (see _batchnorm.centers), K
@@ -68,12 +65,16 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         return batch_norm_act(raw, bns, k, AF.act_code(act), s, ss, out_dtype=x.dtype)
 
     def bn_affine():
-        sc, sh = eval_affine_all(bns, dt, x.device)
-        if conv_bias is not None:
-            sh = sh + conv_bias * sc
-        return sc, sh
+        return _eval_affine(bns, conv_bias, dt, x.device)
 
     sources = list(weights) + biases + _bn_tensors(bns)
+    if _onednn(x, backend, sources):
+        # CPU float32 inference: oneDNN on weights packed once, also under torch.compile
+        scale, shift = bn_affine()
+        if sample_bias is not None:
+            sample_bias = sample_bias.to(dt) * scale
+        return torch_onednn.onednn_conv(x, weights, dilations, scale, shift, sample_bias, False, AF.act_code(act),
+                                        None, [], None, None)
     # Not while tracing either: a traced graph would hold the folded weights as constants, and a
     # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
     # mode: it measures per call arguments, and the folded ones would make the eager decisions
@@ -100,6 +101,73 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         sample_bias = sample_bias.to(dt) * scale
     out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
     return out
+
+
+def _onednn(x, backend, sources) -> bool:
+    """Whether the call runs on the torch backend's oneDNN path (aspp_fused/torch_onednn.py). Not in
+    auto's benchmark mode, which measures the backends on the op itself."""
+    return (AF.resolve_backend(backend, x) == "torch" and not (backend == "auto" and AF.dispatch.benchmark_enabled())
+            and torch_onednn.applies(x, sources))
+
+
+def _conv_biases(convs, weights, dt):
+    """The convs' biases concatenated ([sum O], zeros where a conv has none), or None."""
+    if all(c.bias is None for c in convs):
+        return None
+    return torch.cat([(c.bias if c.bias is not None else w.new_zeros(w.shape[0])).to(dt) for c, w in zip(convs, weights)])
+
+
+def _eval_affine(bns, conv_bias, dt, device):
+    """The eval-mode BN as (scale, shift) over the concatenated channels, the conv bias inside."""
+    sc, sh = eval_affine_all(bns, dt, device)
+    if conv_bias is not None:
+        sh = sh + conv_bias * sc
+    return sc, sh
+
+
+def conv_sum(x, convs: Sequence[nn.Conv2d], backend: str):
+    """sum_b conv_b(x), the convs' biases included (ASPP v2: the branches' class scores summed)."""
+    dt = acc_dtype(x)
+    weights = [c.weight for c in convs]
+    dilations = [c.dilation[0] for c in convs]
+    biases = [c.bias.to(dt) for c in convs if c.bias is not None]
+    shift = None
+    for b in biases:
+        shift = b if shift is None else shift + b
+    if _onednn(x, backend, weights + [c.bias for c in convs]):
+        return torch_onednn.onednn_conv(x, weights, dilations, None, shift, None, True, 0, None, [], None, None)
+    out, _, _ = AF.atrous_conv(x, weights, dilations, None, shift, None, sum_mode=True, act="none", backend=backend)
+    return out
+
+
+def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache: Optional[FoldCache] = None,
+                cache_key=()):
+    """An ASPP head's conv branches and 1x1 projection, the pooled branch as ``sample_bias``:
+    ReLU(BN_p(W_main concat_b ReLU(BN_b(conv_b(x))) + sample_bias)). Branch b enters the
+    projection ``proj`` through its weight's columns [cols[b], cols[b] + O_b) (W_main: those
+    columns; the pooled branch's are not read); ``sample_bias`` [N, P] or None.
+
+    CPU float32 inference runs it as one oneDNN op that never writes the concatenation
+    (aspp_fused/torch_onednn.py); otherwise the branches, then the projection (conv_bn_act)."""
+    dt = acc_dtype(x)
+    weights = [c.weight for c in convs]
+    widths = [c.out_channels for c in convs]  # ints, also under a tracer (w.shape[0] would be a graph value)
+    w = proj.weight
+    sources = weights + [c.bias for c in convs] + _bn_tensors(bns) + [w, proj.bias] + _bn_tensors([proj_bn])
+    if not any(uses_batch_stats(bn) for bn in list(bns) + [proj_bn]) and _onednn(x, backend, sources):
+        scale, shift = _eval_affine(bns, _conv_biases(convs, weights, dt), dt, x.device)
+        p_scale, p_shift = _eval_affine([proj_bn], _conv_biases([proj], [w], dt), dt, x.device)
+        if sample_bias is not None:
+            sample_bias = sample_bias.to(dt) * p_scale
+        return torch_onednn.onednn_conv(x, weights, [c.dilation[0] for c in convs], scale, shift, sample_bias, False,
+                                        AF.act_code("relu"), w, list(cols), p_scale, p_shift)
+    if all(cols[i] + widths[i] == cols[i + 1] for i in range(len(cols) - 1)):
+        w_main = w[:, cols[0]:cols[0] + sum(widths)]
+    else:
+        w_main = torch.cat([w[:, c:c + o] for c, o in zip(cols, widths)], 1)
+    h = conv_bn_act(x, convs, bns, backend, cache=cache, cache_key=cache_key + ("branches",))
+    return conv_bn_act(h, [proj], [proj_bn], backend, weights=[w_main], sample_bias=sample_bias, cache=cache,
+                       cache_key=cache_key + ("project",))
 
 
 def separable_bn_act(x, branches, bns, backend):

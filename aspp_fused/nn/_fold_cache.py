@@ -1,11 +1,11 @@
 """The folded-weight cache of the eval-mode fused modules (see FoldCache)."""
 import os
-import sys
 
 import torch
 from torch import nn
 
 from aspp_fused import _extension
+from aspp_fused.kernels.pack_cache import PACKED
 
 
 class FoldCache:
@@ -44,15 +44,13 @@ class FoldCache:
 
 def clear_caches(model: nn.Module) -> nn.Module:
     """Drop every folded-weight cache in ``model`` and every backend's packed weights (Triton's,
-    and the compiled CPU / CUDA kernels'; see FoldCache: needed only after in-place edits through
-    ``.data``). Returns the model."""
+    the oneDNN path's, and the compiled CPU / CUDA kernels'; see FoldCache: needed only after
+    in-place edits through ``.data``). Returns the model."""
     for m in model.modules():
         cache = m.__dict__.get("_fold_cache")
         if cache is not None:
             cache.entries.clear()
-    common = sys.modules.get("aspp_fused.kernels._common")
-    if common is not None:  # the Triton backend's packed weights (kernels/_common.PackCache)
-        common.PACKED.clear()
+    PACKED.clear()  # the Triton ops' and the oneDNN path's packed weights (kernels/pack_cache.py)
     if _extension.cpp_available():  # the CPU / CUDA kernels' packed weights (csrc/pack_cache.h)
         torch.ops.aspp_fused.pack_cache_clear()
     return model

@@ -14,9 +14,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from aspp_fused import functional as AF
 from aspp_fused import recognize
-from aspp_fused.nn._conv_bn import acc_dtype, conv_bn_act, like_input_format, separable_bn_act
+from aspp_fused.nn._conv_bn import aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused_heads import pool_vector
 
@@ -65,15 +64,7 @@ class _SiteCall:
             branch, bn = self._branch("separable", self.spec)
             return like_input_format(separable_bn_act(x, [branch], [bn], self.backend), x)
         if self.kind == "v2-sum":
-            convs = [self.m(p) for p in self.spec["convs"]]
-            dt = acc_dtype(x)
-            shift = None
-            for c in convs:
-                if c.bias is not None:
-                    shift = c.bias.to(dt) if shift is None else shift + c.bias.to(dt)
-            out, _, _ = AF.atrous_conv(x, [c.weight for c in convs], [c.dilation[0] for c in convs], None, shift,
-                                       None, sum_mode=True, act="none", backend=self.backend)
-            return like_input_format(out, x)
+            return like_input_format(conv_sum(x, [self.m(p) for p in self.spec["convs"]], self.backend), x)
         return self._head(x, cache)
 
     def _head(self, x, cache):
@@ -86,40 +77,44 @@ class _SiteCall:
 
     def _head_conv(self, x, cache):
         branches = [self._branch(k, s) for k, s in self.spec["branches"]]
-        if any(kind == "separable" for kind, _ in self.spec["branches"]):
-            h = separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
-        else:
-            h = conv_bn_act(x, [b[2] for b, _ in branches], [bn for _, bn in branches], self.backend, cache=cache,
-                            cache_key=(self.key, "branches"))
+        separable = any(kind == "separable" for kind, _ in self.spec["branches"])
         proj, proj_bn = self.m(self.spec["project"]["conv"]), self.m(self.spec["project"]["bn"])
         pool = self.spec["pool"]
-        if pool is None:
-            out = conv_bn_act(h, [proj], [proj_bn], self.backend, cache=cache, cache_key=(self.key, "project"))
-            return like_input_format(out, x)
-        p = pool_vector(self.m(pool["conv"]), self.m(pool["bn"]), x)
+        p = None if pool is None else pool_vector(self.m(pool["conv"]), self.m(pool["bn"]), x)
         widths = [b[2].out_channels for b, _ in branches]
-        start = sum(widths[:self.spec["pool_index"]])
-        po = p.shape[1]
+        start_index = self.spec["pool_index"] if p is not None else len(widths)
+        start = sum(widths[:start_index])
+        po = 0 if p is None else p.shape[1]
         w = proj.weight
-        if proj.kernel_size == (1, 1):
+        if p is None or proj.kernel_size == (1, 1):
             # proj(cat(h, broadcast(p))) = W_main h + W_pool p: the pooled branch is a per-sample bias
-            if start == 0:
-                w_main = w[:, po:]
-            elif start + po == w.shape[1]:
-                w_main = w[:, :start]
+            bias = None if p is None else p @ w[:, start:start + po, 0, 0].to(p.dtype).t()
+            # branch i's columns of the projection weight: after the pooled branch's from pool_index on
+            cols = [sum(widths[:i]) + (po if i >= start_index else 0) for i in range(len(widths))]
+            if not separable and proj.kernel_size == (1, 1):
+                out = aspp_bn_act(x, [b[2] for b, _ in branches], [bn for _, bn in branches], proj, proj_bn, cols,
+                                  bias, self.backend, cache=cache, cache_key=(self.key,))
             else:
-                w_main = torch.cat([w[:, :start], w[:, start + po:]], 1)
-            bias = p @ w[:, start:start + po, 0, 0].to(p.dtype).t()
-            out = conv_bn_act(h, [proj], [proj_bn], self.backend, weights=[w_main], sample_bias=bias, cache=cache,
-                              cache_key=(self.key, "project"))
+                w_main = w if p is None else w[:, po:] if start == 0 else w[:, :start] if start + po == w.shape[1] \
+                    else torch.cat([w[:, :start], w[:, start + po:]], 1)
+                out = conv_bn_act(self._branches_out(x, branches, separable, cache), [proj], [proj_bn], self.backend,
+                                  weights=[w_main], sample_bias=bias, cache=cache, cache_key=(self.key, "project"))
             return like_input_format(out, x)
         # a 3x3 projection sees the zero padding around the constant map: materialise it
+        h = self._branches_out(x, branches, separable, cache)
         n, _, hh, ww = h.shape
         pm = p.to(h.dtype)[:, :, None, None].expand(n, po, hh, ww)
         parts = [h[:, :start], pm, h[:, start:]]
         out = conv_bn_act(torch.cat(parts, 1), [proj], [proj_bn], self.backend, cache=cache,
                           cache_key=(self.key, "project"))
         return like_input_format(out, x)
+
+    def _branches_out(self, x, branches, separable, cache):
+        """The branches' concatenated output."""
+        if separable:
+            return separable_bn_act(x, [b for b, _ in branches], [bn for _, bn in branches], self.backend)
+        return conv_bn_act(x, [b[2] for b, _ in branches], [bn for _, bn in branches], self.backend, cache=cache,
+                           cache_key=(self.key, "branches"))
 
 
 def _training_key(owner):

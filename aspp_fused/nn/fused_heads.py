@@ -15,7 +15,7 @@ from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import batch_norm_act, centers, eval_affine_all, uses_batch_stats
 from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_type,
                                    separable_branch_args, separable_parts)
-from aspp_fused.nn._conv_bn import acc_dtype, conv_bn_act, like_input_format, separable_bn_act
+from aspp_fused.nn._conv_bn import acc_dtype, aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused import FusedModule
 
@@ -88,17 +88,18 @@ def pool_vector(conv, bn, x):
     return torch.relu(y * scale + shift)
 
 
-def _project(self, x, h, p):
-    """project(cat(h, broadcast(p))) with p as a per-sample bias; dropout as the original."""
-    conv, bn = self.project[0], self.project[1]
-    # From the modules, not h.shape[1]: a tracer records a tensor's size as a graph value, and
-    # the legacy ONNX exporter rejects a conv whose weight slice then has an unknown shape.
+def _pool_bias(self, x, p):
+    """The pooled branch p [N, O] as the projection's per-sample bias [N, P]:
+    proj(cat(h, broadcast(p))) = W_main h + W_pool p. (Its columns from the modules, not
+    h.shape[1]: a tracer records a tensor's size as a graph value, and the legacy ONNX exporter
+    rejects a conv whose weight slice then has an unknown shape.)"""
+    conv = self.project[0]
     split = conv.in_channels - self.convs[-1][1].out_channels
-    w_main = conv.weight[:, :split]
-    w_pool = conv.weight[:, split:, 0, 0]
-    bias = (p.to(acc_dtype(x)) @ w_pool.to(acc_dtype(x)).t())
-    out = conv_bn_act(h, [conv], [bn], self.backend, weights=[w_main], sample_bias=bias, cache=fold_cache(self),
-                      cache_key="project")
+    return p.to(acc_dtype(x)) @ conv.weight[:, split:, 0, 0].to(acc_dtype(x)).t()
+
+
+def _dropout(self, x, out):
+    """The projection's dropout as the original's; the caller's layout."""
     if len(self.project) == 4:
         dropout = self.project[3]
         if dropout.training and dropout.p > 0:
@@ -107,6 +108,15 @@ def _project(self, x, h, p):
             # same order gives the same mask for the same RNG state. Training only.
             out = dropout(out.contiguous())
     return like_input_format(out, x)
+
+
+def _project(self, x, h, p):
+    """project(cat(h, broadcast(p))) with p as a per-sample bias; dropout as the original."""
+    conv = self.project[0]
+    w_main = conv.weight[:, :conv.in_channels - self.convs[-1][1].out_channels]
+    out = conv_bn_act(h, [conv], [self.project[1]], self.backend, weights=[w_main], sample_bias=_pool_bias(self, x, p),
+                      cache=fold_cache(self), cache_key="project")
+    return _dropout(self, x, out)
 
 
 class FusedASPP(FusedModule):
@@ -128,9 +138,11 @@ class FusedASPP(FusedModule):
     def forward(self, x):
         branches = list(self.convs)[:-1]
         check_input(type(self).__name__, x, branches[0][0].in_channels, branches[0][0].weight)
-        h = conv_bn_act(x, [b[0] for b in branches], [b[1] for b in branches], self.backend, cache=fold_cache(self),
-                        cache_key="branches")
-        return _project(self, x, h, _pool_vector(self.convs[-1], x))
+        convs = [b[0] for b in branches]
+        cols = [sum(c.out_channels for c in convs[:i]) for i in range(len(convs))]
+        out = aspp_bn_act(x, convs, [b[1] for b in branches], self.project[0], self.project[1], cols,
+                          _pool_bias(self, x, _pool_vector(self.convs[-1], x)), self.backend, cache=fold_cache(self))
+        return _dropout(self, x, out)
 
 
 class FusedSeparableASPP(FusedModule):
@@ -204,14 +216,7 @@ class FusedASPPv2(FusedModule):
     def forward(self, x):
         convs = list(self.convs)
         check_input(type(self).__name__, x, convs[0].in_channels, convs[0].weight)
-        dt = acc_dtype(x)
-        shift = None
-        for conv in convs:
-            if conv.bias is not None:
-                shift = conv.bias.to(dt) if shift is None else shift + conv.bias.to(dt)
-        out, _, _ = AF.atrous_conv(x, [c.weight for c in convs], [c.dilation[0] for c in convs], None, shift, None,
-                                   sum_mode=True, act="none", backend=self.backend)
-        return like_input_format(out, x)
+        return like_input_format(conv_sum(x, convs, self.backend), x)
 
 
 class FusedLRASPPHead(FusedModule):
