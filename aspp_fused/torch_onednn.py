@@ -68,28 +68,30 @@ def applies(x: Tensor, tensors) -> bool:
     return x.numel() > 0
 
 
-# aspp_fused::onednn_conv(Tensor x, Tensor[] weights, int[] dilations, Tensor? scale, Tensor? shift,
-#                         Tensor? sample_bias, bool sum_mode, int act, Tensor? proj_weight,
-#                         int[] proj_cols, Tensor? proj_scale, Tensor? proj_shift) -> Tensor out
-#   x [N, C, H, W] float32 CPU (any layout); weights[b] [O_b, C, k, k], k in {1, 3}, applied at
+# aspp_fused::onednn_conv(Tensor x, Tensor[] weights, int[] cols, int[] dilations, Tensor? scale,
+#                         Tensor? shift, Tensor? sample_bias, bool sum_mode, int act,
+#                         Tensor? proj_weight, int[] proj_cols, Tensor? proj_scale,
+#                         Tensor? proj_shift) -> Tensor out
+#   x [N, C, H, W] float32 CPU (any layout); weights[b] [O_b, C_b >= C, k, k], k in {1, 3}, read
+#   through its input columns [cols[b], cols[b] + C) (cols empty: all from 0), applied at
 #   dilations[b] with padding dilations[b] (k = 3); scale / shift [sum O_b] (sum_mode: [O]) or
-#   None (1 / 0). The branch stage: z_b = conv(x, weights[b] * scale_b) + shift_b.
+#   None (1 / 0). The branch stage: z_b = conv(x, weights[b][:, cols] * scale_b) + shift_b.
 #   Without proj_weight: out = act(concat_b z_b + sample_bias) (sum_mode: sum_b z_b), sample_bias
 #   [N, sum O_b] or None.
 #   With proj_weight [P, Q, 1, 1] (an ASPP projection; concat mode), branch b read by its columns
 #   [proj_cols[b], proj_cols[b] + O_b) (the rest, e.g. the pooled branch's, unused): h_b = act(z_b),
 #   out = act(sum_b conv(h_b, proj_weight[:, cols of b] * proj_scale) + proj_shift + sample_bias),
-#   sample_bias [N, P] or None. (The whole parameter and column offsets, not a slice of it: a
-#   slice made inside a compiled graph is a new tensor on every call, which no cache could key.)
+#   sample_bias [N, P] or None. (Whole parameters and column offsets, not slices of them: a slice
+#   made inside a compiled graph is a new tensor on every call, which no cache could key.)
 #   act: 0 none, 1 ReLU. out channels_last float32. Inference only (no autograd formula).
 @torch.library.custom_op("aspp_fused::onednn_conv", mutates_args=())
-def onednn_conv(x: Tensor, weights: List[Tensor], dilations: List[int], scale: Optional[Tensor],
+def onednn_conv(x: Tensor, weights: List[Tensor], cols: List[int], dilations: List[int], scale: Optional[Tensor],
                 shift: Optional[Tensor], sample_bias: Optional[Tensor], sum_mode: bool, act: int,
                 proj_weight: Optional[Tensor], proj_cols: List[int], proj_scale: Optional[Tensor],
                 proj_shift: Optional[Tensor]) -> Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
-    n, c, h, wd = x.shape
-    packed = _packed(x, weights, dilations, scale, sum_mode, proj_weight, proj_cols, proj_scale)
+    n = x.shape[0]
+    packed = _packed(x, weights, cols, dilations, scale, sum_mode, proj_weight, proj_cols, proj_scale)
     branch_act = act if proj_weight is not None else (act if sample_bias is None and not sum_mode else 0)
     shifts = [None] * len(weights) if shift is None else (
         [shift] + [None] * (len(weights) - 1) if sum_mode else list(shift.split([w.shape[0] for w in weights])))
@@ -119,7 +121,8 @@ def onednn_conv(x: Tensor, weights: List[Tensor], dilations: List[int], scale: O
 
 
 @onednn_conv.register_fake
-def _(x, weights, dilations, scale, shift, sample_bias, sum_mode, act, proj_weight, proj_cols, proj_scale, proj_shift):
+def _(x, weights, cols, dilations, scale, shift, sample_bias, sum_mode, act, proj_weight, proj_cols, proj_scale,
+      proj_shift):
     n, _, h, w = x.shape
     o = proj_weight.shape[0] if proj_weight is not None else (
         weights[0].shape[0] if sum_mode else sum(t.shape[0] for t in weights))
@@ -149,10 +152,12 @@ class _Packed:
                    for a, b in zip(self.scales, scales))
 
 
-def _packed(x, weights, dilations, scale, sum_mode, proj_weight, proj_cols, proj_scale):
+def _packed(x, weights, cols, dilations, scale, sum_mode, proj_weight, proj_cols, proj_scale):
     n, c, h, wd = x.shape
     scales = (None if scale is None else scale.detach(), None if proj_scale is None else proj_scale.detach())
     widths = [w.shape[0] for w in weights]
+    if cols:
+        weights = [w[:, k:k + c] for w, k in zip(weights, cols)]  # views of the sources
     for w, d in zip(weights, dilations):
         kept, _ = torch_backend._valid_taps(w, d, h, wd)
         log_work("torch_conv", lambda w=w, kept=kept, d=d: torch_backend._plain_work(x, w, kept, d))
@@ -176,6 +181,6 @@ def _packed(x, weights, dilations, scale, sum_mode, proj_weight, proj_cols, proj
                 proj.append(torch.ops.mkldnn._reorder_convolution_weight(wf, [0, 0], [1, 1], [1, 1], 1, [n, o, h, wd]))
         return _Packed(branches, proj, scales)
 
-    key = ("onednn", (n, c, h, wd), tuple(dilations), tuple(widths), sum_mode,
+    key = ("onednn", (n, c, h, wd), tuple(cols), tuple(dilations), tuple(widths), sum_mode,
            None if proj_weight is None else (tuple(proj_weight.shape), tuple(proj_cols)))
     return PACKED.get(key, list(weights) + [proj_weight], pack, valid=lambda p: p.folded_with(scales))

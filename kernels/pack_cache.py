@@ -38,7 +38,12 @@ class PackCache:
         """(the tensor a view is of, what must not have moved). A view (a slice of a parameter
         made afresh each call, e.g. the projection's main part) is known by its base; views
         share the base's version counter."""
-        return (t if t._base is None else t._base), (t._version, t.data_ptr(), tuple(t.shape), t.stride())
+        base = PackCache._base(t)
+        return base, (base._version, t.data_ptr(), tuple(t.shape), t.stride())
+
+    @staticmethod
+    def _base(t):
+        return t if t._base is None else t._base
 
     def _state(self, tensors, key):
         # A source's death drops its entry (a deleted model's packed weights are not kept); not a
@@ -60,7 +65,8 @@ class PackCache:
         tensors = [t for t in tensors if t is not None]
         if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling()
                 or _get_current_dispatch_mode() is not None
-                or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)):
+                or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)
+                or any(self._base(t).is_inference() for t in tensors)):  # no version counter to follow
             return compute()
         if tensors and tensors[0].is_cuda:
             if torch.cuda.is_current_stream_capturing():
@@ -73,7 +79,7 @@ class PackCache:
         # Entries of different models (the same shapes, other parameters) live side by side: the
         # sources' identities are part of the key (a dead source's entry goes with it, so a reused
         # id() meets no stale entry; the check below compares the objects themselves anyway).
-        key = key + tuple(id(self._fingerprint(t)[0]) for t in tensors)
+        key = key + tuple(id(self._base(t)) for t in tensors)
         # Under the lock, compute included: threads sharing a model pack once (a packing is a few
         # copies, queued on the device's stream).
         with self.lock:

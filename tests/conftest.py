@@ -3,6 +3,7 @@
 import copy
 import os
 import sys
+import threading
 import types
 
 import torch as _torch
@@ -43,6 +44,28 @@ def assert_grads_close(actual, expected, tol, what=""):
             assert actual[name].abs().max().item() < 1e-12 * scale, "%s grad of %s" % (what, name)
         else:
             assert_close_rel(actual[name], g, tol, "%s grad of %s" % (what, name))
+
+
+def run_in_threads(fn, n):
+    """fn(i) for i < n, in n threads released together (a barrier); their results in order, or
+    the first error raised in any of them."""
+    results, errors, gate = [None] * n, [], threading.Barrier(n)
+
+    def one(i):
+        try:
+            gate.wait()
+            results[i] = fn(i)
+        except BaseException as exc:  # raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def map_tensors(args, fn):

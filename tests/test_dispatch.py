@@ -10,7 +10,7 @@ import torch
 import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import _extension, dispatch, functional, torch_backend
-from conftest import assert_close_rel, randomize_bn
+from conftest import assert_close_rel, randomize_bn, run_in_threads
 
 
 def atrous_args(n=2, c=5, h=7, w=9, dtype=torch.float32, grad=False, stats=False, seed=0):
@@ -400,26 +400,14 @@ def test_threads_get_one_decision_and_the_same_answers(bench):
     dispatch.register_stand_in("fast", {"atrous_conv": torch_runner()})
     m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6)).eval()
     x = torch.randn(2, 8, 7, 9)
-    results, errors = [None] * 8, []
-    barrier = threading.Barrier(8)
-
     def serve(i):
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                results[i] = m(x)
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        with torch.no_grad():
+            return m(x)
 
     try:
-        threads = [threading.Thread(target=serve, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = run_in_threads(serve, 8)
     finally:
         dispatch._decide = orig
-    assert not errors, errors
     assert len(decided) == len(dispatch._DECISIONS) == len(set(dispatch._DECISIONS))
     for r in results[1:]:
         assert torch.equal(r, results[0])

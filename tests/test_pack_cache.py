@@ -3,7 +3,6 @@ counted packings across calls, optimizer steps, load_state_dict, dtype changes, 
 threads; per-call views of a parameter still hit; ASPP_FUSED_FOLD_CACHE=0 packs on every call.
 (The Triton backend's PackCache: tests/test_triton.py.)"""
 import copy
-import threading
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import _extension
 from aspp_fused import functional as AF
-from conftest import assert_close_rel, randomize_bn
+from conftest import assert_close_rel, randomize_bn, run_in_threads
 
 pytestmark = pytest.mark.skipif(not _extension.cpp_available(), reason="the compiled extension is not built")
 
@@ -173,20 +172,11 @@ def test_threads_share_one_pack():
     with torch.no_grad():
         ref = m(x)
     packs = info()["packs"]
-    errors = []
 
-    def run():
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    assert_close_rel(m(x), ref, 0.0, "thread")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def run(_):
+        with torch.no_grad():
+            for _ in range(5):
+                assert_close_rel(m(x), ref, 0.0, "thread")
 
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors[0]
+    run_in_threads(run, 8)
     assert info()["packs"] == packs, info()

@@ -4,7 +4,6 @@ where the fused modules take it and where not (training, autograd, export, other
 switch); weights packed once per parameter version, across calls, models, threads and
 torch.compile."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import torch_backend, torch_onednn
 from aspp_fused.kernels.pack_cache import PACKED
-from conftest import assert_close_rel, randomize_bn
+from conftest import assert_close_rel, randomize_bn, run_in_threads
 
 pytestmark = pytest.mark.skipif(not torch_onednn.AVAILABLE, reason="this torch has no oneDNN")
 
@@ -30,9 +29,11 @@ def packings():
     PACKED.clear()
 
 
-def _ref(x, weights, dilations, scale, shift, sample_bias, sum_mode, act, proj_weight, proj_cols, proj_scale,
+def _ref(x, weights, cols, dilations, scale, shift, sample_bias, sum_mode, act, proj_weight, proj_cols, proj_scale,
          proj_shift):
     """The op's schema (torch_onednn.py) written with the float64 torch backend."""
+    if cols:
+        weights = [w[:, k:k + x.shape[1]] for w, k in zip(weights, cols)]
     d64 = [None if t is None else t.double() for t in (x, scale, shift, sample_bias, proj_scale, proj_shift)]
     x64, scale, shift, sample_bias, proj_scale, proj_shift = d64
     ws = [w.double() for w in weights]
@@ -46,24 +47,27 @@ def _ref(x, weights, dilations, scale, shift, sample_bias, sum_mode, act, proj_w
 
 
 def _case(n=2, c=6, hw=(7, 9), widths=(4, 3, 5), dilations=(1, 2, 8), sample_bias=False, sum_mode=False, act=1,
-          proj=None, scale=True, seed=0):
+          proj=None, scale=True, cols=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, *hw, generator=g)
     if sum_mode:
         widths = (widths[0],) * len(widths)
-    weights = [torch.randn(o, c, 1 if d == 1 else 3, 1 if d == 1 else 3, generator=g) for o, d in zip(widths, dilations)]
+    extra = 3 if cols else 0  # weights wider than x, read from column 2 (branch 0) / 0 (the others)
+    weights = [torch.randn(o, c + extra, 1 if d == 1 else 3, 1 if d == 1 else 3, generator=g)
+               for o, d in zip(widths, dilations)]
     o_all = widths[0] if sum_mode else sum(widths)
     sc = torch.rand(o_all, generator=g) + 0.5 if scale else None
     sh = torch.randn(o_all, generator=g) if scale else None
-    proj_weight, cols, psc, psh = None, [], None, None
+    proj_weight, cols_p, psc, psh = None, [], None, None
     if proj is not None:  # (P, gap): the projection's columns, a gap of `gap` unused columns before branch 1
         p, gap = proj
         proj_weight = torch.randn(p, o_all + gap, 1, 1, generator=g)
-        cols = [0] + [sum(widths[:i]) + gap for i in range(1, len(widths))]
+        cols_p = [0] + [sum(widths[:i]) + gap for i in range(1, len(widths))]
         psc, psh = torch.rand(p, generator=g) + 0.5, torch.randn(p, generator=g)
     o_out = proj[0] if proj is not None else o_all
     sb = torch.randn(n, o_out, generator=g) if sample_bias else None
-    return [x, weights, list(dilations), sc, sh, sb, sum_mode, act, proj_weight, cols, psc, psh]
+    branch_cols = [2] + [0] * (len(widths) - 1) if cols else []
+    return [x, weights, branch_cols, list(dilations), sc, sh, sb, sum_mode, act, proj_weight, cols_p, psc, psh]
 
 
 CASES = {
@@ -77,6 +81,8 @@ CASES = {
     "rates_beyond_map": dict(dilations=(1, 9, 12), hw=(6, 10)),  # 3x3 -> 1x3 and 1x1
     "one_pixel": dict(hw=(1, 1), dilations=(1, 2, 3), proj=(4, 2)),
     "batch_1_single_branch": dict(n=1, widths=(4,), dilations=(3,)),
+    "weight_columns": dict(cols=True, sample_bias=True),
+    "weight_columns_projection": dict(cols=True, proj=(5, 2)),
 }
 
 
@@ -221,22 +227,12 @@ def test_threads_share_one_packing():
         ref = m(x)
     PACKED.clear()
     start = PACKED.misses
-    outs, errors = [], []
 
-    def work():
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    outs.append(m(x))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
+    def work(_):
+        with torch.no_grad():
+            return [m(x) for _ in range(3)]
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    outs = [out for outs in run_in_threads(work, 4) for out in outs]
     assert PACKED.misses - start == 1
     for out in outs:
         assert_close_rel(out, ref, 0.0, "thread")
@@ -287,3 +283,39 @@ def test_converted_head_with_the_pool_first():
     with torch.no_grad():
         assert _runs_onednn(m, x)
         assert_close_rel(m(x), copy.deepcopy(twin).double()(x.double()), 1e-5, "pool first")
+
+
+def test_compiled_separable_head_in_inference_mode(packings):
+    """The v3+ head's projection reads a slice of its weight: passed as the whole parameter and a
+    column offset, so a compiled graph under inference_mode (whose slices would be fresh inference
+    tensors with no version counter) still packs once."""
+    torch.manual_seed(0)
+    twin = ann.SeparableASPP(16, 8, (2, 4))
+    randomize_bn(twin)
+    twin.eval()
+    m = ann.FusedSeparableASPP.from_module(copy.deepcopy(twin), backend="torch").eval()
+    c = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 16, 9, 9)
+    ref = copy.deepcopy(twin).double()(x.double()).detach()
+    with torch.inference_mode():
+        assert_close_rel(c(x), ref, 1e-5, "compiled, inference_mode")  # the first run may pass an alias
+        assert_close_rel(m(x), ref, 1e-5, "eager, inference_mode")
+        first = packings()
+        for _ in range(3):
+            assert_close_rel(c(x), ref, 1e-5, "compiled, inference_mode")
+            assert_close_rel(m(x), ref, 1e-5, "eager, inference_mode")
+    assert first <= 2 and packings() == first, "the projection was repacked"
+
+
+def test_inference_tensor_sources_pack_every_call():
+    """A weight made under inference_mode has no version counter: never cached, always right."""
+    with torch.inference_mode():
+        w = torch.randn(4, 6, 3, 3)
+        x = torch.randn(1, 6, 5, 5)
+        args = [x, [w], [], [2], None, None, None, False, 1, None, [], None, None]
+        first = OP(*args)
+        w.mul_(2.0)
+        assert_close_rel(OP(*args), torch.relu(torch.nn.functional.conv2d(x, w, padding=2, dilation=2)), 1e-6,
+                         "after an in-place change")
+    assert len(PACKED.entries) == 0, "an entry that no version counter could invalidate"
+    assert first.shape == (1, 4, 5, 5)

@@ -22,7 +22,8 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
-from conftest import assert_close_rel, compare_with_twin, map_tensors, randomize_bn, rel_err, tensors_of
+from conftest import (assert_close_rel, compare_with_twin, map_tensors, randomize_bn, rel_err, run_in_threads,
+                      tensors_of)
 from op_problems import ASPP_BRANCHES, atrous_problem, separable_problem
 
 try:
@@ -367,8 +368,6 @@ def test_weights_are_packed_once_per_parameter_version():
     """The Triton ops keep packed weights while their parameters are unchanged (kernels/pack_cache.
     PackCache): repeated eval calls and threads sharing a model pack once; an optimizer-style
     in-place update, load_state_dict and a dtype change repack; results stay exact throughout."""
-    import threading
-
     from aspp_fused.kernels.pack_cache import PACKED
 
     twin = randomize_bn(ann.ASPP(8, [2, 3], out_channels=6)).to(DEV).eval()
@@ -390,21 +389,13 @@ def test_weights_are_packed_once_per_parameter_version():
     # Threads asking for the same packing at once get one packing. (The interpreter cannot run
     # kernels from several threads, so the threads meet in the cache itself.)
     w = fused.convs[1][0].weight
-    made, got, gate = [], [], threading.Barrier(6)
+    made = []
 
     def pack():
         made.append(1)
         return object()
 
-    def worker():
-        gate.wait()
-        got.append(PACKED.get(("test-threads",), [w], pack))
-
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = run_in_threads(lambda _: PACKED.get(("test-threads",), [w], pack), 6)
     assert len(made) == 1 and len(got) == 6 and all(v is got[0] for v in got)
     start += 1
     with torch.no_grad():  # an optimizer step: in place, the version counter moves

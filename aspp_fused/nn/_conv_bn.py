@@ -4,7 +4,7 @@ Eval: the BN is the ops' epilogue (scale, shift), folded into the weights once o
 backend (FoldCache). Training: the ops return the raw conv output and its per-channel sums,
 and ``_batchnorm.batch_norm_act`` normalises it (the one train-mode BN step).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,16 +36,22 @@ def _bn_tensors(bns):
 
 
 def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", weights=None,
-                sample_bias: Optional[torch.Tensor] = None, cache: Optional[FoldCache] = None, cache_key=None):
+                sample_bias: Optional[torch.Tensor] = None, cache: Optional[FoldCache] = None, cache_key=None,
+                cols: Optional[Sequence[Tuple[int, int]]] = None):
     """act(BN(concat_b conv_b(x) + sample_bias)) with the BN as the fused epilogue.
 
-    ``weights`` overrides the convs' weights (e.g. a slice of the projection weight);
+    ``weights`` overrides the convs' weights (e.g. a concatenation of projection columns);
+    ``cols`` [(start, stop)] reads each conv's weight through its input columns [start, stop)
+    instead (a slice of the projection weight: the oneDNN path takes the whole parameter, which
+    its packing cache can key; ints from the modules, not x.shape[1], which a tracer would record
+    as a graph value that the legacy ONNX exporter rejects as a weight slice's size);
     conv biases, if any, are folded in. ``sample_bias`` [N, O] is added before the BN.
     In training the op returns the raw conv output and its per-channel sums, BN takes
     the batch statistics from them, and the normalise + act runs as one elementwise pass.
     """
     dt = acc_dtype(x)
-    weights = [c.weight for c in convs] if weights is None else list(weights)
+    whole = [c.weight for c in convs] if weights is None else list(weights)
+    weights = whole if cols is None else [w[:, a:b] for w, (a, b) in zip(whole, cols)]
     dilations = [c.dilation[0] for c in convs]
     biases = [c.bias for c in convs]
     conv_bias = _conv_biases(convs, weights, dt)
@@ -73,8 +79,8 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         scale, shift = bn_affine()
         if sample_bias is not None:
             sample_bias = sample_bias.to(dt) * scale
-        return torch_onednn.onednn_conv(x, weights, dilations, scale, shift, sample_bias, False, AF.act_code(act),
-                                        None, [], None, None)
+        return torch_onednn.onednn_conv(x, whole, [] if cols is None else [a for a, _ in cols], dilations, scale,
+                                        shift, sample_bias, False, AF.act_code(act), None, [], None, None)
     # Not while tracing either: a traced graph would hold the folded weights as constants, and a
     # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
     # mode: it measures per call arguments, and the folded ones would make the eager decisions
@@ -135,7 +141,7 @@ def conv_sum(x, convs: Sequence[nn.Conv2d], backend: str):
     for b in biases:
         shift = b if shift is None else shift + b
     if _onednn(x, backend, weights + [c.bias for c in convs]):
-        return torch_onednn.onednn_conv(x, weights, dilations, None, shift, None, True, 0, None, [], None, None)
+        return torch_onednn.onednn_conv(x, weights, [], dilations, None, shift, None, True, 0, None, [], None, None)
     out, _, _ = AF.atrous_conv(x, weights, dilations, None, shift, None, sum_mode=True, act="none", backend=backend)
     return out
 
@@ -159,13 +165,13 @@ def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache:
         p_scale, p_shift = _eval_affine([proj_bn], _conv_biases([proj], [w], dt), dt, x.device)
         if sample_bias is not None:
             sample_bias = sample_bias.to(dt) * p_scale
-        return torch_onednn.onednn_conv(x, weights, [c.dilation[0] for c in convs], scale, shift, sample_bias, False,
+        return torch_onednn.onednn_conv(x, weights, [], [c.dilation[0] for c in convs], scale, shift, sample_bias, False,
                                         AF.act_code("relu"), w, list(cols), p_scale, p_shift)
-    if all(cols[i] + widths[i] == cols[i + 1] for i in range(len(cols) - 1)):
-        w_main = w[:, cols[0]:cols[0] + sum(widths)]
-    else:
-        w_main = torch.cat([w[:, c:c + o] for c, o in zip(cols, widths)], 1)
     h = conv_bn_act(x, convs, bns, backend, cache=cache, cache_key=cache_key + ("branches",))
+    if all(cols[i] + widths[i] == cols[i + 1] for i in range(len(cols) - 1)):
+        return conv_bn_act(h, [proj], [proj_bn], backend, cols=[(cols[0], cols[0] + sum(widths))],
+                           sample_bias=sample_bias, cache=cache, cache_key=cache_key + ("project",))
+    w_main = torch.cat([w[:, c:c + o] for c, o in zip(cols, widths)], 1)
     return conv_bn_act(h, [proj], [proj_bn], backend, weights=[w_main], sample_bias=sample_bias, cache=cache,
                        cache_key=cache_key + ("project",))
 

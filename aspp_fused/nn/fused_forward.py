@@ -84,7 +84,7 @@ class _SiteCall:
         widths = [b[2].out_channels for b, _ in branches]
         start_index = self.spec["pool_index"] if p is not None else len(widths)
         start = sum(widths[:start_index])
-        po = 0 if p is None else p.shape[1]
+        po = 0 if p is None else self.m(pool["conv"]).out_channels
         w = proj.weight
         if p is None or proj.kernel_size == (1, 1):
             # proj(cat(h, broadcast(p))) = W_main h + W_pool p: the pooled branch is a per-sample bias
@@ -95,10 +95,14 @@ class _SiteCall:
                 out = aspp_bn_act(x, [b[2] for b, _ in branches], [bn for _, bn in branches], proj, proj_bn, cols,
                                   bias, self.backend, cache=cache, cache_key=(self.key,))
             else:
-                w_main = w if p is None else w[:, po:] if start == 0 else w[:, :start] if start + po == w.shape[1] \
-                    else torch.cat([w[:, :start], w[:, start + po:]], 1)
-                out = conv_bn_act(self._branches_out(x, branches, separable, cache), [proj], [proj_bn], self.backend,
-                                  weights=[w_main], sample_bias=bias, cache=cache, cache_key=(self.key, "project"))
+                h = self._branches_out(x, branches, separable, cache)
+                q = proj.in_channels
+                main = dict(cols=[(0, q)] if p is None else [(po, q)] if start == 0 else
+                            [(0, start)] if start + po == q else None)
+                if main["cols"] is None:  # the pooled branch's columns in the middle
+                    main = dict(weights=[torch.cat([w[:, :start], w[:, start + po:]], 1)])
+                out = conv_bn_act(h, [proj], [proj_bn], self.backend, sample_bias=bias, cache=cache,
+                                  cache_key=(self.key, "project"), **main)
             return like_input_format(out, x)
         # a 3x3 projection sees the zero padding around the constant map: materialise it
         h = self._branches_out(x, branches, separable, cache)

@@ -113,8 +113,8 @@ def _dropout(self, x, out):
 def _project(self, x, h, p):
     """project(cat(h, broadcast(p))) with p as a per-sample bias; dropout as the original."""
     conv = self.project[0]
-    w_main = conv.weight[:, :conv.in_channels - self.convs[-1][1].out_channels]
-    out = conv_bn_act(h, [conv], [self.project[1]], self.backend, weights=[w_main], sample_bias=_pool_bias(self, x, p),
+    split = conv.in_channels - self.convs[-1][1].out_channels
+    out = conv_bn_act(h, [conv], [self.project[1]], self.backend, cols=[(0, split)], sample_bias=_pool_bias(self, x, p),
                       cache=fold_cache(self), cache_key="project")
     return _dropout(self, x, out)
 
