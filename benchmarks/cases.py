@@ -144,17 +144,22 @@ def channel_count(spec: InputSpec) -> str:
 # --------------------------------------------------------------------------- the twin and its inputs
 
 
-def randomize_bn(module: nn.Module) -> nn.Module:
+def randomize_bn(module: nn.Module, conv_bias: bool = False) -> nn.Module:
     """Non-trivial BN statistics and affine parameters: fresh ones (0 / 1) would make the
-    folded BN an identity, and a ReLU after a zero-mean conv would let half the work vanish."""
+    folded BN an identity, and a ReLU after a zero-mean conv would let half the work vanish.
+    ``conv_bias``: a value in every conv bias too (v2 classifiers start at zero). One loop in
+    module order: tests' values come from this draw order."""
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
                 if m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.5, 0.5)
+            elif conv_bias and isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
     return module
 
 

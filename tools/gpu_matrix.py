@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # benchmarks/ (randomize_bn) is a folder of the repository, not of the installed package
+    sys.path.insert(0, ROOT)
 
 F64 = torch.float64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -59,6 +61,7 @@ def rel_err(actual, expected):
 
 def build(case, channels, gen_seed=0):
     import aspp_fused.nn as ann
+    from benchmarks.cases import randomize_bn
 
     kind, rates, _ = CASES[case]
     torch.manual_seed(gen_seed)
@@ -68,18 +71,11 @@ def build(case, channels, gen_seed=0):
         twin, cls = ann.ASPPv2(channels, 21, rates), ann.FusedASPPv2
     else:
         twin, cls = ann.SeparableASPP(channels, 256 if channels > 64 else 8, rates), ann.FusedSeparableASPP
-    with torch.no_grad():
-        for m in twin.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # fresh stats are 0 / 1: too easy
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-            elif isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.uniform_(-0.5, 0.5)
-            elif isinstance(m, nn.Dropout):
-                # Dropout masks depend on the dtype's RNG use; the matrix checks the convs.
-                m.p = 0.0
+    randomize_bn(twin, conv_bias=True)  # fresh BN statistics are 0 / 1: too easy
+    for m in twin.modules():
+        if isinstance(m, nn.Dropout):
+            # Dropout masks depend on the dtype's RNG use; the matrix checks the convs.
+            m.p = 0.0
     return twin, cls
 
 
