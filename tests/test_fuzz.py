@@ -339,32 +339,29 @@ def _f64_oracle(statement, fn, cfg):
     return statement(cfg)
 
 
-@pytest.mark.parametrize("backend,seed", _seeds(("torch", "cpp", "triton"), OP_COUNTS))
-def test_fuzz_atrous_conv(backend, seed):
-    small = backend == "triton"
-    cfg = draw_atrous(seed, small)
+def _fuzz_op(op, backend, seed):
+    """One drawn case of ``op`` on ``backend`` against the torch backend (float64: the statement)."""
+    draw, build, fn, statement = {"atrous_conv": (draw_atrous, build_atrous, _atrous_fn, _atrous_ref_statement),
+                                  "separable_conv": (draw_separable, build_separable, _separable_fn,
+                                                     _separable_ref_statement)}[op]
+    cfg = draw(seed, backend == "triton")
     dtype = _dtype_for(backend, seed)
     device = "cuda" if (backend == "triton" and CUDA) else "cpu"
-    args = build_atrous(cfg, seed, dtype, device)
+    args = build(cfg, seed, dtype, device)
     ref_args = _to_reference(args)
-    desc = "atrous_conv backend=%s dtype=%s seed=%d %s" % (backend, dtype, seed, cfg)
-    run_ref = (_f64_oracle(_atrous_ref_statement, _atrous_fn, cfg) if (backend == "torch" and dtype == F64)
-               else _atrous_fn(cfg, "torch"))
-    check_op(_atrous_fn(cfg, backend), run_ref, args, ref_args, _Desc(desc, cfg), dtype, seed)
+    desc = "%s backend=%s dtype=%s seed=%d %s" % (op, backend, dtype, seed, cfg)
+    run_ref = _f64_oracle(statement, fn, cfg) if (backend == "torch" and dtype == F64) else fn(cfg, "torch")
+    check_op(fn(cfg, backend), run_ref, args, ref_args, _Desc(desc, cfg), dtype, seed)
+
+
+@pytest.mark.parametrize("backend,seed", _seeds(("torch", "cpp", "triton"), OP_COUNTS))
+def test_fuzz_atrous_conv(backend, seed):
+    _fuzz_op("atrous_conv", backend, seed)
 
 
 @pytest.mark.parametrize("backend,seed", _seeds(("torch", "cpp", "triton"), OP_COUNTS))
 def test_fuzz_separable_conv(backend, seed):
-    small = backend == "triton"
-    cfg = draw_separable(seed, small)
-    dtype = _dtype_for(backend, seed)
-    device = "cuda" if (backend == "triton" and CUDA) else "cpu"
-    args = build_separable(cfg, seed, dtype, device)
-    ref_args = _to_reference(args)
-    desc = "separable_conv backend=%s dtype=%s seed=%d %s" % (backend, dtype, seed, cfg)
-    run_ref = (_f64_oracle(_separable_ref_statement, _separable_fn, cfg) if (backend == "torch" and dtype == F64)
-               else _separable_fn(cfg, "torch"))
-    check_op(_separable_fn(cfg, backend), run_ref, args, ref_args, _Desc(desc, cfg), dtype, seed)
+    _fuzz_op("separable_conv", backend, seed)
 
 
 class _Desc(dict):
