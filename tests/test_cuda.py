@@ -182,6 +182,17 @@ def _absent(ts, like):
 # --------------------------------------------------------------------------- atrous_conv
 
 
+def _upstream_grads(out_ref, stats, dtype):
+    """Upstream grads of out (and of the statistics in train mode): float64, then rounded to the
+    op's dtypes. (go, gs, gss, and their rounded go_q, gs_q, gss_q)"""
+    sd = _stat_dtype(dtype)
+    g = torch.Generator().manual_seed(1)
+    go = torch.rand(out_ref.shape, dtype=F64, generator=g) + 0.5
+    gs = torch.randn(out_ref.shape[1], dtype=F64, generator=g) if stats else None
+    gss = torch.randn(out_ref.shape[1], dtype=F64, generator=g) / max(out_ref.numel(), 1) if stats else None
+    return go, gs, gss, _round(go, dtype), _round(gs, sd), _round(gss, sd)
+
+
 def _atrous_case(prob, dtype, sum_mode, act, stats, mask=(True, True, True), layout="nchw", check_backward=True):
     x, ws, dil, scale, shift, bias = prob
     # Kernel inputs: x and weights in dtype; epilogue vectors in float32 (float64 for float64).
@@ -234,11 +245,7 @@ def _atrous_backward(out, ref, conv, xd, wd, scd, shd, bd, xq, wq, scq, shq, bq,
     sd = _stat_dtype(dtype)
 
     # Backward: upstream grads of out (and of the statistics in train mode).
-    g = torch.Generator().manual_seed(1)
-    go = torch.rand(ref[0].shape, dtype=F64, generator=g) + 0.5
-    gs = torch.randn(ref[0].shape[1], dtype=F64, generator=g) if stats else None
-    gss = torch.randn(ref[0].shape[1], dtype=F64, generator=g) / max(ref[0].numel(), 1) if stats else None
-    goq, gsq, gssq = _round(go, dtype), _round(gs, sd), _round(gss, sd)
+    go, gs, gss, goq, gsq, gssq = _upstream_grads(ref[0], stats, dtype)
     mask = list(mask)
     bw = OPS.atrous_conv_backward(_dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], xd, wd, dil, scd, shd, bd,
                                   sum_mode, act, mask)
@@ -481,11 +488,7 @@ def _separable_run(prob, dtype, mid_act, act, stats, mask, layout, compare_backw
     if x.shape[0] * x.shape[2] * x.shape[3] == 0:
         return
 
-    g = torch.Generator().manual_seed(1)
-    go = torch.rand(ref[0].shape, dtype=F64, generator=g) + 0.5
-    gs = torch.randn(ref[0].shape[1], dtype=F64, generator=g) if stats else None
-    gss = torch.randn(ref[0].shape[1], dtype=F64, generator=g) / max(ref[0].numel(), 1) if stats else None
-    goq, gsq, gssq = _round(go, dtype), _round(gs, sd), _round(gss, sd)
+    go, gs, gss, goq, gsq, gssq = _upstream_grads(ref[0], stats, dtype)
     mask = list(mask)
     bw = OPS.separable_conv_backward(_dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], *args_d[:10], act, mask)
     _sync()
