@@ -203,8 +203,12 @@ def test_packs_once_per_parameter_version(packings):
         m.load_state_dict(other.state_dict())
         assert_close_rel(m(x), copy.deepcopy(other).double()(x.double()), 1e-5, "after load_state_dict")
         assert packings() == 4
-        m(torch.randn(1, 16, 7, 7))  # another input size: its own packing
-        assert packings() == 5
+        for hw, count in (((7, 8), 4), ((5, 5), 5)):
+            # 7 x 8: another map size, the same taps: the same packing; 5 x 5: rate 6 >= 5, that
+            # branch's 3x3 is its centre tap: another packing
+            y = torch.randn(1, 16, *hw)
+            assert_close_rel(m(y), copy.deepcopy(other).double()(y.double()), 1e-5, "map %s" % (hw,))
+            assert packings() == count, hw
 
 
 def test_models_of_one_shape_keep_their_own_packings(packings):
