@@ -592,10 +592,15 @@ def _check_cuda_backward(desc, tol, out, ref, ref_leaves, grads, mask_groups, ge
             _close("%s[%d]" % (name, j), g.reshape(e.shape), e, tol, desc)
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=[pytest.mark.slow] if s >= OP_COUNTS["cuda"][0] else [])
-                                  for s in range(OP_COUNTS["cuda"][1])])
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA_OK, reason=CUDA_WHY)
+def _cuda_fuzz(test):
+    """A CUDA fuzz test: drawn seeds (the later ones slow), on a GPU or the emulator."""
+    seeds = [pytest.param(s, marks=[pytest.mark.slow] if s >= OP_COUNTS["cuda"][0] else [])
+             for s in range(OP_COUNTS["cuda"][1])]
+    test = pytest.mark.skipif(not CUDA_OK, reason=CUDA_WHY)(pytest.mark.gpu(test))
+    return pytest.mark.parametrize("seed", seeds)(test)
+
+
+@_cuda_fuzz
 def test_fuzz_cuda_atrous_conv(seed):
     """The CUDA kernels (raw ops, forward and backward with a drawn output_mask)."""
     cfg = draw_atrous(seed, True)
@@ -633,10 +638,7 @@ def test_fuzz_cuda_atrous_conv(seed):
                          run_bwd)
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=[pytest.mark.slow] if s >= OP_COUNTS["cuda"][0] else [])
-                                  for s in range(OP_COUNTS["cuda"][1])])
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA_OK, reason=CUDA_WHY)
+@_cuda_fuzz
 def test_fuzz_cuda_separable_conv(seed):
     cfg = draw_separable(seed, True)
     dtype = _dtype_for("cuda", seed)
