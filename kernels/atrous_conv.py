@@ -516,33 +516,15 @@ def _blocks(sizes):
     return lambda bn: sum(triton.cdiv(s, bn) for s in sizes)
 
 
-def forward_rows(weights: Sequence[torch.Tensor], dilations: Sequence[int], offs):
-    """The meta rows of the forward's packed weights (pack_forward), from the shapes alone."""
-    rows, w_off = [], 0
+def pack_forward(weights: Sequence[torch.Tensor], dilations: Sequence[int], offs, dtype):
+    """[O_b, C, k, k] -> one flat [tap][C][O_b] buffer in dtype, and its meta rows."""
+    parts, rows, w_off = [], [], 0
     for w, d, off in zip(weights, dilations, offs):
         ob, c, k, _ = w.shape
+        parts.append(w.to(dtype).permute(2, 3, 1, 0).reshape(-1))
         rows.append(TapRow(w_off=w_off, step=d, k=k, k_b=c, in_off=0, n_b=ob, out_off=off))
         w_off += w.numel()
-    return rows
-
-
-def pack_forward(weights: Sequence[torch.Tensor], dtype):
-    """[O_b, C, k, k] -> one flat [tap][C][O_b] buffer in dtype (its rows: forward_rows)."""
-    return torch.cat([w.to(dtype).permute(2, 3, 1, 0).reshape(-1) for w in weights])
-
-
-# aspp_fused::triton_packed_weights(Tensor[] weights, ScalarType dtype) -> Tensor
-#   pack_forward(weights, dtype), kept in PACKED per parameter version. An op of its own, opaque
-#   to torch.compile: a triton_op's body is traced into the graph, where a packing would run on
-#   every call; this op runs at call time and reads the cache.
-@torch.library.custom_op("aspp_fused::triton_packed_weights", mutates_args=())
-def packed_weights(weights: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return PACKED.get(("atrous", dtype), weights, lambda: pack_forward(weights, dtype))
-
-
-@packed_weights.register_fake
-def _(weights, dtype):
-    return weights[0].new_empty((sum(w.numel() for w in weights),), dtype=dtype)
+    return torch.cat(parts), rows
 
 
 def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats, out_dtype=None):
@@ -550,7 +532,8 @@ def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, com
     N, C, H, W = x.shape
     O, offs = _branch_layout(weights, sum_mode)
     xn = nhwc(x)
-    packed, rows = packed_weights(list(weights), x.dtype), forward_rows(weights, dilations, offs)
+    packed, rows = PACKED.get(("atrous", x.dtype, tuple(dilations), tuple(offs)), weights,
+                              lambda: pack_forward(weights, dilations, offs, x.dtype))
     out, out_n = empty_nchw_cl(N, O, H, W, out_dtype or x.dtype, x.device)
     f32 = torch.float32
     epilogue = dict(scale=None if scale is None else scale.to(f32).contiguous(),

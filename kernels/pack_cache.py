@@ -1,7 +1,7 @@
 """PackCache: packed weights kept while their source tensors are unchanged (pure Python + torch).
 
-Shared by the Python-side backends: the Triton ops (atrous_conv.packed_weights,
-separable_conv.separable_packed) and the torch backend's oneDNN path (aspp_fused/torch_onednn.py). The
+Shared by the Python-side backends: the Triton ops (atrous_conv.pack_forward,
+separable_conv._pack) and the torch backend's oneDNN path (aspp_fused/torch_onednn.py). The
 compiled CPU / CUDA kernels keep theirs in csrc/pack_cache.h.
 """
 import os
@@ -104,7 +104,7 @@ class PackCache:
             self.entries.clear()
 
 
-# The packed weights of the Triton ops (atrous_conv.packed_weights, separable_conv.separable_packed: repacking
+# The packed weights of the Triton ops (atrous_conv.pack_forward, separable_conv._pack: repacking
 # costs a pass over every weight and several small launches per call, about 29 MB at the OS16
 # head) and of the torch backend's oneDNN path (aspp_fused/torch_onednn.py: a reorder costs
 # 3.2 ms per 3x3 branch weight at the CPU OS16 head, 13 to 18% of that branch's conv).

@@ -15,7 +15,7 @@ Kernels
                    grad_mid_scale, grad_mid_shift and grad_dw.
 The pointwise dgrad / wgrad reuse atrous_conv's tap_conv / tap_wgrad as 1x1 branches.
 """
-from typing import List, Tuple
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -249,58 +249,31 @@ def _present(t) -> bool:
     return not (t.dim() == 1 and t.numel() == 0)
 
 
-def separable_rows(dw_weights, dilations, mid_scales, pw_weights, C):
-    """(meta rows, O) of the sep_conv kernel's packed buffers (separable_packed), from the shapes."""
-    rows, dw_off, pw_off, out_off = [], 0, 0, 0
-    for b, (dw, d, ms, pw) in enumerate(zip(dw_weights, dilations, mid_scales, pw_weights)):
+def _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights):
+    """Flat buffers + meta rows of the sep_conv kernel (see its docstring)."""
+    C = x.shape[1]
+    f32, dev = torch.float32, x.device
+    dws, mids, pws, rows = [], [], [], []
+    dw_off = pw_off = out_off = 0
+    for b, (dw, d, ms, msh, pw) in enumerate(zip(dw_weights, dilations, mid_scales, mid_shifts, pw_weights)):
         ob = pw.shape[0]
-        k = 3 if _present(dw) else 1
-        rows.append(SepRow(pw_off=pw_off, step=d, k=k, n_b=ob, out_off=out_off, has_mid=int(_present(ms)),
-                           dw_off=dw_off, mid_off=2 * C * b))
-        dw_off += k * k * C
-        pw_off += C * ob
-        out_off += ob
-    return rows, out_off
-
-
-def _pack(dw_weights, mid_scales, mid_shifts, pw_weights, C, dtype):
-    """The sep_conv kernel's flat buffers (see its docstring; their rows: separable_rows)."""
-    f32, dev = torch.float32, pw_weights[0].device
-    dws, mids, pws = [], [], []
-    for dw, ms, msh, pw in zip(dw_weights, mid_scales, mid_shifts, pw_weights):
-        if _present(dw):
+        has_dw, has_mid = _present(dw), _present(ms)
+        if has_dw:
             dws.append(dw.to(f32).reshape(C, 9).t().reshape(-1))
         else:
             dws.append(torch.ones(C, dtype=f32, device=dev))  # a plain branch: one unit tap
-        if _present(ms):
+        if has_mid:
             mids += [ms.to(f32).reshape(-1), msh.to(f32).reshape(-1)]
         else:
             mids += [torch.ones(C, dtype=f32, device=dev), torch.zeros(C, dtype=f32, device=dev)]
-        pws.append(pw.to(dtype).reshape(pw.shape[0], C).t().reshape(-1))
-    return torch.cat(dws), torch.cat(mids), torch.cat(pws)
-
-
-# aspp_fused::triton_packed_separable(Tensor[] dw_weights, Tensor[] mid_scales, Tensor[] mid_shifts,
-#                                     Tensor[] pw_weights, int channels, ScalarType dtype)
-#     -> (Tensor dw, Tensor mid, Tensor pw)
-#   _pack's buffers (absent parts as the schema's empty [0] tensors), kept in PACKED per parameter
-#   version; opaque to torch.compile, as atrous_conv.packed_weights.
-@torch.library.custom_op("aspp_fused::triton_packed_separable", mutates_args=())
-def separable_packed(dw_weights: List[torch.Tensor], mid_scales: List[torch.Tensor], mid_shifts: List[torch.Tensor],
-                     pw_weights: List[torch.Tensor], channels: int,
-                     dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    key = ("separable", dtype, channels, tuple(_present(t) for t in dw_weights),
-           tuple(_present(t) for t in mid_scales))
-    sources = [t for t in list(dw_weights) + list(mid_scales) + list(mid_shifts) if _present(t)] + list(pw_weights)
-    return PACKED.get(key, sources, lambda: _pack(dw_weights, mid_scales, mid_shifts, pw_weights, channels, dtype))
-
-
-@separable_packed.register_fake
-def _(dw_weights, mid_scales, mid_shifts, pw_weights, channels, dtype):
-    f32, like = torch.float32, pw_weights[0]
-    n_dw = sum(9 * channels if _present(dw) else channels for dw in dw_weights)
-    return (like.new_empty((n_dw,), dtype=f32), like.new_empty((2 * channels * len(pw_weights),), dtype=f32),
-            like.new_empty((sum(pw.numel() for pw in pw_weights),), dtype=dtype))
+        pws.append(pw.to(x.dtype).reshape(ob, C).t().reshape(-1))
+        k = 3 if has_dw else 1
+        rows.append(SepRow(pw_off=pw_off, step=d, k=k, n_b=ob, out_off=out_off, has_mid=int(has_mid), dw_off=dw_off,
+                           mid_off=2 * C * b))
+        dw_off += k * k * C
+        pw_off += C * ob
+        out_off += ob
+    return torch.cat(dws), torch.cat(mids), torch.cat(pws), rows, out_off
 
 
 def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias,
@@ -308,9 +281,11 @@ def separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
     """(out, ch_sum, ch_sumsq); scale None = raw acc (no epilogue), e.g. for the backward."""
     N, C, H, W = x.shape
     f32 = torch.float32
-    dwb, midb, pwb = separable_packed(list(dw_weights), list(mid_scales), list(mid_shifts), list(pw_weights), C,
-                                      x.dtype)
-    rows, O = separable_rows(dw_weights, dilations, mid_scales, pw_weights, C)
+    dwb, midb, pwb, rows, O = PACKED.get(
+        ("separable", x.dtype, C, str(x.device), tuple(dilations), tuple(_present(t) for t in dw_weights),
+         tuple(_present(t) for t in mid_scales)),
+        [t for t in list(dw_weights) + list(mid_scales) + list(mid_shifts) if _present(t)] + list(pw_weights),
+        lambda: _pack(x, dw_weights, dilations, mid_scales, mid_shifts, pw_weights))
     # The pointwise GEMM's MACs (the depthwise prologue runs on CUDA cores, taps from the tile).
     log_work("sep_conv", lambda: {"dense_macs": sum(N * H * W * C * r.n_b for r in rows), "valid_macs": None,
                                   "issued_macs": None})

@@ -419,32 +419,6 @@ def test_weights_are_packed_once_per_parameter_version():
     assert b is not a and c is a and PACKED.misses - before == 2
 
 
-def test_packings_are_ops_a_compiled_graph_calls():
-    """The packings are ops of their own (opcheck: their fake kernels), so a graph that traces a
-    Triton op's body (torch.compile on a GPU) calls them, and they read the cache there instead of
-    packing on every call."""
-    from aspp_fused.kernels.atrous_conv import pack_forward, packed_weights
-    from aspp_fused.kernels.pack_cache import PACKED
-    from aspp_fused.kernels.separable_conv import separable_packed
-
-    ws = [torch.randn(4, 6, 3, 3, device=DEV), torch.randn(5, 6, 1, 1, device=DEV)]
-    torch.library.opcheck(torch.ops.aspp_fused.triton_packed_weights.default, (ws, torch.float32))
-    e = torch.empty(0, device=DEV)
-    sep = ([torch.randn(6, 1, 3, 3, device=DEV), e], [torch.rand(6, device=DEV), e], [torch.randn(6, device=DEV), e],
-           [torch.randn(4, 6, 1, 1, device=DEV), torch.randn(3, 6, 1, 1, device=DEV)], 6, torch.float32)
-    torch.library.opcheck(torch.ops.aspp_fused.triton_packed_separable.default, sep)
-    PACKED.clear()
-    start = PACKED.misses
-    graph = torch.compile(lambda w0, w1: packed_weights([w0, w1], torch.float32) * 1.0, fullgraph=True)
-    for _ in range(3):
-        assert torch.equal(graph(*ws), pack_forward(ws, torch.float32))
-    assert PACKED.misses - start == 1, "packed on every call of the graph"
-    sep_graph = torch.compile(lambda *a: [t * 1.0 for t in separable_packed(*a)], fullgraph=True)
-    for _ in range(2):
-        sep_graph(*sep)
-    assert PACKED.misses - start == 2
-
-
 def test_packed_weights_go_with_their_model():
     """A deleted model's packed weights are not kept (the entry's weakref to a source drops it)."""
     import gc

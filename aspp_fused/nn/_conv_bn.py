@@ -120,8 +120,7 @@ def _conv_biases(convs, weights, dt):
     """The convs' biases concatenated ([sum O], zeros where a conv has none), or None."""
     if all(c.bias is None for c in convs):
         return None
-    return torch.cat([(c.bias if c.bias is not None else w.new_zeros(w.shape[0])).to(dt)
-                      for c, w in zip(convs, weights)])
+    return torch.cat([(c.bias if c.bias is not None else w.new_zeros(w.shape[0])).to(dt) for c, w in zip(convs, weights)])
 
 
 def _eval_affine(bns, conv_bias, dt, device):
@@ -166,8 +165,8 @@ def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache:
         p_scale, p_shift = _eval_affine([proj_bn], _conv_biases([proj], [w], dt), dt, x.device)
         if sample_bias is not None:
             sample_bias = sample_bias.to(dt) * p_scale
-        return torch_onednn.onednn_conv(x, weights, [], [c.dilation[0] for c in convs], scale, shift, sample_bias,
-                                        False, AF.act_code("relu"), w, list(cols), p_scale, p_shift)
+        return torch_onednn.onednn_conv(x, weights, [], [c.dilation[0] for c in convs], scale, shift, sample_bias, False,
+                                        AF.act_code("relu"), w, list(cols), p_scale, p_shift)
     h = conv_bn_act(x, convs, bns, backend, cache=cache, cache_key=cache_key + ("branches",))
     if all(cols[i] + widths[i] == cols[i + 1] for i in range(len(cols) - 1)):
         return conv_bn_act(h, [proj], [proj_bn], backend, cols=[(cols[0], cols[0] + sum(widths))],
