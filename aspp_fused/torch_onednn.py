@@ -23,9 +23,9 @@ converted model keeps the packed weights (inside a graph nothing could be cached
 where a graph is recorded to run elsewhere (torch.export, ONNX, torch.jit.trace: they see the
 ATen composition), for other dtypes, under autocast, with autograd, with the exact-region convs
 asked for on CPU (``ASPP_FUSED_TORCH_REGIONS=1``), or with ``ASPP_FUSED_ONEDNN=0`` (read at each
-call). The numbers are oneDNN's own convolutions; the projection's per-branch accumulation
-rounds in a different order than one conv over the concatenation (float32 rounding, about 1e-6
-relative).
+eager call; a compiled graph reads it when it is traced). The numbers are oneDNN's own
+convolutions; the projection's per-branch accumulation rounds in a different order than one
+conv over the concatenation (float32 rounding, about 1e-6 relative).
 """
 import os
 from typing import List, Optional
@@ -156,7 +156,7 @@ class _Packed:
 
 def _packed(x, weights, cols, dilations, scale, sum_mode, proj_weight, proj_cols, proj_scale):
     n, c, h, wd = x.shape
-    scales = (None if scale is None else scale.detach(), None if proj_scale is None else proj_scale.detach())
+    scales = tuple(None if t is None else t.detach() for t in (scale, proj_scale))
     widths = [w.shape[0] for w in weights]
     if cols:
         weights = [w[:, k:k + c] for w, k in zip(weights, cols)]  # views of the sources
@@ -182,7 +182,9 @@ def _packed(x, weights, cols, dilations, scale, sum_mode, proj_weight, proj_cols
             for o, start in zip(widths, proj_cols):
                 wf = fold(proj_weight[:, start:start + o], proj_scale)
                 proj.append(torch.ops.mkldnn._reorder_convolution_weight(wf, [0, 0], [1, 1], [1, 1], 1, [n, o, h, wd]))
-        return _Packed(branches, proj, scales)
+        # The scales kept as copies: in a compiled graph they are inductor's buffers, reused for
+        # other values once this op has read them (and a caller of the op may edit its own in place).
+        return _Packed(branches, proj, tuple(None if t is None else t.clone() for t in scales))
 
     key = ("onednn", c, tuple(cols), tuple(dilations), tuple((tuple(k.shape), tuple(p)) for k, p in taps),
            sum_mode, None if proj_weight is None else (tuple(proj_weight.shape), tuple(proj_cols)))

@@ -95,6 +95,16 @@ def test_op_matches_reference(name):
     assert_close_rel(OP(*args), out, 0.0, name + " (cached packing)")
 
 
+def test_op_follows_a_scale_edited_in_place():
+    """The scale is compared by value against a copy kept with the packing, not against the
+    caller's tensor (which a compiled graph reuses for other values, and a caller may edit)."""
+    args = _case()
+    first = OP(*args)
+    args[4].mul_(2.0)
+    assert_close_rel(OP(*args), _ref(*args), 2e-6, "after the scale doubled in place")
+    assert not torch.equal(OP(*args), first)
+
+
 def test_op_nchw_input_and_opcheck():
     args = _case(proj=(5, 3), sample_bias=True)
     out = OP(*args)
@@ -258,6 +268,26 @@ def test_compiled_model_packs_once_and_follows_updates():
         twin.project[0].weight.mul_(0.5)
         assert_close_rel(c(x), copy.deepcopy(twin).double()(x.double()), 1e-5, "compiled, after an update")
         assert PACKED.misses == misses + 1
+
+
+def test_compiled_heads_pack_once_whatever_follows_them(packings):
+    """Two heads in one compiled graph (the first one's scales are buffers inductor reuses for the
+    second's), and a DeepLabHead (a conv after the ASPP): no packing after the first call."""
+    torch.manual_seed(0)
+    heads = nn.Sequential(_aspp(16, (2, 4), 16), _aspp(16, (3, 5), 8)).eval()
+    dlh = ann.DeepLabHead(16, 5)
+    randomize_bn(dlh)
+    for twin in (heads, dlh.eval()):
+        m = aspp_fused.convert(copy.deepcopy(twin), backend="torch")
+        c = torch.compile(m, fullgraph=True)
+        x = torch.randn(2, 16, 9, 9)
+        with torch.no_grad():
+            ref = copy.deepcopy(twin).double()(x.double())
+            assert_close_rel(c(x), ref, 1e-5, type(twin).__name__)
+            first = packings()
+            for _ in range(3):
+                assert_close_rel(c(x), ref, 1e-5, type(twin).__name__)
+            assert packings() == first, "%s: repacked on every compiled call" % type(twin).__name__
 
 
 class _PoolFirst(nn.Module):
