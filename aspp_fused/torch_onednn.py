@@ -97,23 +97,17 @@ def onednn_conv(x: Tensor, weights: List[Tensor], cols: List[int], dilations: Li
     branch_act = act if proj_weight is not None else (act if sample_bias is None and not sum_mode else 0)
     shifts = [None] * len(weights) if shift is None else (
         [shift] + [None] * (len(weights) - 1) if sum_mode else list(shift.split([w.shape[0] for w in weights])))
-    out = None
-    parts = []
+    parts = []  # concat: one per branch; sum mode: the one sum, the later branches added into it
     for (wp, padding, d), t in zip(packed.branches, shifts):
-        if sum_mode and out is not None:
-            _accumulate(out, x, wp, t, padding, d)
+        if sum_mode and parts:
+            _accumulate(parts[0], x, wp, t, padding, d)
         else:
-            z = _conv(x, wp, t, padding, d, branch_act)
-            out = z if out is None else out
-            parts.append(z)
+            parts.append(_conv(x, wp, t, padding, d, branch_act))
     if proj_weight is not None:
-        out = None
-        for z, wp in zip(parts, packed.proj):
-            if out is None:
-                out = _conv(z, wp, proj_shift, [0, 0], 1, 0)
-            else:
-                _accumulate(out, z, wp, None, [0, 0], 1)
-    elif not sum_mode:
+        out = _conv(parts[0], packed.proj[0], proj_shift, [0, 0], 1, 0)
+        for z, wp in zip(parts[1:], packed.proj[1:]):
+            _accumulate(out, z, wp, None, [0, 0], 1)
+    else:
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     if sample_bias is not None:
         out.add_(sample_bias.to(out.dtype).view(n, -1, 1, 1))

@@ -125,8 +125,6 @@ def skip_launches():
         _skip.on = prev
 
 
-
-
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args) through torch.library.wrap_triton (so torch.compile sees it)."""
     if getattr(_skip, "on", False):

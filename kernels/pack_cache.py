@@ -63,10 +63,11 @@ class PackCache:
         from torch.utils._python_dispatch import _get_current_dispatch_mode
 
         tensors = [t for t in tensors if t is not None]
+        bases = [self._base(t) for t in tensors]
         if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling()
                 or _get_current_dispatch_mode() is not None
                 or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)
-                or any(self._base(t).is_inference() for t in tensors)):  # no version counter to follow
+                or any(b.is_inference() for b in bases)):  # no version counter to follow
             return compute()
         if tensors and tensors[0].is_cuda:
             if torch.cuda.is_current_stream_capturing():
@@ -79,7 +80,7 @@ class PackCache:
         # Entries of different models (the same shapes, other parameters) live side by side: the
         # sources' identities are part of the key (a dead source's entry goes with it, so a reused
         # id() meets no stale entry; the check below compares the objects themselves anyway).
-        key = key + tuple(id(self._base(t)) for t in tensors)
+        key = key + tuple(id(b) for b in bases)
         # Under the lock, compute included: threads sharing a model pack once (a packing is a few
         # copies, queued on the device's stream).
         with self.lock:

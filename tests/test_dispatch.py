@@ -400,6 +400,7 @@ def test_threads_get_one_decision_and_the_same_answers(bench):
     dispatch.register_stand_in("fast", {"atrous_conv": torch_runner()})
     m = randomize_bn(ann.FusedASPP(8, [2, 12], out_channels=6)).eval()
     x = torch.randn(2, 8, 7, 9)
+
     def serve(i):
         with torch.no_grad():
             return m(x)

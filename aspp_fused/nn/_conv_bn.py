@@ -120,7 +120,8 @@ def _conv_biases(convs, weights, dt):
     """The convs' biases concatenated ([sum O], zeros where a conv has none), or None."""
     if all(c.bias is None for c in convs):
         return None
-    return torch.cat([(c.bias if c.bias is not None else w.new_zeros(w.shape[0])).to(dt) for c, w in zip(convs, weights)])
+    return torch.cat([(c.bias if c.bias is not None else w.new_zeros(w.shape[0])).to(dt)
+                      for c, w in zip(convs, weights)])
 
 
 def _eval_affine(bns, conv_bias, dt, device):
@@ -165,15 +166,30 @@ def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache:
         p_scale, p_shift = _eval_affine([proj_bn], _conv_biases([proj], [w], dt), dt, x.device)
         if sample_bias is not None:
             sample_bias = sample_bias.to(dt) * p_scale
-        return torch_onednn.onednn_conv(x, weights, [], [c.dilation[0] for c in convs], scale, shift, sample_bias, False,
-                                        AF.act_code("relu"), w, list(cols), p_scale, p_shift)
+        return torch_onednn.onednn_conv(x, weights, [], [c.dilation[0] for c in convs], scale, shift, sample_bias,
+                                        False, AF.act_code("relu"), w, list(cols), p_scale, p_shift)
     h = conv_bn_act(x, convs, bns, backend, cache=cache, cache_key=cache_key + ("branches",))
-    if all(cols[i] + widths[i] == cols[i + 1] for i in range(len(cols) - 1)):
-        return conv_bn_act(h, [proj], [proj_bn], backend, cols=[(cols[0], cols[0] + sum(widths))],
-                           sample_bias=sample_bias, cache=cache, cache_key=cache_key + ("project",))
-    w_main = torch.cat([w[:, c:c + o] for c, o in zip(cols, widths)], 1)
-    return conv_bn_act(h, [proj], [proj_bn], backend, weights=[w_main], sample_bias=sample_bias, cache=cache,
-                       cache_key=cache_key + ("project",))
+    main = proj_columns(w, [(c, c + o) for c, o in zip(cols, widths)])
+    return conv_bn_act(h, [proj], [proj_bn], backend, sample_bias=sample_bias, cache=cache,
+                       cache_key=cache_key + ("project",), **main)
+
+
+def proj_columns(w, ranges):
+    """conv_bn_act's keyword for a projection weight ``w`` read through its input column ranges
+    [(start, stop)], in order: adjacent ranges as one ``cols`` range (the parameter itself, which
+    the oneDNN path's packing cache can key), ranges with a gap (the pooled branch's columns
+    between them) as ``weights``, their concatenation."""
+    merged = []
+    for a, b in ranges:
+        if b <= a:
+            continue
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    if len(merged) == 1:
+        return dict(cols=merged)
+    return dict(weights=[torch.cat([w[:, a:b] for a, b in merged], 1)])
 
 
 def separable_bn_act(x, branches, bns, backend):

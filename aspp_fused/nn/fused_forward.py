@@ -15,7 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from aspp_fused import recognize
-from aspp_fused.nn._conv_bn import aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
+from aspp_fused.nn._conv_bn import (aspp_bn_act, conv_bn_act, conv_sum, like_input_format, proj_columns,
+                                    separable_bn_act)
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused_heads import pool_vector
 
@@ -96,13 +97,9 @@ class _SiteCall:
                                   bias, self.backend, cache=cache, cache_key=(self.key,))
             else:
                 h = self._branches_out(x, branches, separable, cache)
-                q = proj.in_channels
-                main = dict(cols=[(0, q)] if p is None else [(po, q)] if start == 0 else
-                            [(0, start)] if start + po == q else None)
-                if main["cols"] is None:  # the pooled branch's columns in the middle
-                    main = dict(weights=[torch.cat([w[:, :start], w[:, start + po:]], 1)])
                 out = conv_bn_act(h, [proj], [proj_bn], self.backend, sample_bias=bias, cache=cache,
-                                  cache_key=(self.key, "project"), **main)
+                                  cache_key=(self.key, "project"),
+                                  **proj_columns(w, [(0, start), (start + po, proj.in_channels)]))
             return like_input_format(out, x)
         # a 3x3 projection sees the zero padding around the constant map: materialise it
         h = self._branches_out(x, branches, separable, cache)

@@ -88,14 +88,18 @@ def pool_vector(conv, bn, x):
     return torch.relu(y * scale + shift)
 
 
+def _main_columns(self):
+    """The projection's input columns of the conv branches, [0, split); the pooled branch's
+    follow. (From the modules, not h.shape[1]: a tracer records a tensor's size as a graph value,
+    and the legacy ONNX exporter rejects a conv whose weight slice then has an unknown shape.)"""
+    return self.project[0].in_channels - self.convs[-1][1].out_channels
+
+
 def _pool_bias(self, x, p):
     """The pooled branch p [N, O] as the projection's per-sample bias [N, P]:
-    proj(cat(h, broadcast(p))) = W_main h + W_pool p. (Its columns from the modules, not
-    h.shape[1]: a tracer records a tensor's size as a graph value, and the legacy ONNX exporter
-    rejects a conv whose weight slice then has an unknown shape.)"""
-    conv = self.project[0]
-    split = conv.in_channels - self.convs[-1][1].out_channels
-    return p.to(acc_dtype(x)) @ conv.weight[:, split:, 0, 0].to(acc_dtype(x)).t()
+    proj(cat(h, broadcast(p))) = W_main h + W_pool p."""
+    w_pool = self.project[0].weight[:, _main_columns(self):, 0, 0]
+    return p.to(acc_dtype(x)) @ w_pool.to(acc_dtype(x)).t()
 
 
 def _dropout(self, x, out):
@@ -112,10 +116,8 @@ def _dropout(self, x, out):
 
 def _project(self, x, h, p):
     """project(cat(h, broadcast(p))) with p as a per-sample bias; dropout as the original."""
-    conv = self.project[0]
-    split = conv.in_channels - self.convs[-1][1].out_channels
-    out = conv_bn_act(h, [conv], [self.project[1]], self.backend, cols=[(0, split)], sample_bias=_pool_bias(self, x, p),
-                      cache=fold_cache(self), cache_key="project")
+    out = conv_bn_act(h, [self.project[0]], [self.project[1]], self.backend, cols=[(0, _main_columns(self))],
+                      sample_bias=_pool_bias(self, x, p), cache=fold_cache(self), cache_key="project")
     return _dropout(self, x, out)
 
 
