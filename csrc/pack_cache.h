@@ -1,5 +1,5 @@
 // Packed weights kept across calls, for the CPU and CUDA kernels (the Triton backend has the same
-// rule in kernels/_common.PackCache): a model called again with unchanged parameters packs nothing.
+// rule in kernels/pack_cache.py: PackCache): a model called again with unchanged parameters packs nothing.
 //
 // An entry is found by a tag (what was packed and how: the op, the direction, the dtype, and on
 // CUDA the device and stream) and its source tensors. It is valid while every source reads the
@@ -11,8 +11,9 @@
 // CUDA, so a hit is always read in stream order after the pack that wrote it.
 //
 // At most kMaxEntries entries, least recently used first out. Off (every call packs) with
-// ASPP_FUSED_FOLD_CACHE=0, for inference tensors (they have no version counter) and while a CUDA
-// graph is captured (a replay must pack from the weights of its time).
+// ASPP_FUSED_FOLD_CACHE=0, for inference tensors (they have no version counter), for aliases whose
+// counter does not follow their storage (cacheable(): a compiled graph's reinterpreted slices)
+// and while a CUDA graph is captured (a replay must pack from the weights of its time).
 // Thread-safe: one mutex around lookup and insert; packing runs outside it.
 #pragma once
 
@@ -71,9 +72,21 @@ inline bool enabled() {
   return v == nullptr || std::string(v) != "0";
 }
 
-inline bool cacheable(const at::Tensor& t) { return !t.defined() || (!t.is_inference() && t.has_storage()); }
-
 inline uint32_t version_of(const at::Tensor& t) { return t.unsafeGetTensorImpl()->version_counter().current_version(); }
+
+// Whether t's version counter sees every write to its storage. Eager views share their base's
+// counter, and a tensor that holds its storage alone has nothing else to write through. An alias
+// with a counter of its own does not: a compiled graph hands an op a slice or reshape of a
+// parameter as inductor's reinterpret_tensor (same storage, fresh counter, never bumped by the
+// optimizer's steps on the parameter), so keying on it would serve a stale packing (a compiled
+// training step diverged so after its first optimizer step). Such a source packs per call. The
+// test is conservative: a transient holder of the storage that is not a tensor (a Python storage
+// object during a compiled call) also makes a parameter pack that call.
+inline bool cacheable(const at::Tensor& t) {
+  if (!t.defined()) return true;
+  if (t.is_inference() || !t.has_storage()) return false;  // inference tensors: no counter at all
+  return t.storage().use_count() == 1 || !t.unsafeGetTensorImpl()->version_counter().unique();
+}
 
 inline Source source_of(const at::Tensor& t) {
   Source s;

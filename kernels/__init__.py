@@ -7,7 +7,7 @@ One file per kernel family, each with its launcher and a pure-torch ``*_ref`` be
   worklog.py         record_work / log_work: what each launch's plan multiplies (pure Python)
   separable_conv.py  depthwise-prologue GEMM (v3+ separable branches) and the depthwise kernels
   bn_act.py          backward of the fused affine / BN statistics / ReLU epilogue
-  ops.py             torch.library registration (triton_op + wrap_triton); the autograd is
+  ops.py             torch.library registration (opaque custom ops); the autograd is
                      registered by aspp_fused (its _autograd.py), which imports this package
 
 Importing the package itself imports nothing: the plan (plan.py) and the work log (worklog.py)

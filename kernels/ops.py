@@ -7,11 +7,14 @@
     aspp_fused::triton_separable_conv_backward
 
 Semantics are those of the C++ schemas (csrc/aspp_fused.cpp), except that float64 is not
-supported (TypeError). On GPU the ops are ``torch.library.triton_op``s whose kernels launch
-through ``wrap_triton``, so torch.compile sees the kernels and the fake (meta) kernel is the
-op's own Python traced with fake tensors. Under TRITON_INTERPRET=1 the interpreted kernels
-cannot be traced, so the ops are opaque ``custom_op``s instead, with the same Python run with
-launches skipped as their fake kernel.
+supported (TypeError). The ops are opaque ``torch.library.custom_op``s, on a GPU as under
+TRITON_INTERPRET=1, with their own Python run with launches skipped as the fake (meta) kernel.
+Opaque, so that a compiled graph runs the op's own host code on every call and the packed
+weights stay in kernels/pack_cache.PACKED across calls, once per parameter version (a
+``triton_op`` would have its body, packing included, traced into the graph and run on every
+call; and a packing returned from an op of its own is a buffer inductor may reuse). Under a
+CUDA-graph capture the op packs inside the graph (PackCache), so each replay follows the
+weights' current values.
 
 Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py), registered by the
 package when it loads this backend (aspp_fused._extension.triton_kernels): this package
@@ -22,22 +25,20 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import INTERPRET, check_dtype, skip_launches
+from ._common import check_dtype, skip_launches
 from .atrous_conv import atrous_backward, atrous_forward
 from .separable_conv import separable_backward, separable_forward
 
 
 def _define(name, fn):
-    if INTERPRET:
-        op = torch.library.custom_op(name, fn, mutates_args=())
+    op = torch.library.custom_op(name, fn, mutates_args=())
 
-        def fake(*args, **kwargs):
-            with skip_launches():
-                return fn(*args, **kwargs)
+    def fake(*args, **kwargs):
+        with skip_launches():
+            return fn(*args, **kwargs)
 
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(name, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
 
 
 def _triton_atrous_conv(x: Tensor, weights: List[Tensor], dilations: List[int], scale: Tensor, shift: Tensor,

@@ -419,6 +419,29 @@ def test_weights_are_packed_once_per_parameter_version():
     assert b is not a and c is a and PACKED.misses - before == 2
 
 
+def test_compiled_model_packs_once_and_follows_updates():
+    """The Triton ops are opaque to torch.compile (kernels/ops.py), so a compiled graph runs their
+    host code each call and keeps the packed weights: no packing per call, a repack after an
+    in-place update, the twin's numbers throughout."""
+    from aspp_fused.kernels.pack_cache import PACKED
+
+    twin = randomize_bn(ann.ASPP(8, [2, 3], out_channels=6)).to(DEV).eval()
+    fused = aspp_fused.convert(copy.deepcopy(twin), backend="triton")
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 8, 5, 6, device=DEV)
+    with torch.no_grad():
+        assert_close_rel(compiled(x), twin(x), TOL, "compiled")
+        compiled(x)  # the first run of a new graph gets aliases of the parameters: packed, then dropped
+        misses = PACKED.misses
+        for _ in range(3):
+            compiled(x)
+        assert PACKED.misses == misses, "the compiled graph repacks every call"
+        for m in (twin, fused):
+            m.convs[1][0].weight.mul_(0.5)
+        assert_close_rel(compiled(x), twin(x), TOL, "compiled, after an update")
+        assert PACKED.misses == misses + 1, "one repack: the launch that reads the updated weight"
+
+
 def test_packed_weights_go_with_their_model():
     """A deleted model's packed weights are not kept (the entry's weakref to a source drops it)."""
     import gc

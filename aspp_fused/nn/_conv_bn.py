@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from aspp_fused import functional as AF
-from aspp_fused import torch_backend, torch_onednn
+from aspp_fused import column_conv, torch_backend, torch_onednn
 from aspp_fused.nn._batchnorm import (batch_norm_act, centers, conv_batch_mean, eval_affine_all, running_centre,
                                       uses_batch_stats)
 from aspp_fused.nn._fold_cache import FoldCache, fold_cache_enabled
@@ -105,6 +105,12 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     scale, shift = bn_affine()
     if sample_bias is not None:
         sample_bias = sample_bias.to(dt) * scale
+    if cols is not None:
+        chosen = AF.resolve_backend(backend, x)
+        if column_conv.applies(x, chosen, sources):
+            # a compiled graph: the slice is taken inside the op, where the packing cache can key it
+            return column_conv.column_conv(x, whole, [a for a, _ in cols], [b for _, b in cols], dilations, scale,
+                                           shift, sample_bias, AF.act_code(act), chosen)
     out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
     return out
 
