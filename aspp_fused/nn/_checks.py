@@ -2,7 +2,7 @@
 must meet to be fused (run by ``from_module`` and by convert, at conversion time) and that an
 input must meet (run by each forward). Errors say "has X, expected Y" and name the child.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +18,13 @@ def check_type(owner, where, module, types):
     if not isinstance(module, types):
         names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
         _fail(owner, where, "is %s, expected %s" % (type(module).__name__, names))
+
+
+def check_sequential(owner: str, where: str, seq, children: Sequence[str]):
+    """An nn.Sequential of exactly these children (their class names, for the message)."""
+    check_type(owner, where, seq, nn.Sequential)
+    if len(seq) != len(children):
+        _fail(owner, where, "has %d children, expected %d (%s)" % (len(seq), len(children), ", ".join(children)))
 
 
 def conv_problem(conv: nn.Conv2d, kernel_sizes=(1, 3), depthwise=False) -> Optional[Tuple[str, str]]:
@@ -64,9 +71,7 @@ def check_bn(owner: str, where: str, bn, channels: int):
 
 def check_cbr(owner: str, where: str, seq, kernel_sizes=(1, 3)):
     """[Conv2d, BatchNorm2d, ReLU] (an nn.Sequential, e.g. torchvision's ASPPConv)."""
-    check_type(owner, where, seq, nn.Sequential)
-    if len(seq) != 3:
-        _fail(owner, where, "has %d children, expected 3 (Conv2d, BatchNorm2d, ReLU)" % len(seq))
+    check_sequential(owner, where, seq, ("Conv2d", "BatchNorm2d", "ReLU"))
     check_conv(owner, where + "[0]", seq[0], kernel_sizes)
     check_bn(owner, where + "[1]", seq[1], seq[0].out_channels)
     check_type(owner, where + "[2]", seq[2], nn.ReLU)

@@ -12,8 +12,8 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
-from aspp_fused.nn._checks import (_fail, check_cbr, check_bn, check_input, check_type, separable_branch_args,
-                                   separable_parts)
+from aspp_fused.nn._checks import (check_cbr, check_bn, check_input, check_sequential, check_type,
+                                   separable_branch_args, separable_parts)
 from aspp_fused.nn._conv_bn import conv_bn_act, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 
@@ -126,9 +126,7 @@ class FusedSeparableAtrousConv(FusedModule, nn.Sequential):
     @classmethod
     def check_source(cls, module):
         owner = cls.__name__
-        check_type(owner, "module", module, nn.Sequential)
-        if len(module) != 3:
-            _fail(owner, "module", "has %d children, expected 3 (SeparableConv2d, BatchNorm2d, ReLU)" % len(module))
+        check_sequential(owner, "module", module, ("SeparableConv2d", "BatchNorm2d", "ReLU"))
         _, _, pw = separable_branch_args(owner, module[0], "module[0]")
         check_bn(owner, "module[1]", module[1], pw.out_channels)
         check_type(owner, "module[2]", module[2], nn.ReLU)

@@ -13,8 +13,8 @@ from torch import nn
 from aspp_fused import functional as AF
 from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import batch_norm_act, centers, eval_affine_all, uses_batch_stats
-from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_type,
-                                   separable_branch_args, separable_parts)
+from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_sequential,
+                                   check_type, separable_branch_args, separable_parts)
 from aspp_fused.nn._conv_bn import acc_dtype, aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused import FusedModule
@@ -57,8 +57,14 @@ def _check_convs_list(owner, module):
     return convs
 
 
-def _check_pool_and_project(owner, module, branch_channels):
-    """The pooling branch and a projection reading all branches + the pooling."""
+def _check_pool_and_project(owner, module, readers, branch_channels):
+    """The conv branches read one input (``readers``: the conv reading the input in each branch,
+    ``where`` names of them), then the pooling branch and a projection reading all branches + the
+    pooling."""
+    c = readers[0][1].in_channels
+    for where, conv in readers:
+        if conv.in_channels != c:
+            _fail(owner, where, "has %d input channels, expected %d" % (conv.in_channels, c))
     convs = module.convs
     _check_pooling(owner, "convs[-1]", convs[-1])
     _check_project(owner, getattr(module, "project", None), branch_channels + convs[-1][1].out_channels)
@@ -129,13 +135,11 @@ class FusedASPP(FusedModule):
     @classmethod
     def check_source(cls, module):
         owner = cls.__name__
-        convs = _check_convs_list(owner, module)
-        for i, br in enumerate(list(convs)[:-1]):
+        branches = list(_check_convs_list(owner, module))[:-1]
+        for i, br in enumerate(branches):
             check_cbr(owner, "convs[%d]" % i, br)
-            if br[0].in_channels != convs[0][0].in_channels:
-                _fail(owner, "convs[%d][0]" % i, "has %d input channels, expected %d"
-                      % (br[0].in_channels, convs[0][0].in_channels))
-        _check_pool_and_project(owner, module, sum(br[0].out_channels for br in list(convs)[:-1]))
+        _check_pool_and_project(owner, module, [("convs[%d][0]" % i, br[0]) for i, br in enumerate(branches)],
+                                sum(br[0].out_channels for br in branches))
 
     def forward(self, x):
         branches = list(self.convs)[:-1]
@@ -175,11 +179,9 @@ class FusedSeparableASPP(FusedModule):
     def check_source(cls, module):
         owner = cls.__name__
         branches = cls._branches(_check_convs_list(owner, module))
-        c = branches[0][0][2].in_channels
-        for i, ((_, _, pw), _) in enumerate(branches):
-            if pw.in_channels != c:
-                _fail(owner, "convs[%d]" % i, "reads %d channels, expected %d" % (pw.in_channels, c))
-        _check_pool_and_project(owner, module, sum(pw.out_channels for (_, _, pw), _ in branches))
+        # the conv reading the input: the depthwise where there is one (its channels are the pointwise's input)
+        readers = [("convs[%d]" % i, dw if dw is not None else pw) for i, ((dw, _, pw), _) in enumerate(branches)]
+        _check_pool_and_project(owner, module, readers, sum(pw.out_channels for (_, _, pw), _ in branches))
 
     @staticmethod
     def _branch_parts(convs):
@@ -285,9 +287,7 @@ class FusedDeepLabHead(FusedModule, nn.Sequential):
     @classmethod
     def check_source(cls, module):
         owner = cls.__name__
-        check_type(owner, "module", module, nn.Sequential)
-        if len(module) != 5:
-            _fail(owner, "module", "has %d children, expected 5 (ASPP, Conv2d, BatchNorm2d, ReLU, Conv2d)" % len(module))
+        check_sequential(owner, "module", module, ("ASPP", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d"))
         if not isinstance(module[0], FusedASPP):
             FusedASPP.check_source(module[0])
         check_cbr(owner, "module[1:4]", nn.Sequential(module[1], module[2], module[3]))
