@@ -42,8 +42,9 @@ column_conv.register_fake(_column_conv)
 
 def applies(x: Tensor, backend: str, sources) -> bool:
     """Whether a call with weights read through columns goes through column_conv: a compiled
-    graph (not an export) on a concrete compiled backend, no gradient needed, no autocast (its
-    casts are new tensors on every call anyway)."""
+    graph (not an export) on a concrete compiled backend, no gradient needed by any of the call's
+    tensors (``sources``: the input, weights, biases, BN tensors; the op has no autograd formula),
+    no autocast (its casts are new tensors on every call anyway)."""
     return (backend in ("cpp", "triton") and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
             and not torch.is_autocast_enabled(x.device.type)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)))

@@ -111,9 +111,11 @@ TORCH_LIBRARY(aspp_fused, m) {
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
   // The CPU and CUDA kernels' packed-weight cache (csrc/pack_cache.h), for aspp_fused.clear_caches
-  // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all.
+  // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all;
+  // drop drops the entries and keeps the counts (the optimizer step hook, aspp_fused/_caches.py).
   m.def("pack_cache_info() -> int[]", [] { return aspp_fused::pack_cache::info(); });
   m.def("pack_cache_clear() -> ()", [] { aspp_fused::pack_cache::clear(); });
+  m.def("pack_cache_drop() -> ()", [] { aspp_fused::pack_cache::drop(); });
   // The multiply-adds the CUDA backend's forward plan issues for one atrous_conv call, counted
   // on the host from the plan the CUDA glue launches (csrc/tap_plan.h; no GPU needed):
   // [dense, valid, issued] for an N x C x H x W input and branches of ksizes[b] x ksizes[b] taps

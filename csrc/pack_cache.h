@@ -11,9 +11,10 @@
 // CUDA, so a hit is always read in stream order after the pack that wrote it.
 //
 // At most kMaxEntries entries, least recently used first out. Off (every call packs) with
-// ASPP_FUSED_FOLD_CACHE=0, for inference tensors (they have no version counter), for aliases whose
-// counter does not follow their storage (cacheable(): a compiled graph's reinterpreted slices)
-// and while a CUDA graph is captured (a replay must pack from the weights of its time).
+// ASPP_FUSED_FOLD_CACHE=0, for sources that are not parameters requiring grad or views of them
+// (cacheable()), and while a CUDA graph is captured (a replay must pack from the weights of its
+// time). An optimizer step drops every entry (aspp_fused registers a torch.optim step hook: a
+// fused optimizer writes the parameters without bumping their counters).
 // Thread-safe: one mutex around lookup and insert; packing runs outside it.
 #pragma once
 
@@ -74,18 +75,23 @@ inline bool enabled() {
 
 inline uint32_t version_of(const at::Tensor& t) { return t.unsafeGetTensorImpl()->version_counter().current_version(); }
 
-// Whether t's version counter sees every write to its storage. Eager views share their base's
-// counter, and a tensor that holds its storage alone has nothing else to write through. An alias
-// with a counter of its own does not: a compiled graph hands an op a slice or reshape of a
-// parameter as inductor's reinterpret_tensor (same storage, fresh counter, never bumped by the
-// optimizer's steps on the parameter), so keying on it would serve a stale packing (a compiled
-// training step diverged so after its first optimizer step). Such a source packs per call. The
-// test is conservative: a transient holder of the storage that is not a tensor (a Python storage
-// object during a compiled call) also makes a parameter pack that call.
+// Whether t may be a cache source: a parameter that requires grad, or a view of one (eager views
+// share their base's version counter). Everything else packs per call:
+// - an alias with a counter of its own, which writes to the parameter never bump: a compiled graph
+//   hands an op a slice or reshape of a parameter as inductor's reinterpret_tensor (a compiled
+//   training step went on with stale projection weights after its first optimizer step so), and
+//   `.data` is one too;
+// - a compiled graph's intermediate (an autocast cast, a product of weights): inductor reuses its
+//   buffers for later values and writes them through raw pointers, bumping no counter, so one
+//   op's packing was served to another;
+// - a frozen parameter (requires_grad=False): from here it cannot be told from either (the
+//   Python caches, which can, keep it: kernels/pack_cache.py);
+// - inference tensors: no counter at all.
 inline bool cacheable(const at::Tensor& t) {
   if (!t.defined()) return true;
-  if (t.is_inference() || !t.has_storage()) return false;  // inference tensors: no counter at all
-  return t.storage().use_count() == 1 || !t.unsafeGetTensorImpl()->version_counter().unique();
+  if (t.is_inference() || !t.has_storage()) return false;
+  const at::TensorBase& root = t.is_view() ? t._base() : static_cast<const at::TensorBase&>(t);
+  return root.is_leaf() && root.requires_grad();
 }
 
 inline Source source_of(const at::Tensor& t) {
@@ -176,6 +182,13 @@ inline void clear() {
   std::lock_guard<std::mutex> lock(st.mu);
   st.entries.clear();
   st.hits = st.packs = 0;
+}
+
+// Drops the entries, keeps the counts (after an optimizer step).
+inline void drop() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  st.entries.clear();
 }
 
 }  // namespace pack_cache

@@ -22,6 +22,9 @@ class PackCache:
     aspp_fused.clear_caches does; ASPP_FUSED_FOLD_CACHE=0 turns it off.) Not used while tracing
     (torch.compile, export, fake tensors): a graph must not hold a copy its inputs cannot
     invalidate; an opaque op run by a compiled graph (the oneDNN path) uses it at run time.
+    Sources must be parameters (nn.Parameter, frozen ones included) or views of them; others pack
+    per call. Every torch.optim step drops the entries (aspp_fused/nn/_fold_cache.py: a fused
+    optimizer writes the parameters without bumping their counters).
     Thread-safe; at most ``size`` entries (least recently used dropped), and an entry goes when a
     source tensor does."""
 
@@ -67,6 +70,11 @@ class PackCache:
         if (os.environ.get("ASPP_FUSED_FOLD_CACHE", "1") == "0" or torch.compiler.is_compiling()
                 or _get_current_dispatch_mode() is not None
                 or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors)
+                # Parameters (or views of them) only: a compiled graph's intermediate (an autocast
+                # cast, a product of weights) is a buffer inductor reuses for a later value, the
+                # same object, written through raw pointers with no counter bump; a parameter's
+                # alias (.data, inductor's reinterpret_tensor) has a counter that its writes skip.
+                or not all(isinstance(b, torch.nn.Parameter) for b in bases)
                 or any(b.is_inference() for b in bases)):  # no version counter to follow
             return compute()
         if tensors and tensors[0].is_cuda:

@@ -413,7 +413,7 @@ def test_weights_are_packed_once_per_parameter_version():
     w2 = fused.convs[1][0].weight
     before = PACKED.misses
     a = PACKED.get(("test-dtype",), [w2], object)
-    b = PACKED.get(("test-dtype",), [w2.to(torch.float64)], object)
+    b = PACKED.get(("test-dtype",), [torch.nn.Parameter(w2.detach().to(torch.float64))], object)
     c = PACKED.get(("test-dtype",), [w2], object)
     # the new tensor gets a packing of its own; the old one's is kept beside it, for the old one
     assert b is not a and c is a and PACKED.misses - before == 2
@@ -440,6 +440,32 @@ def test_compiled_model_packs_once_and_follows_updates():
             m.convs[1][0].weight.mul_(0.5)
         assert_close_rel(compiled(x), twin(x), TOL, "compiled, after an update")
         assert PACKED.misses == misses + 1, "one repack: the launch that reads the updated weight"
+
+
+def test_reused_buffers_of_a_compiled_graph_are_not_served():
+    """Two ops in one compiled graph whose weights are intermediates (w * 2): inductor reuses the
+    first one's buffer, the same tensor object, for the second one's weight; PackCache keeps only
+    parameters, so the second op packs its own (it was served the first one's: 391 off)."""
+    torch._dynamo.reset()
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=DEV))
+            self.w2 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=DEV))
+
+        def forward(self, x):
+            y = AF.atrous_conv(x, [self.w1 * 2], [2], None, None, act="none", backend="triton")[0]
+            return AF.atrous_conv(y, [self.w2 * 2], [2], None, None, act="none", backend="triton")[0]
+
+    torch.manual_seed(0)
+    m = Two()
+    x = torch.randn(1, 4, 7, 7, device=DEV)
+    with torch.no_grad():
+        want = m(x)
+        compiled = torch.compile(m, fullgraph=True)
+        for i in range(3):
+            assert_close_rel(compiled(x), want, TOL, "compiled call %d" % i)
 
 
 def test_packed_weights_go_with_their_model():

@@ -107,7 +107,7 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         sample_bias = sample_bias.to(dt) * scale
     if cols is not None:
         chosen = AF.resolve_backend(backend, x)
-        if column_conv.applies(x, chosen, sources):
+        if column_conv.applies(x, chosen, sources + [x, sample_bias]):
             # a compiled graph: the slice is taken inside the op, where the packing cache can key it
             return column_conv.column_conv(x, whole, [a for a, _ in cols], [b for _, b in cols], dilations, scale,
                                            shift, sample_bias, AF.act_code(act), chosen)

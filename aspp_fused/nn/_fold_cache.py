@@ -3,6 +3,7 @@ import os
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from aspp_fused import _extension
 from aspp_fused.kernels.pack_cache import PACKED
@@ -18,7 +19,8 @@ class FoldCache:
     parameter or .to() all invalidate them. The price is one folded copy of the head's conv
     weights while the module is in eval mode.
 
-    The one edit no version counter sees is an in-place write through ``.data``
+    Every torch.optim step ends every entry (``_after_optimizer_step``: fused optimizers bump no
+    counter). The one other edit no version counter sees is an in-place write through ``.data``
     (``p.data.mul_(...)``: PyTorch gives ``.data`` a fresh counter, which is also why autograd
     cannot catch it); after such an edit call ``aspp_fused.clear_caches(model)``, or run with
     ``ASPP_FUSED_FOLD_CACHE=0`` (read at each call) to fold on every call.
@@ -29,13 +31,13 @@ class FoldCache:
 
     @staticmethod
     def _signature(sources):
-        return [(t, t._version, t.data_ptr()) for t in sources if t is not None]
+        return [_STEPS[0]] + [(t, t._version, t.data_ptr()) for t in sources if t is not None]
 
     def get(self, key, sources, compute):
         sig = self._signature(sources)
         entry = self.entries.get(key)
-        if entry is not None and len(entry[0]) == len(sig) and all(
-                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0], sig)):
+        if entry is not None and len(entry[0]) == len(sig) and entry[0][0] == sig[0] and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0][1:], sig[1:])):
             return entry[1]
         value = compute()
         self.entries[key] = (sig, value)
@@ -54,6 +56,25 @@ def clear_caches(model: nn.Module) -> nn.Module:
     if _extension.cpp_available():  # the CPU / CUDA kernels' packed weights (csrc/pack_cache.h)
         torch.ops.aspp_fused.pack_cache_clear()
     return model
+
+
+# torch.optim steps seen since import: every cache entry belongs to one (FoldCache compares it; the
+# packing caches are emptied by the hook below).
+_STEPS = [0]
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    """A torch.optim step may have changed parameters without moving their version counters:
+    the fused optimizers (Adam, AdamW, SGD, Adagrad with ``fused=True``) write them in one kernel
+    and bump none (measured: a cached model then lagged one step behind). So every step ends
+    every cache entry; a training step repacks anyway, as its weights change."""
+    _STEPS[0] += 1
+    PACKED.clear()
+    if _extension.cpp_available():
+        torch.ops.aspp_fused.pack_cache_drop()
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def fold_cache_enabled() -> bool:
