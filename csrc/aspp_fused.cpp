@@ -112,7 +112,7 @@ TORCH_LIBRARY(aspp_fused, m) {
       {at::Tag::pt2_compliant_tag});
   // The CPU and CUDA kernels' packed-weight cache (csrc/pack_cache.h), for aspp_fused.clear_caches
   // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all;
-  // drop drops the entries and keeps the counts (the optimizer step hook, aspp_fused/_caches.py).
+  // drop drops the entries and keeps the counts (the optimizer step hook, aspp_fused/nn/_fold_cache.py).
   m.def("pack_cache_info() -> int[]", [] { return aspp_fused::pack_cache::info(); });
   m.def("pack_cache_clear() -> ()", [] { aspp_fused::pack_cache::clear(); });
   m.def("pack_cache_drop() -> ()", [] { aspp_fused::pack_cache::drop(); });

@@ -15,7 +15,8 @@
 // (cacheable()), and while a CUDA graph is captured (a replay must pack from the weights of its
 // time). An optimizer step drops every entry (aspp_fused registers a torch.optim step hook: a
 // fused optimizer writes the parameters without bumping their counters).
-// Thread-safe: one mutex around lookup and insert; packing runs outside it.
+// Thread-safe: one mutex around lookup and insert; packing runs outside it, on the sources' state
+// read before it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -61,6 +62,7 @@ struct State {
   std::mutex mu;
   std::list<Entry> entries;  // most recently used first
   int64_t hits = 0, packs = 0;
+  uint64_t generation = 0;  // bumped by clear() / drop(): a packing begun before one is not kept
 };
 
 inline State& state() {
@@ -139,8 +141,16 @@ std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sou
     return std::make_shared<const V>(make());
   }
   tag += std::string("|") + typeid(V).name();
+  // The sources' state is read before packing: a write (an optimizer step in another thread)
+  // during make() then leaves an entry at the old versions, which misses, never one that pairs
+  // old weights with new versions; and a drop() during make() keeps the packing out.
+  Entry e;
+  e.tag = tag;
+  for (const at::Tensor& t : sources) e.sources.push_back(source_of(t));
+  uint64_t generation;
   {
     std::lock_guard<std::mutex> lock(st.mu);
+    generation = st.generation;
     for (auto it = st.entries.begin(); it != st.entries.end(); ++it) {
       if (it->tag != tag || it->sources.size() != sources.size()) continue;
       bool hit = true;
@@ -152,12 +162,10 @@ std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sou
     }
   }
   std::shared_ptr<const V> value = std::make_shared<const V>(make());
-  Entry e;
-  e.tag = std::move(tag);
-  for (const at::Tensor& t : sources) e.sources.push_back(source_of(t));
   e.value = value;
   std::lock_guard<std::mutex> lock(st.mu);
   ++st.packs;
+  if (st.generation != generation) return value;
   // Entries that can never hit again go: a source's storage is gone, or the same views are
   // packed now at newer versions.
   for (auto it = st.entries.begin(); it != st.entries.end();) {
@@ -182,6 +190,7 @@ inline void clear() {
   std::lock_guard<std::mutex> lock(st.mu);
   st.entries.clear();
   st.hits = st.packs = 0;
+  ++st.generation;
 }
 
 // Drops the entries, keeps the counts (after an optimizer step).
@@ -189,6 +198,7 @@ inline void drop() {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
   st.entries.clear();
+  ++st.generation;
 }
 
 }  // namespace pack_cache

@@ -35,6 +35,7 @@ class PackCache:
         # starts inside get(), in the same thread.
         self.lock = threading.RLock()
         self.misses = 0  # packings computed (tests count them)
+        self.generation = 0  # bumped by clear(): a packing begun before one is not kept
 
     @staticmethod
     def _fingerprint(t):
@@ -101,9 +102,14 @@ class PackCache:
                         valid is None or valid(value)):
                     self.entries[key] = entry  # most recent last
                     return value
+            # The sources' state before packing: a write during compute() (an optimizer step in
+            # another thread; the lock does not hold it off) leaves an entry that misses.
+            state, generation = self._state(tensors, key), self.generation
             value = compute()
             self.misses += 1
-            self.entries[key] = (self._state(tensors, key), value)
+            if generation != self.generation:
+                return value
+            self.entries[key] = (state, value)
             while len(self.entries) > self.size:
                 self.entries.pop(next(iter(self.entries)))
             return value
@@ -111,6 +117,7 @@ class PackCache:
     def clear(self):
         with self.lock:
             self.entries.clear()
+            self.generation += 1
 
 
 # The packed weights of the Triton ops (atrous_conv.pack_forward, separable_conv._pack: repacking

@@ -63,11 +63,14 @@ def clear_caches(model: nn.Module) -> nn.Module:
 _STEPS = [0]
 
 
+@torch.compiler.disable
 def _after_optimizer_step(optimizer, args, kwargs):
     """A torch.optim step may have changed parameters without moving their version counters:
     the fused optimizers (Adam, AdamW, SGD, Adagrad with ``fused=True``) write them in one kernel
     and bump none (measured: a cached model then lagged one step behind). So every step ends
-    every cache entry; a training step repacks anyway, as its weights change."""
+    every cache entry; a training step repacks anyway, as its weights change. Never traced: in a
+    compiled optimizer step a traced drop op (no outputs) would be deleted, and a traced step
+    count guarded on (a recompile per step)."""
     _STEPS[0] += 1
     PACKED.clear()
     if _extension.cpp_available():
