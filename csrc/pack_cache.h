@@ -141,13 +141,7 @@ std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sou
     return std::make_shared<const V>(make());
   }
   tag += std::string("|") + typeid(V).name();
-  // The sources' state is read before packing: a write (an optimizer step in another thread)
-  // during make() then leaves an entry at the old versions, which misses, never one that pairs
-  // old weights with new versions; and a drop() during make() keeps the packing out.
-  Entry e;
-  e.tag = tag;
-  for (const at::Tensor& t : sources) e.sources.push_back(source_of(t));
-  uint64_t generation;
+  uint64_t generation;  // read with the lookup: a drop() after it keeps this call's packing out
   {
     std::lock_guard<std::mutex> lock(st.mu);
     generation = st.generation;
@@ -161,6 +155,12 @@ std::shared_ptr<const V> get(std::string tag, const std::vector<at::Tensor>& sou
       return std::static_pointer_cast<const V>(st.entries.front().value);
     }
   }
+  // The sources' state is read before packing: a write (an optimizer step in another thread)
+  // during make() then leaves an entry at the old versions, which misses, never one that pairs
+  // old weights with new versions.
+  Entry e;
+  e.tag = std::move(tag);
+  for (const at::Tensor& t : sources) e.sources.push_back(source_of(t));
   std::shared_ptr<const V> value = std::make_shared<const V>(make());
   e.value = value;
   std::lock_guard<std::mutex> lock(st.mu);

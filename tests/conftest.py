@@ -68,6 +68,34 @@ def run_in_threads(fn, n):
     return results
 
 
+def check_compiled_intermediate_weights(backend, device, tol):
+    """Two atrous_conv calls in one compiled graph whose weights are intermediates (w * 2):
+    inductor reuses the first one's buffer, the same tensor object and storage, for the second
+    one's weight, with no counter bump; a packing cache that kept it served the first packing to
+    the second op (391 off). The compiled model must match the eager one on every call."""
+    from aspp_fused import functional as AF
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=device))
+            self.w2 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=device))
+
+        def forward(self, x):
+            y = AF.atrous_conv(x, [self.w1 * 2], [2], None, None, act="none", backend=backend)[0]
+            return AF.atrous_conv(y, [self.w2 * 2], [2], None, None, act="none", backend=backend)[0]
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = Two()
+    x = torch.randn(1, 4, 7, 7, device=device)
+    with torch.no_grad():
+        want = m(x)
+        compiled = torch.compile(m, fullgraph=True)
+        for i in range(3):
+            assert_close_rel(compiled(x), want, tol, "compiled call %d" % i)
+
+
 def map_tensors(args, fn):
     """An op's argument list with fn applied to every tensor (lists of tensors included), the
     rest as is."""

@@ -22,8 +22,8 @@ import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import functional as AF
 from aspp_fused import torch_backend
-from conftest import (assert_close_rel, compare_with_twin, map_tensors, randomize_bn, rel_err, run_in_threads,
-                      tensors_of)
+from conftest import (assert_close_rel, check_compiled_intermediate_weights, compare_with_twin, map_tensors,
+                      randomize_bn, rel_err, run_in_threads, tensors_of)
 from op_problems import ASPP_BRANCHES, atrous_problem, separable_problem
 
 try:
@@ -446,26 +446,7 @@ def test_reused_buffers_of_a_compiled_graph_are_not_served():
     """Two ops in one compiled graph whose weights are intermediates (w * 2): inductor reuses the
     first one's buffer, the same tensor object, for the second one's weight; PackCache keeps only
     parameters, so the second op packs its own (it was served the first one's: 391 off)."""
-    torch._dynamo.reset()
-
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w1 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=DEV))
-            self.w2 = torch.nn.Parameter(torch.randn(4, 4, 3, 3, device=DEV))
-
-        def forward(self, x):
-            y = AF.atrous_conv(x, [self.w1 * 2], [2], None, None, act="none", backend="triton")[0]
-            return AF.atrous_conv(y, [self.w2 * 2], [2], None, None, act="none", backend="triton")[0]
-
-    torch.manual_seed(0)
-    m = Two()
-    x = torch.randn(1, 4, 7, 7, device=DEV)
-    with torch.no_grad():
-        want = m(x)
-        compiled = torch.compile(m, fullgraph=True)
-        for i in range(3):
-            assert_close_rel(compiled(x), want, TOL, "compiled call %d" % i)
+    check_compiled_intermediate_weights("triton", DEV, TOL)
 
 
 def test_packed_weights_go_with_their_model():

@@ -74,7 +74,8 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
         return _eval_affine(bns, conv_bias, dt, x.device)
 
     sources = list(weights) + biases + _bn_tensors(bns)
-    if _onednn(x, backend, sources):
+    chosen = AF.resolve_backend(backend, x)
+    if _onednn(x, backend, chosen, sources):
         # CPU float32 inference: oneDNN on weights packed once, also under torch.compile
         scale, shift = bn_affine()
         if sample_bias is not None:
@@ -85,7 +86,7 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     # later load_state_dict on the traced module would not reach them. Not in auto's benchmark
     # mode: it measures per call arguments, and the folded ones would make the eager decisions
     # keys that a compiled graph (which never folds) does not look up.
-    if (cache is not None and fold_cache_enabled() and AF.resolve_backend(backend, x) == "torch"
+    if (cache is not None and fold_cache_enabled() and chosen == "torch"
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and not (backend == "auto" and AF.dispatch.benchmark_enabled())
@@ -105,20 +106,19 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     scale, shift = bn_affine()
     if sample_bias is not None:
         sample_bias = sample_bias.to(dt) * scale
-    if cols is not None:
-        chosen = AF.resolve_backend(backend, x)
-        if column_conv.applies(x, chosen, sources + [x, sample_bias]):
-            # a compiled graph: the slice is taken inside the op, where the packing cache can key it
-            return column_conv.column_conv(x, whole, [a for a, _ in cols], [b for _, b in cols], dilations, scale,
-                                           shift, sample_bias, AF.act_code(act), chosen)
+    if cols is not None and column_conv.applies(x, chosen, sources + [x, sample_bias]):
+        # a compiled graph: the slice is taken inside the op, where the packing cache can key it
+        return column_conv.column_conv(x, whole, [a for a, _ in cols], [b for _, b in cols], dilations, scale, shift,
+                                       sample_bias, AF.act_code(act), chosen)
     out, _, _ = AF.atrous_conv(x, weights, dilations, scale, shift, sample_bias, act=act, backend=backend)
     return out
 
 
-def _onednn(x, backend, sources) -> bool:
-    """Whether the call runs on the torch backend's oneDNN path (aspp_fused/torch_onednn.py). Not in
-    auto's benchmark mode, which measures the backends on the op itself."""
-    return (AF.resolve_backend(backend, x) == "torch" and not (backend == "auto" and AF.dispatch.benchmark_enabled())
+def _onednn(x, backend, chosen, sources) -> bool:
+    """Whether the call runs on the torch backend's oneDNN path (aspp_fused/torch_onednn.py);
+    ``chosen``: the concrete backend ``backend`` resolves to. Not in auto's benchmark mode, which
+    measures the backends on the op itself."""
+    return (chosen == "torch" and not (backend == "auto" and AF.dispatch.benchmark_enabled())
             and torch_onednn.applies(x, sources))
 
 
@@ -147,7 +147,7 @@ def conv_sum(x, convs: Sequence[nn.Conv2d], backend: str):
     shift = None
     for b in biases:
         shift = b if shift is None else shift + b
-    if _onednn(x, backend, weights + [c.bias for c in convs]):
+    if _onednn(x, backend, AF.resolve_backend(backend, x), weights + [c.bias for c in convs]):
         return torch_onednn.onednn_conv(x, weights, [], dilations, None, shift, None, True, 0, None, [], None, None)
     out, _, _ = AF.atrous_conv(x, weights, dilations, None, shift, None, sum_mode=True, act="none", backend=backend)
     return out
@@ -167,7 +167,8 @@ def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache:
     widths = [c.out_channels for c in convs]  # ints, also under a tracer (w.shape[0] would be a graph value)
     w = proj.weight
     sources = weights + [c.bias for c in convs] + _bn_tensors(bns) + [w, proj.bias] + _bn_tensors([proj_bn])
-    if not any(uses_batch_stats(bn) for bn in list(bns) + [proj_bn]) and _onednn(x, backend, sources):
+    if not any(uses_batch_stats(bn) for bn in list(bns) + [proj_bn]) and _onednn(
+            x, backend, AF.resolve_backend(backend, x), sources):
         scale, shift = _eval_affine(bns, _conv_biases(convs, weights, dt), dt, x.device)
         p_scale, p_shift = _eval_affine([proj_bn], _conv_biases([proj], [w], dt), dt, x.device)
         if sample_bias is not None:

@@ -31,16 +31,16 @@ class FoldCache:
 
     @staticmethod
     def _signature(sources):
-        return [_STEPS[0]] + [(t, t._version, t.data_ptr()) for t in sources if t is not None]
+        return [(t, t._version, t.data_ptr()) for t in sources if t is not None]
 
     def get(self, key, sources, compute):
-        sig = self._signature(sources)
+        step, sig = _STEPS[0], self._signature(sources)  # both before compute(), as it read them
         entry = self.entries.get(key)
-        if entry is not None and len(entry[0]) == len(sig) and entry[0][0] == sig[0] and all(
-                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[0][1:], sig[1:])):
-            return entry[1]
+        if entry is not None and entry[0] == step and len(entry[1]) == len(sig) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(entry[1], sig)):
+            return entry[2]
         value = compute()
-        self.entries[key] = (sig, value)
+        self.entries[key] = (step, sig, value)
         return value
 
 
