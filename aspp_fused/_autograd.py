@@ -1,17 +1,77 @@
 """The autograd formulas of the atrous_conv and separable_conv ops, written once for every
 backend that implements them: the compiled ops (aspp_fused::atrous_conv, registered by
-aspp_fused/ops.py) and the Triton ones (aspp_fused::triton_atrous_conv, registered when the
-package loads aspp_fused.kernels: _extension.triton_kernels). A backend supplies the forward
-and its backward op (same schemas, csrc/aspp_fused.cpp); ``register`` ties them together.
+aspp_fused/ops.py), the Triton ones (aspp_fused::triton_atrous_conv, registered when the
+package loads aspp_fused.kernels: _extension.triton_kernels) and the CUDA kernels on the host
+emulator (aspp_fused_emu::atrous_conv, tests/op_problems.py).
+
+atrous_conv's backward is one formula, ``atrous_conv_backward``, over the three primitives every
+backend implements (schemas: csrc/aspp_fused.cpp): ``tap_gemm`` (the tap-list GEMM raw, and its
+adjoint, the dgrad), ``epilogue_backward`` and ``tap_wgrad``. A backend hands them in as
+``Primitives``. separable_conv's backward is still one op per backend (same schema everywhere).
 
 The backend modules never import this package: it imports them (kernels/ stays a plain set of
 Triton ops, loadable and testable on its own).
 """
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["register_atrous", "register_separable"]
+from aspp_fused._dtypes import acc_dtype
+
+__all__ = ["Primitives", "primitives", "atrous_conv_backward", "register_atrous", "register_separable"]
+
+
+class Primitives(NamedTuple):
+    """One backend's ops of the schemas tap_gemm, epilogue_backward and tap_wgrad."""
+    tap_gemm: Callable
+    epilogue_backward: Callable
+    tap_wgrad: Callable
+
+
+def primitives(namespace, prefix: str = "") -> Primitives:
+    """The primitives ``namespace.<prefix>tap_gemm`` etc. (torch.ops.aspp_fused for the compiled
+    ops, with prefix "triton_" for the Triton ones; torch.ops.aspp_fused_emu for the emulator)."""
+    return Primitives(*(getattr(namespace, prefix + name) for name in Primitives._fields))
+
+
+def atrous_conv_backward(p: Primitives, grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift,
+                         bias, sum_mode, act, output_mask):
+    """The backward of atrous_conv (every backend's): (grad_x, grad_weights, grad_scale, grad_shift,
+    grad_bias) from the upstream grads of (out, ch_sum, ch_sumsq). output_mask = [input, weights,
+    epilogue (scale, shift, bias)]; a grad not asked for comes back empty ([0] tensor, [] list), as
+    does grad_bias without a bias. Grads have the dtype of the tensor they belong to; grad_x is
+    channels_last.
+
+        acc    = tap_gemm(x)                         only where out cannot stand in for z
+        g_acc  = epilogue_backward(grad_out, ...)    g_z * scale, and grad_scale / shift / bias
+        grad_x = tap_gemm(g_acc, adjoint=True)       the dgrad
+        grad_W = tap_wgrad(x, g_acc)
+    """
+    if len(output_mask) != 3:
+        raise ValueError(f"atrous_conv_backward: output_mask has {len(output_mask)} entries, expected 3 "
+                         "([input, weights, epilogue])")
+    need_x, need_w, need_ep = (bool(m) for m in output_mask)
+    weights, dilations = list(weights), [int(d) for d in dilations]
+    grad_x, grad_ws = x.new_empty((0,)), []
+    grad_scale, grad_shift = scale.new_empty((0,)), shift.new_empty((0,))
+    grad_bias = (scale if bias is None else bias).new_empty((0,))
+    if not (need_x or need_w or need_ep):
+        return grad_x, grad_ws, grad_scale, grad_shift, grad_bias
+    # acc (the raw GEMM) is needed for grad_scale, and for z where relu hides the negative z that
+    # 2 z grad_sumsq needs; otherwise out stands in for z (act none) or gives the relu mask.
+    acc = None
+    if need_ep or (act == 1 and grad_sumsq is not None):
+        acc = p.tap_gemm(x, weights, dilations, sum_mode, False, acc_dtype(x.dtype))
+    g_acc, gs, gsh, gb = p.epilogue_backward(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act,
+                                             [need_x or need_w, need_ep])
+    if need_ep:
+        grad_scale, grad_shift, grad_bias = gs, gsh, gb
+    if need_x:
+        grad_x = p.tap_gemm(g_acc, weights, dilations, sum_mode, True, x.dtype)
+    if need_w:
+        grad_ws = list(p.tap_wgrad(x, g_acc, weights, dilations, sum_mode))
+    return grad_x, grad_ws, grad_scale, grad_shift, grad_bias
 
 
 def _present(t) -> bool:
@@ -42,13 +102,13 @@ def atrous_setup(ctx, inputs, output):
     ctx.save_for_backward(output[0], x, scale, shift, bias, *weights)
 
 
-def _atrous_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
+def _atrous_backward(prims, ctx, grad_out, grad_sum, grad_sumsq):
     out, x, scale, shift, bias, *weights = ctx.saved_tensors
     grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
     need = ctx.needs_input_grad
     mask = [_any(need[0]), _any(need[1]), _any(need[3:6])]
-    gx, gws, gscale, gshift, gbias = backward_op(
-        grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode,
+    gx, gws, gscale, gshift, gbias = atrous_conv_backward(
+        prims, grad_out, grad_sum, grad_sumsq, out, x, weights, ctx.dilations, scale, shift, bias, ctx.sum_mode,
         ctx.act, mask,
     )
     return (
@@ -108,9 +168,9 @@ def _separable_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
     )
 
 
-def register_atrous(op_name: str, backward_op) -> None:
-    """Autograd of the atrous_conv-schema op ``op_name`` through ``backward_op``."""
-    torch.library.register_autograd(op_name, functools.partial(_atrous_backward, backward_op),
+def register_atrous(op_name: str, prims: Primitives) -> None:
+    """Autograd of the atrous_conv-schema op ``op_name``: atrous_conv_backward over ``prims``."""
+    torch.library.register_autograd(op_name, functools.partial(_atrous_backward, prims),
                                     setup_context=atrous_setup)
 
 

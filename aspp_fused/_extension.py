@@ -53,7 +53,9 @@ def triton_kernels():
             if _triton_kernels is None:
                 from aspp_fused import _autograd, kernels
 
-                _autograd.register_atrous("aspp_fused::triton_atrous_conv", kernels.ops.triton_atrous_conv_backward)
+                kernels.ops  # registers the Triton ops
+                _autograd.register_atrous("aspp_fused::triton_atrous_conv",
+                                          _autograd.primitives(torch.ops.aspp_fused, "triton_"))
                 _autograd.register_separable("aspp_fused::triton_separable_conv",
                                              kernels.ops.triton_separable_conv_backward)
                 _triton_kernels = kernels

@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from aspp_fused import _extension, dispatch, torch_backend
+from aspp_fused._dtypes import acc_dtype
 from aspp_fused._tracing import size_checks
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -49,7 +50,7 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str = "atrous_conv") -> s
     pick a measured faster one per call (dispatch.choose), which computes the same thing."""
     check_backend(backend)
     if backend == "auto":
-        # CPU: the ATen composition, measured faster than the readable reference loops of
+        # CPU: the ATen composition, measured faster than the readable loops of
         # csrc/cpu (benchmarks/results: 1.0-1.3x eager_cl vs 0.1-0.4x). CUDA: what committed
         # GPU measurements say (dispatch_table.json; none yet), else the ATen composition
         # (cuDNN): the CUDA and Triton kernels have not been verified on a GPU.
@@ -216,7 +217,7 @@ def _autocast(x, weight_lists):
 
 def _materialize(scale, shift, o, x):
     """The compiled ops take explicit vectors: None -> ones / zeros."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(x.dtype)
     if scale is None:
         scale = torch.ones(o, dtype=dt, device=x.device)
     if shift is None:

@@ -33,7 +33,7 @@ def collect() -> dict:
     backends = {
         "torch": (True, "ATen composition; always available"),
         "cpp (CPU)": (_extension.cpp_available(),
-                      "compiled CPU reference kernels" if _extension.cpp_available() else _extension.LOAD_ERROR),
+                      "the CPU backend's compiled kernels" if _extension.cpp_available() else _extension.LOAD_ERROR),
         "cpp (CUDA)": (_extension.cuda_kernels_built(),
                        "compiled CUDA kernels" if _extension.cuda_kernels_built()
                        else "extension built without CUDA kernels" if _extension.cpp_available()

@@ -8,13 +8,14 @@ import torch
 
 from aspp_fused import _autograd
 from aspp_fused._autograd import _present
+from aspp_fused._dtypes import acc_dtype
 from aspp_fused._extension import cpp_available
 
 __all__ = ["atrous_conv", "separable_conv", "atrous_conv_backward", "separable_conv_backward"]
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc_dtype(x.dtype)
 
 
 def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act=0, compute_stats=False):
@@ -45,7 +46,9 @@ def _absent_as_empty(tensors, x):
 
 
 def atrous_conv_backward(*args):
-    return torch.ops.aspp_fused.atrous_conv_backward(*args)
+    """The backward of torch.ops.aspp_fused.atrous_conv (aspp_fused/_autograd.py: atrous_conv_backward)
+    over the compiled primitives; arguments as that function's after ``p``."""
+    return _autograd.atrous_conv_backward(_autograd.primitives(torch.ops.aspp_fused), *args)
 
 
 def separable_conv_backward(*args):
@@ -79,8 +82,8 @@ def _grad_x_like(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-def _fake_epilogue_grads(mask, scale, shift, bias):
-    if not mask[2]:
+def _fake_epilogue_grads(need, scale, shift, bias):
+    if not need:
         return _empty(scale), _empty(shift), _empty(scale if bias is None else bias)
     return _grad_like(scale), _grad_like(shift), (_empty(scale) if bias is None else _grad_like(bias))
 
@@ -90,11 +93,24 @@ def _register_fakes():
     def _(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats):
         return _fake_forward(x, _atrous_out_channels(weights, sum_mode), compute_stats)
 
-    @torch.library.register_fake("aspp_fused::atrous_conv_backward")
-    def _(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift, bias, sum_mode, act, mask):
-        grad_x = _grad_x_like(x) if mask[0] else _empty(x)
-        grad_ws = [_grad_like(w) for w in weights] if mask[1] else []
-        return (grad_x, grad_ws) + _fake_epilogue_grads(mask, scale, shift, bias)
+    @torch.library.register_fake("aspp_fused::tap_gemm")
+    def _(x, weights, dilations, sum_mode, adjoint, out_dtype=None):
+        n, _, h, w = x.shape
+        c = weights[0].shape[1] if adjoint else _atrous_out_channels(weights, sum_mode)
+        return torch.empty((n, c, h, w), dtype=out_dtype or x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+    @torch.library.register_fake("aspp_fused::epilogue_backward")
+    def _(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, mask):
+        # g_acc in the dtype the backend's tap GEMMs read (the schema): the accumulation dtype on CPU.
+        g_dtype = acc_dtype(out.dtype) if out.device.type == "cpu" else out.dtype
+        g_acc = torch.empty_like(out, dtype=g_dtype, memory_format=torch.channels_last) if mask[0] else \
+            out.new_empty((0,), dtype=g_dtype)
+        return (g_acc,) + _fake_epilogue_grads(mask[1], scale, shift, bias)
+
+    @torch.library.register_fake("aspp_fused::tap_wgrad")
+    def _(x, g, weights, dilations, sum_mode):
+        return [_grad_like(w) for w in weights]
 
     @torch.library.register_fake("aspp_fused::separable_conv")
     def _(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act, stats):
@@ -109,10 +125,10 @@ def _register_fakes():
             return [(_grad_like(t) if _present(t) else _empty(x)) for t in ts] if mask[1] else []
 
         return (grad_x, per_branch(dw_weights), per_branch(mid_scales), per_branch(mid_shifts),
-                per_branch(pw_weights)) + _fake_epilogue_grads(mask, scale, shift, bias)
+                per_branch(pw_weights)) + _fake_epilogue_grads(mask[2], scale, shift, bias)
 
 
 if cpp_available():
     _register_fakes()
-    _autograd.register_atrous("aspp_fused::atrous_conv", atrous_conv_backward)
+    _autograd.register_atrous("aspp_fused::atrous_conv", _autograd.primitives(torch.ops.aspp_fused))
     _autograd.register_separable("aspp_fused::separable_conv", separable_conv_backward)

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from aspp_fused._dtypes import acc_dtype
 from aspp_fused._tracing import size_checks
 from aspp_fused.kernels.plan import axis_regions
 from aspp_fused.kernels.worklog import log_work
@@ -28,18 +29,14 @@ ACT_NONE = 0
 ACT_RELU = 1
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _act(z: torch.Tensor, act: int) -> torch.Tensor:
     return torch.relu(z) if act == ACT_RELU else z
 
 
 def _stats(z: torch.Tensor, compute_stats: bool):
     if not compute_stats:
-        return z.new_empty(0, dtype=_acc_dtype(z.dtype)), z.new_empty(0, dtype=_acc_dtype(z.dtype))
-    za = z.to(_acc_dtype(z.dtype))
+        return z.new_empty(0, dtype=acc_dtype(z.dtype)), z.new_empty(0, dtype=acc_dtype(z.dtype))
+    za = z.to(acc_dtype(z.dtype))
     return za.sum(dim=(0, 2, 3)), (za * za).sum(dim=(0, 2, 3))
 
 

@@ -344,7 +344,7 @@ def make_provider(name: str, case: Case, twin: nn.Module, device: torch.device,
         note = "%s.from_module(channels_last twin, backend=%r)" % (type(fused).__name__, backend) \
             if case.fused is not None else "aspp_fused.convert(channels_last model, backend=%r)" % backend
         if backend == "cpp" and not cuda:
-            note += "; csrc/cpu reference loops"
+            note += "; csrc/cpu readable loops"
         return Provider(name, fused, True, True, note=note)
     raise ValueError("unknown provider %r (known: %s)" % (name, ", ".join(PROVIDERS)))
 

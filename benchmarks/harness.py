@@ -157,7 +157,7 @@ class Budget:
     """How many runs each provider gets.
 
     After warm-up a provider gets ``budget_s`` of runs, clamped to [min_runs, max_runs]; a
-    provider so slow that min_runs would take more than ``cap_s`` (the CPU reference kernels)
+    provider so slow that min_runs would take more than ``cap_s`` (the CPU backend's readable loops)
     gets ``slow_runs`` instead, so one slow provider cannot eat the whole run.
     """
 

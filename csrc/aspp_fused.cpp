@@ -71,19 +71,46 @@ TORCH_LIBRARY(aspp_fused, m) {
       "Tensor? bias, bool sum_mode, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, "
       "Tensor ch_sumsq)",
       {at::Tag::pt2_compliant_tag});
-  // Backward of atrous_conv. g_z = grad_out * act'(z) + grad_sum[o] + 2 z grad_sumsq[o]
-  // (the last two only when given); relu' is (z > 0). out is the forward's output
-  // (z == out when act is none; relu mask == out > 0), so kernels may avoid
-  // recomputing z. output_mask = [input, weights, epilogue (scale, shift, bias)];
-  // a grad that is not asked for comes back empty ([0] tensor, [] list).
-  //   grad_scale[o] = sum g_z * acc, grad_shift[o] = sum g_z, grad_bias[n, o] = sum_hw g_z
-  //   (grad_bias is empty when bias is None); g_acc = g_z * scale[o] feeds dgrad/wgrad.
-  // Grads have the dtype of the tensor they belong to; grad_x is channels_last.
+  // The backward of atrous_conv is no op of its own: aspp_fused/_autograd.py writes it once, in
+  // Python, over the three primitives below (tap_gemm, epilogue_backward, tap_wgrad), which
+  // every backend implements.
+  //
+  // tap_gemm: the one primitive, raw (no epilogue), and its adjoint.
+  //   adjoint false  x [N, C, H, W]: out[n, off_b + o, p] = sum_{c, tap} x[n, c, p + tap d_b] W_b[o, c, tap]
+  //                  (zero outside the image; sum mode: the branches summed into out[n, o, p]);
+  //                  out has O channels. This is atrous_conv's acc.
+  //   adjoint true   x [N, O, H, W], a gradient of acc: out[n, c, p] = sum_{b, o, tap}
+  //                  x[n, off_b + o, p - tap d_b] W_b[o, c, tap] (sum mode: off_b = 0); out has
+  //                  C channels. This is the gradient of acc with respect to the input (dgrad).
+  //   x has the weights' dtype, or (adjoint) the accumulation dtype of the weights' dtype (the CPU
+  //   backend's g_acc); out is channels_last in out_dtype (None: x's dtype). Accumulation as
+  //   atrous_conv.
   m.def(
-      "atrous_conv_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, "
-      "Tensor x, Tensor[] weights, int[] dilations, Tensor scale, Tensor shift, Tensor? bias, "
-      "bool sum_mode, int act, bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "tap_gemm(Tensor x, Tensor[] weights, int[] dilations, bool sum_mode, bool adjoint, "
+      "ScalarType? out_dtype=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // epilogue_backward: the backward of atrous_conv's epilogue (and separable_conv's).
+  //   g_z = grad_out * act'(z) + grad_sum[o] + 2 z grad_sumsq[o] (the last two only when given);
+  //   relu' is (z > 0). With acc (the raw GEMM, [N, O, H, W] in the accumulation dtype) z is
+  //   acc * scale[o] + shift[o] (+ bias[n, o]); without, out (the forward's output) stands in:
+  //   z itself with act none, the relu mask (out > 0) with relu. acc is required for grad_scale
+  //   and for relu with grad_sumsq (relu hides the negative z).
+  //   output_mask = [g_acc, epilogue]; what is not asked for comes back empty ([0]):
+  //   g_acc = g_z * scale[o], [N, O, H, W] channels_last, in the dtype the backend's tap GEMMs
+  //     read: the accumulation dtype on CPU, out's dtype on CUDA (tensor cores);
+  //   grad_scale[o] = sum g_z * acc, grad_shift[o] = sum g_z, grad_bias[n, o] = sum_hw g_z (empty
+  //     without bias), each in the dtype of the tensor it belongs to.
+  m.def(
+      "epilogue_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, Tensor? acc, "
+      "Tensor scale, Tensor shift, Tensor? bias, int act, bool[] output_mask) -> (Tensor g_acc, "
       "Tensor grad_scale, Tensor grad_shift, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // tap_wgrad: the weights' gradient of tap_gemm (adjoint false): grad_W_b[o, c, tap] =
+  //   sum_{n, p} g[n, off_b + o, p] x[n, c, p + tap d_b] over the pixels whose source is inside
+  //   the image. x [N, C, H, W] has the weights' dtype; g [N, O, H, W] as tap_gemm's adjoint x.
+  //   weights give the shapes and dtypes only; grads are contiguous, in the weights' dtype.
+  m.def(
+      "tap_wgrad(Tensor x, Tensor g, Tensor[] weights, int[] dilations, bool sum_mode) -> Tensor[]",
       {at::Tag::pt2_compliant_tag});
   // Separable atrous conv, concat mode, one launch for all branches. In dw_weights,
   // mid_scales and mid_shifts an empty 1-D tensor ([0]) means "absent" (not Tensor?[]:
@@ -99,7 +126,7 @@ TORCH_LIBRARY(aspp_fused, m) {
       "Tensor[] mid_shifts, int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, "
       "Tensor? bias, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, Tensor ch_sumsq)",
       {at::Tag::pt2_compliant_tag});
-  // Backward of separable_conv; g_z as for atrous_conv. output_mask = [input,
+  // Backward of separable_conv; g_z as in epilogue_backward. output_mask = [input,
   // weights (dw, mid scale/shift, pw), epilogue]. Lists have one entry per branch;
   // an entry whose forward input was absent is an empty [0] tensor.
   m.def(

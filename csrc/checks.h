@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU reference kernels and the CUDA kernels: the same checks,
+// Argument checks shared by the CPU kernels and the CUDA kernels: the same checks,
 // messages and derived shapes on every device, so an op fails the same way on either.
 #pragma once
 
@@ -27,26 +27,20 @@ struct AtrousShape {
 };
 
 inline void check_channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                                 int64_t O, const char* o_meaning) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+                                 int64_t O, const char* o_meaning, const char* x_name = "x") {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ", x_name, " is on ",
+              x.device());
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating point tensor, got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == O, op, ": ", name, " has shape ", t.sizes(), ", expected [", O,
                     "] (", o_meaning, ")");
 }
 
-inline AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::TensorList weights,
-                                     at::IntArrayRef dilations, const at::Tensor& scale, const at::Tensor& shift,
-                                     const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op,
-                   ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
-  AtrousShape s;
-  s.N = x.size(0);
-  s.C = x.size(1);
-  s.H = x.size(2);
-  s.W = x.size(3);
-
+// The branches (weights[b] [O_b, C, k, k], k 1 or 3, of dtype w_dtype, on x's device;
+// dilations[b] >= 1; sum mode: equal O_b) into s, whose C is already set: O, out_ch, ch_off, ksize.
+inline void check_branches(const char* op, AtrousShape& s, const at::Tensor& x, at::TensorList weights,
+                           at::IntArrayRef dilations, bool sum_mode, at::ScalarType w_dtype,
+                           const char* w_dtype_meaning, const char* c_meaning) {
   TORCH_CHECK_VALUE(!weights.empty(), op, ": weights is empty, expected at least one branch");
   TORCH_CHECK_VALUE(weights.size() == dilations.size(), op, ": got ", weights.size(), " weights but ",
                     dilations.size(), " dilations, expected one dilation per branch");
@@ -55,11 +49,11 @@ inline AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::Te
     const at::Tensor& w = weights[b];
     TORCH_CHECK(w.device() == x.device(), op, ": weights[", b, "] is on ", w.device(), " but x is on ",
                 x.device());
-    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, ": weights[", b, "] has dtype ", w.scalar_type(),
-                     ", expected ", x.scalar_type(), " (the dtype of x)");
+    TORCH_CHECK_TYPE(w.scalar_type() == w_dtype, op, ": weights[", b, "] has dtype ", w.scalar_type(),
+                     ", expected ", w_dtype, " (", w_dtype_meaning, ")");
     TORCH_CHECK_VALUE(w.dim() == 4, op, ": weights[", b, "] must be 4-D [O_b, C, k, k], got shape ", w.sizes());
     TORCH_CHECK_VALUE(w.size(1) == s.C, op, ": weights[", b, "] has ", w.size(1), " input channels, expected ",
-                      s.C, " (x.shape[1])");
+                      s.C, " (", c_meaning, ")");
     TORCH_CHECK_VALUE(w.size(2) == w.size(3) && (w.size(2) == 1 || w.size(2) == 3), op, ": weights[", b,
                       "] has kernel size ", w.size(2), "x", w.size(3), ", expected 1x1 or 3x3");
     TORCH_CHECK_VALUE(dilations[b] >= 1, op, ": dilations[", b, "] is ", dilations[b], ", expected >= 1");
@@ -74,10 +68,29 @@ inline AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::Te
     off += w.size(0);
   }
   s.O = sum_mode ? s.out_ch[0] : off;
-  const char* o_meaning = sum_mode ? "O_0, sum mode" : "sum of O_b, concat mode";
+}
 
-  check_channel_vector(op, "scale", scale, x, s.O, o_meaning);
-  check_channel_vector(op, "shift", shift, x, s.O, o_meaning);
+inline const char* o_meaning(bool sum_mode) { return sum_mode ? "O_0, sum mode" : "sum of O_b, concat mode"; }
+
+inline AtrousShape check_x(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op, ": ", name,
+                   " must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  AtrousShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  return s;
+}
+
+inline AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::TensorList weights,
+                                     at::IntArrayRef dilations, const at::Tensor& scale, const at::Tensor& shift,
+                                     const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act) {
+  AtrousShape s = check_x(op, "x", x);
+  check_branches(op, s, x, weights, dilations, sum_mode, x.scalar_type(), "the dtype of x", "x.shape[1]");
+  check_channel_vector(op, "scale", scale, x, s.O, o_meaning(sum_mode));
+  check_channel_vector(op, "shift", shift, x, s.O, o_meaning(sum_mode));
   if (bias.has_value()) {
     const at::Tensor& t = *bias;
     TORCH_CHECK(t.device() == x.device(), op, ": bias is on ", t.device(), " but x is on ", x.device());
@@ -91,32 +104,104 @@ inline AtrousShape check_atrous_args(const char* op, const at::Tensor& x, at::Te
 }
 
 inline void check_optional_stat_grad(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                     const at::Tensor& x, int64_t O) {
+                                     const at::Tensor& x, int64_t O, const char* x_name = "x") {
   if (!t.has_value()) return;
-  check_channel_vector(op, name, *t, x, O, "one entry per output channel");
+  check_channel_vector(op, name, *t, x, O, "one entry per output channel", x_name);
 }
 
-// The backward's extra arguments (grad_out, out, grad_sum, grad_sumsq, output_mask).
-inline void check_atrous_backward_args(const char* op, const AtrousShape& s, const at::Tensor& grad_out,
-                                       const std::optional<at::Tensor>& grad_sum,
-                                       const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
-                                       const at::Tensor& x, size_t mask_size) {
-  const std::vector<int64_t> out_shape{s.N, s.O, s.H, s.W};
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
-              x.device());
+// The accumulation dtype of a GEMM input dtype: float64 for float64, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The gradient input g [N, O, H, W] of tap_gemm's adjoint and of tap_wgrad.
+inline void check_g(const char* op, const char* name, const at::Tensor& g, const AtrousShape& s,
+                    at::ScalarType w_dtype, bool sum_mode) {
+  TORCH_CHECK_TYPE(g.scalar_type() == w_dtype || g.scalar_type() == acc_dtype(w_dtype), op, ": ", name,
+                   " has dtype ", g.scalar_type(), ", expected ", w_dtype, " (the weights' dtype) or ",
+                   acc_dtype(w_dtype), " (its accumulation dtype)");
+  const std::vector<int64_t> want{s.N, s.O, s.H, s.W};
+  TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef(want), op, ": ", name, " has shape ", g.sizes(), ", expected ",
+                    at::IntArrayRef(want), " ([N, O, H, W], O = ", o_meaning(sum_mode), ")");
+}
+
+// tap_gemm's arguments. The forward reads x [N, C, H, W] in the weights' dtype; the adjoint reads
+// x [N, O, H, W] (C is the weights' input channels).
+inline AtrousShape check_tap_gemm_args(const char* op, const at::Tensor& x, at::TensorList weights,
+                                       at::IntArrayRef dilations, bool sum_mode, bool adjoint,
+                                       std::optional<at::ScalarType> out_dtype) {
+  AtrousShape s = check_x(op, "x", x);
+  if (!adjoint) {
+    check_branches(op, s, x, weights, dilations, sum_mode, x.scalar_type(), "the dtype of x", "x.shape[1]");
+  } else {
+    TORCH_CHECK_VALUE(!weights.empty() && weights[0].dim() == 4, op, ": weights[0] must be 4-D [O_b, C, k, k]",
+                      weights.empty() ? std::string(", got no weights") : ", got shape " + c10::str(weights[0].sizes()));
+    s.C = weights[0].size(1);
+    check_branches(op, s, x, weights, dilations, sum_mode, weights[0].scalar_type(), "the dtype of weights[0]",
+                   "weights[0].shape[1]");
+    check_g(op, "x", x, s, weights[0].scalar_type(), sum_mode);
+  }
+  if (out_dtype.has_value()) {
+    TORCH_CHECK_TYPE(is_supported_dtype(*out_dtype), op, ": out_dtype must be float32, float64, bfloat16 or "
+                     "float16, got ", *out_dtype);
+  }
+  return s;
+}
+
+// tap_wgrad's arguments: x [N, C, H, W] in the weights' dtype, g [N, O, H, W].
+inline AtrousShape check_tap_wgrad_args(const char* op, const at::Tensor& x, const at::Tensor& g,
+                                        at::TensorList weights, at::IntArrayRef dilations, bool sum_mode) {
+  AtrousShape s = check_x(op, "x", x);
+  check_branches(op, s, x, weights, dilations, sum_mode, x.scalar_type(), "the dtype of x", "x.shape[1]");
+  TORCH_CHECK(g.device() == x.device(), op, ": g is on ", g.device(), " but x is on ", x.device());
+  check_g(op, "g", g, s, x.scalar_type(), sum_mode);
+  return s;
+}
+
+// epilogue_backward's arguments; returns [N, O, H, W] (out's shape).
+inline std::vector<int64_t> check_epilogue_backward_args(
+    const char* op, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
+    const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out, const std::optional<at::Tensor>& acc,
+    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
+    size_t mask_size, bool need_epilogue) {
+  TORCH_CHECK_VALUE(out.dim() == 4, op, ": out must be 4-D [N, O, H, W] (the forward's output), got shape ",
+                    out.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(out.scalar_type()), op,
+                   ": out must be float32, float64, bfloat16 or float16, got ", out.scalar_type());
+  const std::vector<int64_t> shape = out.sizes().vec();
+  const int64_t N = shape[0], O = shape[1];
+  TORCH_CHECK(grad_out.device() == out.device(), op, ": grad_out is on ", grad_out.device(), " but out is on ",
+              out.device());
   TORCH_CHECK_TYPE(at::isFloatingType(grad_out.scalar_type()), op,
                    ": grad_out must be a floating point tensor, got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out has shape ", grad_out.sizes(),
-                    ", expected ", at::IntArrayRef(out_shape), " (the shape of out, [N, O, H, W])");
-  TORCH_CHECK(out.device() == x.device(), op, ": out is on ", out.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(out.scalar_type()), op, ": out must be a floating point tensor, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), op, ": out has shape ", out.sizes(), ", expected ",
-                    at::IntArrayRef(out_shape), " ([N, O, H, W], the forward's output)");
-  check_optional_stat_grad(op, "grad_sum", grad_sum, x, s.O);
-  check_optional_stat_grad(op, "grad_sumsq", grad_sumsq, x, s.O);
-  TORCH_CHECK_VALUE(mask_size == 3, op, ": output_mask has ", mask_size,
-                    " entries, expected 3 ([input, weights, epilogue])");
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), op, ": grad_out has shape ", grad_out.sizes(), ", expected ",
+                    out.sizes(), " (the shape of out, [N, O, H, W])");
+  if (acc.has_value()) {
+    TORCH_CHECK(acc->device() == out.device(), op, ": acc is on ", acc->device(), " but out is on ", out.device());
+    TORCH_CHECK_TYPE(acc->scalar_type() == acc_dtype(out.scalar_type()), op, ": acc has dtype ",
+                     acc->scalar_type(), ", expected ", acc_dtype(out.scalar_type()),
+                     " (the accumulation dtype of out's dtype)");
+    TORCH_CHECK_VALUE(acc->sizes() == out.sizes(), op, ": acc has shape ", acc->sizes(), ", expected ",
+                      out.sizes(), " (the shape of out)");
+  } else {
+    TORCH_CHECK_VALUE(!need_epilogue, op, ": acc is None, but grad_scale (output_mask[1]) needs it");
+    TORCH_CHECK_VALUE(!(act == 1 && grad_sumsq.has_value()), op,
+                      ": acc is None, but relu with grad_sumsq needs it (relu hides the negative z)");
+  }
+  check_channel_vector(op, "scale", scale, out, O, "out.shape[1]", "out");
+  check_channel_vector(op, "shift", shift, out, O, "out.shape[1]", "out");
+  if (bias.has_value()) {
+    const at::Tensor& t = *bias;
+    TORCH_CHECK(t.device() == out.device(), op, ": bias is on ", t.device(), " but out is on ", out.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": bias must be a floating point tensor, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == O, op, ": bias has shape ", t.sizes(),
+                      ", expected [", N, ", ", O, "] ([N, O]) or None");
+  }
+  check_optional_stat_grad(op, "grad_sum", grad_sum, out, O, "out");
+  check_optional_stat_grad(op, "grad_sumsq", grad_sumsq, out, O, "out");
+  TORCH_CHECK_VALUE(act == 0 || act == 1, op, ": act is ", act, ", expected 0 (none) or 1 (relu)");
+  TORCH_CHECK_VALUE(mask_size == 2, op, ": output_mask has ", mask_size,
+                    " entries, expected 2 ([g_acc, epilogue])");
+  return shape;
 }
 
 // ------------------------------------------------------------------------------------------ separable

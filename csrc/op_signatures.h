@@ -21,8 +21,8 @@ namespace sig {
 
 // (out, ch_sum, ch_sumsq) of both forward ops.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-// (grad_x, grad_weights, grad_scale, grad_shift, grad_bias)
-using AtrousBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>;
+// (g_acc, grad_scale, grad_shift, grad_bias)
+using EpilogueBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (grad_x, grad_dw_weights, grad_mid_scales, grad_mid_shifts, grad_pw_weights, grad_scale, grad_shift, grad_bias)
 using SeparableBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                                            std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor,
@@ -32,11 +32,16 @@ using AtrousConv = ForwardResult(
     const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act, bool compute_stats);
 
-using AtrousConvBackward = AtrousBackwardResult(
+using TapGemm = at::Tensor(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, bool sum_mode,
+                           bool adjoint, std::optional<at::ScalarType> out_dtype);
+
+using EpilogueBackward = EpilogueBackwardResult(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, bool sum_mode,
-    int64_t act, c10::List<bool> output_mask);
+    const at::Tensor& out, const std::optional<at::Tensor>& acc, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& bias, int64_t act, c10::List<bool> output_mask);
+
+using TapWgrad = std::vector<at::Tensor>(const at::Tensor& x, const at::Tensor& g, at::TensorList weights,
+                                         at::IntArrayRef dilations, bool sum_mode);
 
 using SeparableConv = ForwardResult(
     const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations, at::TensorList mid_scales,
@@ -49,30 +54,6 @@ using SeparableConvBackward = SeparableBackwardResult(
     at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
     c10::List<bool> output_mask);
-
-// An atrous backward's result before any work (both backends' kernels start from it): the
-// grads not asked for (mask) are empty [0] tensors of their tensor's dtype, as the fake kernel
-// (aspp_fused/ops.py) says. With `no_pixels` (N * H * W == 0) the asked-for grads are final:
-// zeros, and grad_x an empty tensor of x's shape.
-inline AtrousBackwardResult atrous_backward_start(const at::Tensor& x, at::TensorList weights,
-                                                  const at::Tensor& scale, const at::Tensor& shift,
-                                                  const std::optional<at::Tensor>& bias, int64_t N, int64_t O,
-                                                  bool need_input, bool need_weights, bool need_epilogue,
-                                                  bool no_pixels) {
-  const bool has_bias = bias.has_value();
-  AtrousBackwardResult r{at::empty({0}, x.options()), {}, at::empty({0}, scale.options()),
-                         at::empty({0}, shift.options()), at::empty({0}, has_bias ? bias->options() : scale.options())};
-  if (!no_pixels) return r;
-  if (need_input) std::get<0>(r) = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (need_weights)
-    for (const at::Tensor& w : weights) std::get<1>(r).push_back(at::zeros(w.sizes(), w.options()));
-  if (need_epilogue) {
-    std::get<2>(r) = at::zeros({O}, scale.options());
-    std::get<3>(r) = at::zeros({O}, shift.options());
-    if (has_bias) std::get<4>(r) = at::zeros({N, O}, bias->options());
-  }
-  return r;
-}
 
 }  // namespace sig
 }  // namespace aspp_fused

@@ -28,7 +28,7 @@ inside, loads masked only where the tap leaves the image or the channel block is
 """
 import functools
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,6 @@ from ._common import (INTERPRET, ITEM_ROW, META_COLS, PARTIAL_STATS_ARGS, RI_BRA
                       nhwc, pixel_tile, sm_count, tap_range)
 from .pack_cache import PACKED
 from .worklog import log_work
-from .bn_act import epilogue_grads
 from .plan import REGION_COLS, plan_work, region_plan
 
 
@@ -552,66 +551,51 @@ def atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, com
     return out, e, e.clone()
 
 
-def atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift, bias, sum_mode, act,
-                    mask):
-    need_in, need_w, need_ep = bool(mask[0]), bool(mask[1]), bool(mask[2])
-    N, C, H, W = x.shape
-    O, offs = _branch_layout(weights, sum_mode)
-    grad_x = x.new_empty((0,))
-    grad_ws: List[torch.Tensor] = []
-    g_scale, g_shift = scale.new_empty((0,)), shift.new_empty((0,))
-    g_bias = (bias if bias is not None else scale).new_empty((0,))
-    if need_in:
-        grad_x = empty_nchw_cl(N, C, H, W, x.dtype, x.device)[0]
-    if N * H * W == 0:
-        if need_in:
-            grad_x.zero_()
-        if need_w:
-            grad_ws = [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights]
-        if need_ep:
-            g_scale, g_shift = torch.zeros_like(scale), torch.zeros_like(shift)
-            if bias is not None:
-                g_bias = torch.zeros_like(bias)
-        return grad_x, grad_ws, g_scale, g_shift, g_bias
-    if not (need_in or need_w or need_ep):
-        return grad_x, grad_ws, g_scale, g_shift, g_bias
+def tap_gemm_op(x, weights, dilations, sum_mode, adjoint, out_dtype=None):
+    """The schema's tap_gemm (csrc/aspp_fused.cpp): the raw forward GEMM (adjoint False), or its
+    adjoint, the dgrad: the forward kernel in sum mode over the branches with negated taps and
+    transposed weights, out[p, c] = sum_{b, tap, o} x[p - tap, off_b + o] W_b[o, c, tap]."""
+    if not adjoint:
+        return atrous_forward(x, weights, dilations, None, None, None, sum_mode, 0, False, out_dtype or x.dtype)[0]
+    N, _, H, W = x.shape
+    C, dtype = weights[0].shape[1], weights[0].dtype
+    _, offs = _branch_layout(weights, sum_mode)
+    out, out_n = empty_nchw_cl(N, C, H, W, out_dtype or x.dtype, x.device)
+    if N * H * W == 0 or C == 0:
+        return out.zero_()
+    parts, rows, w_off = [], [], 0
+    for w, d, off in zip(weights, dilations, offs):
+        ob, _, k, _ = w.shape
+        parts.append(w.to(dtype).permute(2, 3, 0, 1).reshape(-1))
+        rows.append(TapRow(w_off=w_off, step=-d, k=k, k_b=ob, in_off=off, n_b=C, out_off=0))
+        w_off += w.numel()
+    tap_conv(nhwc(x.to(dtype)), torch.cat(parts), rows, out_n, lambda bn: triton.cdiv(C, bn), sum_mode=True,
+             prec=dot_precision(dtype))
+    return out
 
-    g_acc, gs, gsh, gb = epilogue_grads(
-        grad_out, out, lambda: atrous_forward(x, weights, dilations, None, None, None, sum_mode, 0, False,
-                                              torch.float32)[0],
-        scale, shift, bias, grad_sum, grad_sumsq, act, need_in or need_w, need_ep, x.dtype)
-    if need_ep:
-        g_scale, g_shift, g_bias = gs, gsh, (g_bias if gb is None else gb)
-    prec = dot_precision(x.dtype)
-    if need_in:
-        # dgrad: the forward kernel in sum mode over the branches with negated taps and
-        # transposed weights: grad_x[p, c] = sum_{b, tap, o} g_acc[p - tap, off_b + o] W_b[o, c, tap].
-        parts, rows, w_off = [], [], 0
-        for w, d, off in zip(weights, dilations, offs):
-            ob, _, k, _ = w.shape
-            parts.append(w.to(x.dtype).permute(2, 3, 0, 1).reshape(-1))
-            rows.append(TapRow(w_off=w_off, step=-d, k=k, k_b=ob, in_off=off, n_b=C, out_off=0))
-            w_off += w.numel()
-        gx_n = grad_x.permute(0, 2, 3, 1)
-        tap_conv(g_acc, torch.cat(parts), rows, gx_n, lambda bn: triton.cdiv(C, bn), sum_mode=True, prec=prec)
-    if need_w:
-        entries, w_off = [], 0
-        for w, d, off in zip(weights, dilations, offs):
-            ob, _, k, _ = w.shape
-            half = k // 2
-            for t in range(k * k):
-                entries.append(WgradEntry(w_off=w_off + t * C * ob, dy=(t // k - half) * d, dx=(t % k - half) * d, n_e=ob,
-                                          g_off=off, x_off=0))
-            w_off += w.numel()
-        flat = tap_wgrad(nhwc(x), g_acc, entries, w_off, C, max(w.shape[0] for w in weights), prec)
-        w_off = 0
-        for w in weights:
-            ob, _, k, _ = w.shape
-            gw = flat[w_off:w_off + w.numel()].view(k, k, C, ob).permute(3, 2, 0, 1)
-            # clone: a custom op's outputs may not alias each other (a view of `flat` could)
-            grad_ws.append(gw.to(w.dtype).clone(memory_format=torch.contiguous_format))
-            w_off += w.numel()
-    return grad_x, grad_ws, g_scale, g_shift, g_bias
+
+def tap_wgrad_op(x, g, weights, dilations, sum_mode):
+    """The schema's tap_wgrad: grad_W_b[o, c, tap] = sum_{n, p} g[n, off_b + o, p] x[n, c, p + tap d_b]."""
+    N, C, H, W = x.shape
+    _, offs = _branch_layout(weights, sum_mode)
+    entries, w_off = [], 0
+    for w, d, off in zip(weights, dilations, offs):
+        ob, _, k, _ = w.shape
+        half = k // 2
+        for t in range(k * k):
+            entries.append(WgradEntry(w_off=w_off + t * C * ob, dy=(t // k - half) * d, dx=(t % k - half) * d, n_e=ob,
+                                      g_off=off, x_off=0))
+        w_off += w.numel()
+    flat = tap_wgrad(nhwc(x), nhwc(g.to(x.dtype)), entries, w_off, C, max(w.shape[0] for w in weights),
+                     dot_precision(x.dtype))
+    grads, w_off = [], 0
+    for w in weights:
+        ob, _, k, _ = w.shape
+        gw = flat[w_off:w_off + w.numel()].view(k, k, C, ob).permute(3, 2, 0, 1)
+        # clone: a custom op's outputs may not alias each other (a view of `flat` could)
+        grads.append(gw.to(w.dtype).clone(memory_format=torch.contiguous_format))
+        w_off += w.numel()
+    return grads
 
 
 # --------------------------------------------------------------------------- reference

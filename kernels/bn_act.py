@@ -1,6 +1,6 @@
 """Backward of the fused epilogue (affine + BN-statistics + ReLU) as one elementwise + reduction pass.
 
-For every output element (schema of aspp_fused::atrous_conv_backward):
+For every output element (schema of aspp_fused::epilogue_backward):
     z      = acc * scale[o] + shift[o] (+ bias[n, o])         (or z read back from `out`)
     g_z    = grad_out * act'(z) + grad_sum[o] + 2 z grad_sumsq[o]
     g_acc  = g_z * scale[o]                                    (stored, feeds dgrad / wgrad)
@@ -110,6 +110,34 @@ def epilogue_grads(grad_out, out, raw_forward, scale, shift, bias, grad_sum, gra
         return g_acc, None, None, None
     g_bias = None if bias is None else p_shift.sum(1).to(bias.dtype)
     return g_acc, p_scale.to(scale.dtype), p_shift.sum((0, 1)).to(shift.dtype), g_bias
+
+
+def epilogue_backward_op(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, output_mask):
+    """The schema's epilogue_backward (csrc/aspp_fused.cpp): (g_acc [N, O, H, W] channels_last in
+    out's dtype, grad_scale, grad_shift, grad_bias), empty [0] where not asked for."""
+    need_g, need_ep = (bool(m) for m in output_mask)
+    N, O, H, W = out.shape
+    g_acc = out.new_empty((0,))
+    g_scale, g_shift = scale.new_empty((0,)), shift.new_empty((0,))
+    g_bias = (scale if bias is None else bias).new_empty((0,))
+    if not (need_g or need_ep):
+        return g_acc, g_scale, g_shift, g_bias
+    if N * H * W == 0 or O == 0:
+        if need_g:
+            g_acc = torch.empty((N, H, W, O), dtype=out.dtype, device=out.device).permute(0, 3, 1, 2)
+        if need_ep:
+            g_scale, g_shift = torch.zeros_like(scale), torch.zeros_like(shift)
+            g_bias = g_bias if bias is None else torch.zeros_like(bias)
+        return g_acc, g_scale, g_shift, g_bias
+    ga, ps, psh = epilogue_backward(grad_out, out if acc is None else acc, acc is not None, scale, shift, bias,
+                                    grad_sum, grad_sumsq, act, need_g, need_ep, out.dtype)
+    if need_g:
+        g_acc = ga.permute(0, 3, 1, 2)  # [N, H, W, O] dense: [N, O, H, W] channels_last
+    if need_ep:
+        g_scale, g_shift = ps.to(scale.dtype), psh.sum((0, 1)).to(shift.dtype)
+        if bias is not None:
+            g_bias = psh.sum(1).to(bias.dtype)
+    return g_acc, g_scale, g_shift, g_bias
 
 
 def epilogue_backward_ref(grad_out, acc, scale, shift, bias, grad_sum, grad_sumsq, act):

@@ -2,12 +2,14 @@
 
     aspp_fused::triton_atrous_conv            (x, weights, dilations, scale, shift, bias, sum_mode, act,
                                                compute_stats) -> (out, ch_sum, ch_sumsq)
-    aspp_fused::triton_atrous_conv_backward   as aspp_fused::atrous_conv_backward
+    aspp_fused::triton_tap_gemm               as aspp_fused::tap_gemm           } the primitives of
+    aspp_fused::triton_epilogue_backward      as aspp_fused::epilogue_backward  } atrous_conv's
+    aspp_fused::triton_tap_wgrad              as aspp_fused::tap_wgrad          } backward
     aspp_fused::triton_separable_conv         as aspp_fused::separable_conv
     aspp_fused::triton_separable_conv_backward
 
 Semantics are those of the C++ schemas (csrc/aspp_fused.cpp), except that float64 is not
-supported (TypeError). The ops are opaque ``torch.library.custom_op``s, on a GPU as under
+supported (TypeError); g_acc is in the input's dtype, as on CUDA. The ops are opaque ``torch.library.custom_op``s, on a GPU as under
 TRITON_INTERPRET=1, with their own Python run with launches skipped as the fake (meta) kernel.
 Opaque, so that a compiled graph runs the op's own host code on every call and the packed
 weights stay in kernels/pack_cache.PACKED across calls, once per parameter version (a
@@ -16,7 +18,8 @@ call; and a packing returned from an op of its own is a buffer inductor may reus
 CUDA-graph capture the op packs inside the graph (PackCache), so each replay follows the
 weights' current values.
 
-Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py), registered by the
+Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py: atrous_conv's over the
+three primitives here, separable_conv's through triton_separable_conv_backward), registered by the
 package when it loads this backend (aspp_fused._extension.triton_kernels): this package
 imports nothing of aspp_fused.
 """
@@ -26,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ._common import check_dtype, skip_launches
-from .atrous_conv import atrous_backward, atrous_forward
+from .atrous_conv import atrous_forward, tap_gemm_op, tap_wgrad_op
+from .bn_act import epilogue_backward_op
 from .separable_conv import separable_backward, separable_forward
 
 
@@ -48,13 +52,23 @@ def _triton_atrous_conv(x: Tensor, weights: List[Tensor], dilations: List[int], 
     return atrous_forward(x, weights, dilations, scale, shift, bias, sum_mode, act, compute_stats)
 
 
-def _triton_atrous_conv_backward(grad_out: Tensor, grad_sum: Optional[Tensor], grad_sumsq: Optional[Tensor],
-                                 out: Tensor, x: Tensor, weights: List[Tensor], dilations: List[int], scale: Tensor,
-                                 shift: Tensor, bias: Optional[Tensor], sum_mode: bool, act: int,
-                                 output_mask: List[bool]) -> Tuple[Tensor, List[Tensor], Tensor, Tensor, Tensor]:
-    check_dtype("triton_atrous_conv_backward", x)
-    return atrous_backward(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale, shift, bias, sum_mode,
-                           act, output_mask)
+def _triton_tap_gemm(x: Tensor, weights: List[Tensor], dilations: List[int], sum_mode: bool, adjoint: bool,
+                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    check_dtype("triton_tap_gemm", weights[0])
+    return tap_gemm_op(x, weights, dilations, sum_mode, adjoint, out_dtype)
+
+
+def _triton_epilogue_backward(grad_out: Tensor, grad_sum: Optional[Tensor], grad_sumsq: Optional[Tensor], out: Tensor,
+                              acc: Optional[Tensor], scale: Tensor, shift: Tensor, bias: Optional[Tensor], act: int,
+                              output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_dtype("triton_epilogue_backward", out)
+    return epilogue_backward_op(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, output_mask)
+
+
+def _triton_tap_wgrad(x: Tensor, g: Tensor, weights: List[Tensor], dilations: List[int],
+                      sum_mode: bool) -> List[Tensor]:
+    check_dtype("triton_tap_wgrad", x)
+    return tap_wgrad_op(x, g, weights, dilations, sum_mode)
 
 
 def _triton_separable_conv(x: Tensor, dw_weights: List[Tensor], dilations: List[int], mid_scales: List[Tensor],
@@ -78,7 +92,9 @@ def _triton_separable_conv_backward(
 
 
 triton_atrous_conv = _define("aspp_fused::triton_atrous_conv", _triton_atrous_conv)
-triton_atrous_conv_backward = _define("aspp_fused::triton_atrous_conv_backward", _triton_atrous_conv_backward)
+triton_tap_gemm = _define("aspp_fused::triton_tap_gemm", _triton_tap_gemm)
+triton_epilogue_backward = _define("aspp_fused::triton_epilogue_backward", _triton_epilogue_backward)
+triton_tap_wgrad = _define("aspp_fused::triton_tap_wgrad", _triton_tap_wgrad)
 triton_separable_conv = _define("aspp_fused::triton_separable_conv", _triton_separable_conv)
 triton_separable_conv_backward = _define("aspp_fused::triton_separable_conv_backward", _triton_separable_conv_backward)
 

@@ -116,7 +116,7 @@ def cuda_emu_backend():
 
         torch.ops.load_library(EMU_LIB)
         emu = torch.ops.aspp_fused_emu
-        _autograd.register_atrous("aspp_fused_emu::atrous_conv", emu.atrous_conv_backward)
+        _autograd.register_atrous("aspp_fused_emu::atrous_conv", _autograd.primitives(emu))
         _autograd.register_separable("aspp_fused_emu::separable_conv", emu.separable_conv_backward)
 
         def atrous(x, ws, d, s, t, b, sum_mode, act, stats):

@@ -1,6 +1,6 @@
-"""The CUDA kernels of aspp_fused (csrc/cuda) against the CPU reference kernels of the same ops.
+"""The CUDA kernels of aspp_fused (csrc/cuda) against the CPU backend's kernels of the same ops.
 
-Every case runs the op on the GPU and the CPU reference kernel on float64 copies of the same
+Every case runs the op on the GPU and the CPU backend's kernel on float64 copies of the same
 (dtype-rounded) inputs; forward, backward (each output_mask), eval and train (statistics).
 Tolerances (docs/DESIGN.md): float64 1e-10; float32 with TF32 off 1e-5; TF32 on 2e-3 (the TF32
 rounding of both operands, 2 * 2^-11, bounds it); bf16 / fp16 at most 2x the error of
@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from aspp_fused import _extension, torch_backend
+from aspp_fused import _autograd, _extension, torch_backend
 from conftest import rel_err
 
 F64 = torch.float64
@@ -31,13 +31,18 @@ if EMU_LIB:
     torch.ops.load_library(EMU_LIB)
     DEV = "cpu"
     OPS = torch.ops.aspp_fused_emu
-    AVAILABLE, WHY = _extension.cpp_available(), "aspp_fused._C (the CPU reference) not built"
+    AVAILABLE, WHY = _extension.cpp_available(), "aspp_fused._C (the CPU backend) not built"
 else:
     DEV = "cuda"
     OPS = torch.ops.aspp_fused
     AVAILABLE = torch.cuda.is_available() and _extension.cuda_kernels_built()
     WHY = "needs CUDA and aspp_fused built with its CUDA kernels"
-REF = torch.ops.aspp_fused  # the CPU reference kernels
+REF = torch.ops.aspp_fused  # the CPU backend's kernels, on float64 copies
+
+
+def atrous_conv_backward(ns, *args):
+    """atrous_conv's backward (the one formula, aspp_fused/_autograd.py) over ns's primitives."""
+    return _autograd.atrous_conv_backward(_autograd.primitives(ns), *args)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=WHY),
               pytest.mark.usefixtures("no_tf32")]  # conftest: the exact fp32 path unless a test asks for TF32
@@ -247,14 +252,14 @@ def _atrous_backward(out, ref, conv, xd, wd, scd, shd, bd, xq, wq, scq, shq, bq,
     # Backward: upstream grads of out (and of the statistics in train mode).
     go, gs, gss, goq, gsq, gssq = _upstream_grads(ref[0], stats, dtype)
     mask = list(mask)
-    bw = OPS.atrous_conv_backward(_dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], xd, wd, dil, scd, shd, bd,
-                                  sum_mode, act, mask)
+    bw = atrous_conv_backward(OPS, _dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], xd, wd, dil, scd, shd,
+                              bd, sum_mode, act, mask)
     _sync()
-    bref = REF.atrous_conv_backward(goq, gsq, gssq, ref[0], xq, wq, dil, scq, shq, bq, sum_mode, act, mask)
-    bconv = REF.atrous_conv_backward(goq.to(dtype), None if gsq is None else gsq.to(sd),
-                                     None if gssq is None else gssq.to(sd), conv[0], xq.to(dtype),
-                                     [w.to(dtype) for w in wq], dil, scq.to(sd), shq.to(sd),
-                                     None if bq is None else bq.to(sd), sum_mode, act, mask)
+    bref = atrous_conv_backward(REF, goq, gsq, gssq, ref[0], xq, wq, dil, scq, shq, bq, sum_mode, act, mask)
+    bconv = atrous_conv_backward(REF, goq.to(dtype), None if gsq is None else gsq.to(sd),
+                                 None if gssq is None else gssq.to(sd), conv[0], xq.to(dtype),
+                                 [w.to(dtype) for w in wq], dil, scq.to(sd), shq.to(sd),
+                                 None if bq is None else bq.to(sd), sum_mode, act, mask)
     ptg = None
     if dtype in LOW and compare:
         ptg = _torch_grads(lambda a: torch_backend.atrous_conv(a[0], a[1], dil, a[2], a[3], a[4], sum_mode, act, stats),
@@ -642,8 +647,8 @@ def test_standard_aspp_v3_os16(dtype):
     out, s, ss = OPS.atrous_conv(xs, ws, dil, scale, shift, None, False, 1, True)
     go = (torch.rand(out.shape, device=DEV, generator=g) + 0.5).to(dtype)
     gss = torch.randn(1024, device=DEV, generator=g) / out.numel()
-    ours = OPS.atrous_conv_backward(go, None, gss, out, xs, ws, dil, scale, shift, None, False, 1,
-                                    [True, True, True])
+    ours = atrous_conv_backward(OPS, go, None, gss, out, xs, ws, dil, scale, shift, None, False, 1,
+                                [True, True, True])
     exact = _torch_grads(lambda a: torch_backend.atrous_conv(a[0], a[1], dil, a[2], a[3], None, False, 1, True),
                          [f64(xs), f64(ws), f64(scale), f64(shift)], go.double().cpu(), torch.zeros(1024, dtype=F64),
                          gss.double().cpu(), F64)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import aspp_fused
-from aspp_fused import _extension
+from aspp_fused import _extension, ops
 from conftest import BACKENDS
 
 
@@ -138,7 +138,26 @@ class TestCppOpChecks:
         x, ws, d, s, t = _args()
         out, _, _ = torch.ops.aspp_fused.atrous_conv(x, ws, d, s, t, None, False, 1, False)
         with pytest.raises(ValueError, match=r"output_mask"):
-            torch.ops.aspp_fused.atrous_conv_backward(out, None, None, out, x, ws, d, s, t, None, False, 1, [True])
+            ops.atrous_conv_backward(out, None, None, out, x, ws, d, s, t, None, False, 1, [True])
+        with pytest.raises(ValueError, match=r"output_mask has 1 entries, expected 2"):
+            torch.ops.aspp_fused.epilogue_backward(out, None, None, out, None, s, t, None, 1, [True])
+
+    def test_backward_primitives(self):
+        x, ws, d, s, t = _args()
+        out, _, _ = torch.ops.aspp_fused.atrous_conv(x, ws, d, s, t, None, False, 1, False)
+        prims = torch.ops.aspp_fused
+        with pytest.raises(ValueError, match=r"acc is None, but grad_scale"):
+            prims.epilogue_backward(out, None, None, out, None, s, t, None, 1, [True, True])
+        with pytest.raises(ValueError, match=r"acc is None, but relu with grad_sumsq"):
+            prims.epilogue_backward(out, None, s, out, None, s, t, None, 1, [True, False])
+        with pytest.raises(TypeError, match=r"acc has dtype"):
+            prims.epilogue_backward(out, None, None, out, out.half(), s, t, None, 1, [True, True])
+        with pytest.raises(ValueError, match=r"x has shape .*, expected \[2, \d+, 5, 5\] \(\[N, O, H, W\]"):
+            prims.tap_gemm(x, ws, d, False, True)  # the adjoint reads a gradient of the output, not x
+        with pytest.raises(TypeError, match=r"g has dtype"):
+            prims.tap_wgrad(x, out.long(), ws, d, False)
+        with pytest.raises(ValueError, match=r"dilations\[0\] is 0"):
+            prims.tap_gemm(x, ws, [0] * len(ws), False, False)
 
     def test_separable_conv(self):
         x = torch.randn(2, 4, 5, 5)

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import aspp_fused.nn as ann
-from aspp_fused import _extension
+from aspp_fused import _autograd, _extension
 from aspp_fused import functional as AF
 from conftest import map_tensors, randomize_bn, rel_err, tensors_of
 
@@ -631,7 +631,7 @@ def test_fuzz_cuda_atrous_conv(seed):
     gen = torch.Generator().manual_seed(seed + 1)
 
     def run_bwd(go, gsum, gsumsq, m):
-        r = CUDA_OPS.atrous_conv_backward(go, gsum, gsumsq, out[0], x, ws, d, s, t, b, sm, act, m)
+        r = _autograd.atrous_conv_backward(_autograd.primitives(CUDA_OPS), go, gsum, gsumsq, out[0], x, ws, d, s, t, b, sm, act, m)
         return [v for v, on in zip(r, [m[0], m[1], m[2], m[2], m[2]]) if on]
 
     _check_cuda_backward(desc, tol, out, ref, [rx] + rws + [rs, rt, rb], grads, mask_groups, gen, cfg, dtype,

@@ -209,13 +209,27 @@ def test_opcheck_atrous_conv():
     for rg in (False, True):
         a = _with_grad(args) if rg else args
         torch.library.opcheck(torch.ops.aspp_fused.atrous_conv.default, tuple(a) + (1, True))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=["f64", "bf16"])
+def test_opcheck_atrous_backward_primitives(dtype):
+    """The three ops atrous_conv's backward is written over (aspp_fused/_autograd.py)."""
+    args = atrous_problem(n=2, c=3, h=5, w=4, branches=((1, 2, 1), (3, 2, 3)), dtype=dtype)
     x, w, d, s, t, b, sm = args
+    acc_dt = torch.float64 if dtype == F64 else torch.float32
     out, _, _ = ops.atrous_conv(*args, 1, True)
     g = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.aspp_fused.atrous_conv_backward.default,
-        (g, torch.randn(4, dtype=F64), None, out, x, w, d, s, t, b, sm, 1, [True, True, True]),
-    )
+    prims = torch.ops.aspp_fused
+    torch.library.opcheck(prims.tap_gemm.default, (x, w, d, sm, False, acc_dt))
+    acc = prims.tap_gemm(x, w, d, sm, False, acc_dt)
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(prims.epilogue_backward.default,
+                              (g, torch.randn(4, dtype=acc_dt), torch.randn(4, dtype=acc_dt), out, acc, s, t, b, 1,
+                               mask))
+    g_acc = prims.epilogue_backward(g, None, None, out, None, s, t, b, 1, [True, False])[0]
+    assert g_acc.dtype == acc_dt  # the CPU kernels read g_acc in the accumulation dtype (the schema)
+    torch.library.opcheck(prims.tap_gemm.default, (g_acc, w, d, sm, True, dtype))
+    torch.library.opcheck(prims.tap_wgrad.default, (x, g_acc, w, d, sm))
 
 
 def test_opcheck_separable_conv():

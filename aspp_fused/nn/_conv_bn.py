@@ -11,13 +11,10 @@ from torch import nn
 
 from aspp_fused import functional as AF
 from aspp_fused import column_conv, torch_backend, torch_onednn
+from aspp_fused._dtypes import acc_dtype
 from aspp_fused.nn._batchnorm import (batch_norm_act, centers, conv_batch_mean, eval_affine_all, running_centre,
                                       uses_batch_stats)
 from aspp_fused.nn._fold_cache import FoldCache, fold_cache_enabled
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def like_input_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +46,7 @@ def conv_bn_act(x, convs: Sequence[nn.Conv2d], bns, backend: str, act="relu", we
     In training the op returns the raw conv output and its per-channel sums, BN takes
     the batch statistics from them, and the normalise + act runs as one elementwise pass.
     """
-    dt = acc_dtype(x)
+    dt = acc_dtype(x.dtype)
     whole = [c.weight for c in convs] if weights is None else list(weights)
     weights = whole if cols is None else [w[:, a:b] for w, (a, b) in zip(whole, cols)]
     dilations = [c.dilation[0] for c in convs]
@@ -140,7 +137,7 @@ def _eval_affine(bns, conv_bias, dt, device):
 
 def conv_sum(x, convs: Sequence[nn.Conv2d], backend: str):
     """sum_b conv_b(x), the convs' biases included (ASPP v2: the branches' class scores summed)."""
-    dt = acc_dtype(x)
+    dt = acc_dtype(x.dtype)
     weights = [c.weight for c in convs]
     dilations = [c.dilation[0] for c in convs]
     biases = [c.bias.to(dt) for c in convs if c.bias is not None]
@@ -162,7 +159,7 @@ def aspp_bn_act(x, convs, bns, proj, proj_bn, cols, sample_bias, backend, cache:
 
     CPU float32 inference runs it as one oneDNN op that never writes the concatenation
     (aspp_fused/torch_onednn.py); otherwise the branches, then the projection (conv_bn_act)."""
-    dt = acc_dtype(x)
+    dt = acc_dtype(x.dtype)
     weights = [c.weight for c in convs]
     widths = [c.out_channels for c in convs]  # ints, also under a tracer (w.shape[0] would be a graph value)
     w = proj.weight
@@ -207,7 +204,7 @@ def separable_bn_act(x, branches, bns, backend):
     statistics of the depthwise output before the pointwise can start, so that case runs
     in two steps (depthwise + mid BN, then the pointwise through the fused 1x1 path).
     """
-    dt = acc_dtype(x)
+    dt = acc_dtype(x.dtype)
     c = x.shape[1]
     for _, _, pw in branches:
         if pw.bias is not None:

@@ -15,7 +15,8 @@ from aspp_fused.nn import reference
 from aspp_fused.nn._batchnorm import batch_norm_act, centers, eval_affine_all, uses_batch_stats
 from aspp_fused.nn._checks import (_fail, check_bn, check_cbr, check_conv, check_input, check_sequential,
                                    check_type, separable_branch_args, separable_parts)
-from aspp_fused.nn._conv_bn import acc_dtype, aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
+from aspp_fused._dtypes import acc_dtype
+from aspp_fused.nn._conv_bn import aspp_bn_act, conv_bn_act, conv_sum, like_input_format, separable_bn_act
 from aspp_fused.nn._fold_cache import fold_cache
 from aspp_fused.nn.fused import FusedModule
 
@@ -80,7 +81,7 @@ def pool_vector(conv, bn, x):
 
     Tiny, so plain ATen; the BN through the fused heads' helpers (batch statistics, running
     statistics, the batch-of-1 error, SyncBatchNorm)."""
-    dt = acc_dtype(x)
+    dt = acc_dtype(x.dtype)
     y = x.mean(dim=(2, 3), dtype=dt) @ conv.weight.flatten(1).to(dt).t()
     if conv.bias is not None:
         y = y + conv.bias.to(dt)
@@ -105,7 +106,7 @@ def _pool_bias(self, x, p):
     """The pooled branch p [N, O] as the projection's per-sample bias [N, P]:
     proj(cat(h, broadcast(p))) = W_main h + W_pool p."""
     w_pool = self.project[0].weight[:, _main_columns(self):, 0, 0]
-    return p.to(acc_dtype(x)) @ w_pool.to(acc_dtype(x)).t()
+    return p.to(acc_dtype(x.dtype)) @ w_pool.to(acc_dtype(x.dtype)).t()
 
 
 def _dropout(self, x, out):
@@ -265,7 +266,7 @@ class FusedLRASPPHead(FusedModule):
 
 def conv_bn_act_free(x, conv, backend, add=None):
     """A plain 1x1 conv (+ bias) through the fused op (scale 1, shift = bias); + add."""
-    shift = conv.bias.to(acc_dtype(x)) if conv.bias is not None else None
+    shift = conv.bias.to(acc_dtype(x.dtype)) if conv.bias is not None else None
     out, _, _ = AF.atrous_conv(x, [conv.weight], [1], None, shift, None, act="none", backend=backend)
     return out if add is None else out + add
 

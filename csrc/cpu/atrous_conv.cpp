@@ -1,4 +1,5 @@
-// CPU reference kernels of aspp_fused::atrous_conv and aspp_fused::atrous_conv_backward.
+// CPU kernels of aspp_fused::atrous_conv and of the primitives its backward is written over
+// (tap_gemm, epilogue_backward, tap_wgrad; the formula: aspp_fused/_autograd.py).
 //
 // The exact semantics are in the schema comments of csrc/aspp_fused.cpp; this file is the
 // readable loop version of the algorithm the GPU kernels use (docs/DESIGN.md, "The one primitive"):
@@ -10,7 +11,8 @@
 //   packed weights  [tap][C][O_b] in the accumulation type (tap = ky * k + kx), so the inner
 //                   loop runs over contiguous output channels; dgrad uses the transpose
 //                   [tap][O_b][C]
-//   g_acc           [N, H, W, O] in the accumulation type (backward only)
+//   g_acc           [N, H, W, O] in the accumulation type (epilogue_backward's, read by the
+//                   adjoint tap_gemm and tap_wgrad)
 //
 // Determinism: every reduction (batch statistics, epilogue grads) goes through per-tile
 // partials in double that are summed in tile order, and wgrad gives each output element to
@@ -47,7 +49,6 @@ constexpr int64_t kWgradCBlock = 16;
 // In csrc/checks.h, shared with the CUDA kernels.
 using checks::AtrousShape;
 using checks::check_atrous_args;
-using checks::check_atrous_backward_args;
 
 // --------------------------------------------------------------------------- helpers
 
@@ -258,15 +259,179 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_cpu(const at::Tensor&
   return result;
 }
 
-// --------------------------------------------------------------------------- backward
+// --------------------------------------------------------------------------- the backward's primitives
+// atrous_conv's backward is written once, in aspp_fused/_autograd.py, over these three ops.
 
-// wgrad: grad_W_b[o, c, tap] = sum_{n, p in the tap's valid region} g_acc_b[n, p, o] * x[n, p + tap, c].
+// tap_gemm: the tiled core with no epilogue: the forward branches over x (adjoint false), or the
+// adjoint, the same core in sum mode over the branches with negated taps and transposed weights,
+// reading branch b's channels of x: out[p, c] = sum_{b, tap, o} x[p - tap, off_b + o] W_b[o, c, tap].
+// in_t is the weights' dtype or (adjoint) its accumulation dtype; the result is in acc_t.
+template <typename in_t, typename acc_t>
+at::Tensor tap_gemm_impl(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                         const AtrousShape& s, bool adjoint) {
+  const int64_t N = s.N, H = s.H, W = s.W;
+  const int64_t in_ch = adjoint ? s.O : s.C, out_ch = adjoint ? s.C : s.O;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty({N, out_ch, H, W},
+                             x.options().dtype(c10::CppTypeToScalarType<acc_t>::value).memory_format(cl));
+  if (N * H * W == 0 || out_ch == 0) return out.zero_();
+  const auto packed = packed_branches<acc_t>(weights, /*transpose=*/adjoint);
+  std::vector<TapBranch<acc_t>> branches;
+  if (adjoint) {
+    for (size_t b = 0; b < packed->size(); ++b)
+      branches.push_back({(*packed)[b].data(), s.ksize[b], -dilations[b], s.ch_off[b], s.out_ch[b], 0, s.C});
+  } else {
+    branches = forward_branches<acc_t>(s, dilations, *packed);
+  }
+  const in_t* in_data = x.data_ptr<in_t>();
+  acc_t* out_data = out.data_ptr<acc_t>();
+  const Tiling tiling(N, H, W);
+  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * out_ch));
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      tap_conv_tile(in_data + tile.n * H * W * in_ch, in_ch, H, W, branches, tile, acc.data(), out_ch);
+      for (int64_t h = tile.h0; h < tile.h1; ++h)
+        for (int64_t w = tile.w0; w < tile.w1; ++w)
+          std::copy_n(acc.data() + ((h - tile.h0) * kTileW + (w - tile.w0)) * out_ch, out_ch,
+                      out_data + ((tile.n * H + h) * W + w) * out_ch);
+    }
+  });
+  return out;
+}
+
+at::Tensor tap_gemm_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, bool sum_mode,
+                        bool adjoint, std::optional<at::ScalarType> out_dtype) {
+  const AtrousShape s = checks::check_tap_gemm_args("tap_gemm", x, weights, dilations, sum_mode, adjoint, out_dtype);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weights[0].scalar_type(), "tap_gemm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (xc.scalar_type() == weights[0].scalar_type())
+      out = tap_gemm_impl<scalar_t, acc_t>(xc, weights, dilations, s, adjoint);
+    else
+      out = tap_gemm_impl<acc_t, acc_t>(xc, weights, dilations, s, adjoint);
+  });
+  return out.to(out_dtype.value_or(x.scalar_type()));
+}
+
+// epilogue_backward: per 8 x 8 tile, g_z, g_acc = g_z * scale (in acc_t) and the partials
+// [sum g_z * acc | sum g_z] of grad_scale / grad_shift / grad_bias, summed in tile order.
+template <typename scalar_t>
+sig::EpilogueBackwardResult epilogue_backward_impl(const at::Tensor& grad_out,
+                                                   const std::optional<at::Tensor>& grad_sum,
+                                                   const std::optional<at::Tensor>& grad_sumsq,
+                                                   const at::Tensor& out_in, const std::optional<at::Tensor>& acc_in,
+                                                   const at::Tensor& scale, const at::Tensor& shift,
+                                                   const std::optional<at::Tensor>& bias, int64_t act,
+                                                   bool need_g_acc, bool need_epilogue) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t N = out_in.size(0), O = out_in.size(1), H = out_in.size(2), W = out_in.size(3);
+  const bool has_bias = bias.has_value(), recompute = acc_in.has_value();
+  sig::EpilogueBackwardResult res{at::empty({0}, out_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value)),
+                                  at::empty({0}, scale.options()), at::empty({0}, shift.options()),
+                                  at::empty({0}, has_bias ? bias->options() : scale.options())};
+  auto& [g_acc_t, grad_scale, grad_shift, grad_bias] = res;
+  if (need_g_acc) g_acc_t = at::empty({N, O, H, W}, g_acc_t.options().memory_format(cl));
+  if (!(need_g_acc || need_epilogue)) return res;
+
+  const Tiling tiling(N, H, W);
+  const at::Tensor go = grad_out.to(out_in.scalar_type()).contiguous(cl);
+  const scalar_t* go_data = go.data_ptr<scalar_t>();
+  // z from acc, or out standing in for it (z itself with act none, the relu mask with relu).
+  const at::Tensor zsrc = recompute ? acc_in->contiguous(cl) : out_in.contiguous(cl);
+  const acc_t* acc_data = recompute ? zsrc.data_ptr<acc_t>() : nullptr;
+  const scalar_t* out_data = recompute ? nullptr : zsrc.data_ptr<scalar_t>();
+  acc_t* g_acc = need_g_acc ? g_acc_t.data_ptr<acc_t>() : nullptr;
+  const std::vector<acc_t> scale_v = to_acc_vector<acc_t>(scale), shift_v = to_acc_vector<acc_t>(shift);
+  const std::vector<acc_t> bias_v = has_bias ? to_acc_vector<acc_t>(*bias) : std::vector<acc_t>();
+  const std::vector<acc_t> gsum_v = grad_sum.has_value() ? to_acc_vector<acc_t>(*grad_sum) : std::vector<acc_t>();
+  const std::vector<acc_t> gsumsq_v =
+      grad_sumsq.has_value() ? to_acc_vector<acc_t>(*grad_sumsq) : std::vector<acc_t>();
+
+  std::vector<double> partials(need_epilogue ? static_cast<size_t>(tiling.total * 2 * O) : 0, 0.0);
+  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      const acc_t* bias_n = has_bias ? bias_v.data() + tile.n * O : nullptr;
+      double* p_scale = need_epilogue ? partials.data() + t * 2 * O : nullptr;
+      double* p_shift = need_epilogue ? p_scale + O : nullptr;
+      for (int64_t h = tile.h0; h < tile.h1; ++h) {
+        for (int64_t w = tile.w0; w < tile.w1; ++w) {
+          const int64_t pix = (tile.n * H + h) * W + w;
+          const acc_t* a = recompute ? acc_data + pix * O : nullptr;
+          const scalar_t* go_p = go_data + pix * O;
+          const scalar_t* out_p = recompute ? nullptr : out_data + pix * O;
+          for (int64_t o = 0; o < O; ++o) {
+            acc_t z = 0;
+            if (recompute) {
+              z = a[o] * scale_v[o] + shift_v[o];
+              if (bias_n) z += bias_n[o];
+            } else {
+              z = static_cast<acc_t>(out_p[o]);  // z itself (act none) or relu(z), same sign test
+            }
+            acc_t g = static_cast<acc_t>(go_p[o]);
+            if (act == 1 && !(z > acc_t(0))) g = 0;
+            if (!gsum_v.empty()) g += gsum_v[o];
+            if (!gsumsq_v.empty()) g += acc_t(2) * z * gsumsq_v[o];
+            if (g_acc) g_acc[pix * O + o] = g * scale_v[o];
+            if (need_epilogue) {
+              p_scale[o] += static_cast<double>(g) * static_cast<double>(a[o]);
+              p_shift[o] += static_cast<double>(g);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  if (need_epilogue) {
+    const auto f64 = out_in.options().dtype(at::kDouble);
+    at::Tensor gs = at::zeros({O}, f64), gsh = at::zeros({O}, f64), gb = at::zeros({N, O}, f64);
+    double* gs_d = gs.data_ptr<double>();
+    double* gsh_d = gsh.data_ptr<double>();
+    double* gb_d = gb.data_ptr<double>();
+    for (int64_t t = 0; t < tiling.total; ++t) {
+      const double* p = partials.data() + t * 2 * O;
+      double* gb_n = gb_d + (t / tiling.per_image) * O;
+      for (int64_t o = 0; o < O; ++o) {
+        gs_d[o] += p[o];
+        gsh_d[o] += p[O + o];
+        gb_n[o] += p[O + o];
+      }
+    }
+    grad_scale = gs.to(scale.scalar_type());
+    grad_shift = gsh.to(shift.scalar_type());
+    if (has_bias) grad_bias = gb.to(bias->scalar_type());
+  }
+  return res;
+}
+
+sig::EpilogueBackwardResult epilogue_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
+                                                  const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
+                                                  const std::optional<at::Tensor>& acc, const at::Tensor& scale,
+                                                  const at::Tensor& shift, const std::optional<at::Tensor>& bias,
+                                                  int64_t act, c10::List<bool> output_mask) {
+  const bool need_epilogue = output_mask.size() == 2 && output_mask.get(1);
+  checks::check_epilogue_backward_args("epilogue_backward", grad_out, grad_sum, grad_sumsq, out, acc, scale, shift,
+                                       bias, act, output_mask.size(), need_epilogue);
+  sig::EpilogueBackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "epilogue_backward", [&] {
+    result = epilogue_backward_impl<scalar_t>(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act,
+                                              output_mask.get(0), need_epilogue);
+  });
+  return result;
+}
+
+// tap_wgrad: grad_W_b[o, c, tap] = sum_{n, p in the tap's valid region} g_b[n, p, o] * x[n, p + tap, c].
 // One task per (branch, tap, block of input channels): each output element belongs to exactly
 // one task and is summed in pixel order (deterministic); the task's accumulator is
 // [kWgradCBlock][O_b] so the inner loop runs over contiguous output channels.
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> atrous_wgrad(const scalar_t* x_data, const acc_t* g_acc, at::TensorList weights,
-                                     at::IntArrayRef dilations, const AtrousShape& s) {
+std::vector<at::Tensor> tap_wgrad_impl(const scalar_t* x_data, const acc_t* g_acc, at::TensorList weights,
+                                       at::IntArrayRef dilations, const AtrousShape& s) {
   const int64_t N = s.N, H = s.H, W = s.W, C = s.C, O = s.O;
   const int64_t c_blocks = (C + kWgradCBlock - 1) / kWgradCBlock;
   struct Task {
@@ -326,165 +491,16 @@ std::vector<at::Tensor> atrous_wgrad(const scalar_t* x_data, const acc_t* g_acc,
   return grads;
 }
 
-using BackwardResult = sig::AtrousBackwardResult;
-
-template <typename scalar_t>
-BackwardResult atrous_conv_backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
-                                         const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
-                                         const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
-                                         const at::Tensor& scale, const at::Tensor& shift,
-                                         const std::optional<at::Tensor>& bias, const AtrousShape& s, int64_t act,
-                                         bool need_input, bool need_weights, bool need_epilogue) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = s.N, H = s.H, W = s.W, C = s.C, O = s.O;
+std::vector<at::Tensor> tap_wgrad_cpu(const at::Tensor& x, const at::Tensor& g, at::TensorList weights,
+                                      at::IntArrayRef dilations, bool sum_mode) {
+  const AtrousShape s = checks::check_tap_wgrad_args("tap_wgrad", x, g, weights, dilations, sum_mode);
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(cl);
-  const bool has_bias = bias.has_value();
-
-  // Ungranted grads stay empty placeholders; no work or no pixels: the result as it stands.
-  const bool no_pixels = N * H * W == 0;
-  BackwardResult res = sig::atrous_backward_start(x, weights, scale, shift, bias, N, O, need_input, need_weights,
-                                                  need_epilogue, no_pixels);
-  if (!(need_input || need_weights || need_epilogue) || no_pixels) return res;
-  auto& [grad_x, grad_weights, grad_scale, grad_shift, grad_bias] = res;
-
-  // z (or acc) is needed exactly when out cannot stand in for it: grad_scale needs acc, and
-  // relu hides the negative z that 2 z grad_sumsq needs. Otherwise out gives the relu mask
-  // (out > 0) and, with act none, z itself.
-  const bool recompute = need_epilogue || (act == 1 && grad_sumsq.has_value());
-  const bool store_g_acc = need_input || need_weights;
-
-  const Tiling tiling(N, H, W);
-  const at::Tensor go = grad_out.to(x.scalar_type()).contiguous(cl);
-  const scalar_t* go_data = go.data_ptr<scalar_t>();
-  at::Tensor out_cl;
-  const scalar_t* out_data = nullptr;
-  if (!recompute) {
-    out_cl = out.to(x.scalar_type()).contiguous(cl);
-    out_data = out_cl.data_ptr<scalar_t>();
-  }
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-
-  const auto packed = recompute ? packed_branches<acc_t>(weights, /*transpose=*/false) : nullptr;
-  const std::vector<TapBranch<acc_t>> branches =
-      recompute ? forward_branches<acc_t>(s, dilations, *packed) : std::vector<TapBranch<acc_t>>();
-  const std::vector<acc_t> scale_v = to_acc_vector<acc_t>(scale), shift_v = to_acc_vector<acc_t>(shift);
-  const std::vector<acc_t> bias_v = has_bias ? to_acc_vector<acc_t>(*bias) : std::vector<acc_t>();
-  const std::vector<acc_t> gsum_v = grad_sum.has_value() ? to_acc_vector<acc_t>(*grad_sum) : std::vector<acc_t>();
-  const std::vector<acc_t> gsumsq_v =
-      grad_sumsq.has_value() ? to_acc_vector<acc_t>(*grad_sumsq) : std::vector<acc_t>();
-
-  // Pass 1, per tile: (recompute acc,) g_z, g_acc = g_z * scale, and per-tile partials
-  // [sum g_z * acc | sum g_z] for grad_scale / grad_shift / grad_bias.
-  std::vector<acc_t> g_acc(store_g_acc ? static_cast<size_t>(N * H * W * O) : 0);
-  std::vector<double> partials(need_epilogue ? static_cast<size_t>(tiling.total * 2 * O) : 0, 0.0);
-  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(recompute ? static_cast<size_t>(kTilePixels * O) : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const Tile tile = tiling.tile(t);
-      if (recompute) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        tap_conv_tile(x_data + tile.n * H * W * C, C, H, W, branches, tile, acc.data(), O);
-      }
-      const acc_t* bias_n = has_bias ? bias_v.data() + tile.n * O : nullptr;
-      double* p_scale = need_epilogue ? partials.data() + t * 2 * O : nullptr;
-      double* p_shift = need_epilogue ? p_scale + O : nullptr;
-      for (int64_t h = tile.h0; h < tile.h1; ++h) {
-        for (int64_t w = tile.w0; w < tile.w1; ++w) {
-          const int64_t pix = (tile.n * H + h) * W + w;
-          const acc_t* a = recompute ? acc.data() + ((h - tile.h0) * kTileW + (w - tile.w0)) * O : nullptr;
-          const scalar_t* go_p = go_data + pix * O;
-          const scalar_t* out_p = recompute ? nullptr : out_data + pix * O;
-          for (int64_t o = 0; o < O; ++o) {
-            acc_t z = 0;
-            if (recompute) {
-              z = a[o] * scale_v[o] + shift_v[o];
-              if (bias_n) z += bias_n[o];
-            } else {
-              z = static_cast<acc_t>(out_p[o]);  // z itself (act none) or relu(z), same sign test
-            }
-            acc_t g = static_cast<acc_t>(go_p[o]);
-            if (act == 1 && !(z > acc_t(0))) g = 0;
-            if (!gsum_v.empty()) g += gsum_v[o];
-            if (!gsumsq_v.empty()) g += acc_t(2) * z * gsumsq_v[o];
-            if (store_g_acc) g_acc[pix * O + o] = g * scale_v[o];
-            if (need_epilogue) {
-              p_scale[o] += static_cast<double>(g) * static_cast<double>(a[o]);
-              p_shift[o] += static_cast<double>(g);
-            }
-          }
-        }
-      }
-    }
-  });
-
-  if (need_epilogue) {
-    at::Tensor gs = at::zeros({O}, x.options().dtype(at::kDouble));
-    at::Tensor gsh = at::zeros({O}, x.options().dtype(at::kDouble));
-    at::Tensor gb = at::zeros({N, O}, x.options().dtype(at::kDouble));
-    double* gs_d = gs.data_ptr<double>();
-    double* gsh_d = gsh.data_ptr<double>();
-    double* gb_d = gb.data_ptr<double>();
-    for (int64_t t = 0; t < tiling.total; ++t) {
-      const double* p = partials.data() + t * 2 * O;
-      double* gb_n = gb_d + (t / tiling.per_image) * O;
-      for (int64_t o = 0; o < O; ++o) {
-        gs_d[o] += p[o];
-        gsh_d[o] += p[O + o];
-        gb_n[o] += p[O + o];
-      }
-    }
-    grad_scale = gs.to(scale.scalar_type());
-    grad_shift = gsh.to(shift.scalar_type());
-    if (has_bias) grad_bias = gb.to(bias->scalar_type());
-  }
-
-  // Pass 2, dgrad: the same tiled core in sum mode over the branches, reading g_acc with
-  // negated taps and transposed weights: grad_x[p, c] = sum_{b, tap, o} g_acc_b[p - tap, o] W_b[o, c, tap].
-  if (need_input) {
-    grad_x = at::empty(x.sizes(), x.options().memory_format(cl));
-    scalar_t* gx_data = grad_x.data_ptr<scalar_t>();
-    const auto packed_t = packed_branches<acc_t>(weights, /*transpose=*/true);
-    std::vector<TapBranch<acc_t>> branches_t;
-    for (size_t b = 0; b < packed_t->size(); ++b)
-      branches_t.push_back({(*packed_t)[b].data(), s.ksize[b], -dilations[b], s.ch_off[b], s.out_ch[b], 0, C});
-    at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * C));
-      for (int64_t t = begin; t < end; ++t) {
-        const Tile tile = tiling.tile(t);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        tap_conv_tile(g_acc.data() + tile.n * H * W * O, O, H, W, branches_t, tile, acc.data(), C);
-        for (int64_t h = tile.h0; h < tile.h1; ++h)
-          for (int64_t w = tile.w0; w < tile.w1; ++w) {
-            const acc_t* a = acc.data() + ((h - tile.h0) * kTileW + (w - tile.w0)) * C;
-            scalar_t* dst = gx_data + ((tile.n * H + h) * W + w) * C;
-            for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(a[c]);
-          }
-      }
-    });
-  }
-
-  // Pass 3, wgrad.
-  if (need_weights) grad_weights = atrous_wgrad<scalar_t, acc_t>(x_data, g_acc.data(), weights, dilations, s);
-
-  return res;
-}
-
-BackwardResult atrous_conv_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum,
-                                        const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
-                                        const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-                                        const at::Tensor& scale, const at::Tensor& shift,
-                                        const std::optional<at::Tensor>& bias, bool sum_mode, int64_t act,
-                                        c10::List<bool> output_mask) {
-  const char* op = "atrous_conv_backward";
-  const AtrousShape s = check_atrous_args(op, x, weights, dilations, scale, shift, bias, sum_mode, act);
-  check_atrous_backward_args(op, s, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
-
-  BackwardResult result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "atrous_conv_backward", [&] {
-    result = atrous_conv_backward_impl<scalar_t>(grad_out, grad_sum, grad_sumsq, out, x, weights, dilations, scale,
-                                                 shift, bias, s, act, output_mask.get(0), output_mask.get(1),
-                                                 output_mask.get(2));
+  const at::Tensor xc = x.contiguous(cl);
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tap_wgrad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor gc = g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(cl);
+    result = tap_wgrad_impl<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), gc.data_ptr<acc_t>(), weights, dilations, s);
   });
   return result;
 }
@@ -493,9 +509,13 @@ BackwardResult atrous_conv_backward_cpu(const at::Tensor& grad_out, const std::o
 }  // namespace aspp_fused
 
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::atrous_conv_cpu, AtrousConv);
-ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::atrous_conv_backward_cpu, AtrousConvBackward);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::tap_gemm_cpu, TapGemm);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::epilogue_backward_cpu, EpilogueBackward);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::tap_wgrad_cpu, TapWgrad);
 
 TORCH_LIBRARY_IMPL(aspp_fused, CPU, m) {
   m.impl("atrous_conv", &aspp_fused::atrous_conv_cpu);
-  m.impl("atrous_conv_backward", &aspp_fused::atrous_conv_backward_cpu);
+  m.impl("tap_gemm", &aspp_fused::tap_gemm_cpu);
+  m.impl("epilogue_backward", &aspp_fused::epilogue_backward_cpu);
+  m.impl("tap_wgrad", &aspp_fused::tap_wgrad_cpu);
 }

@@ -1,4 +1,4 @@
-// CPU reference kernels of aspp_fused::separable_conv and separable_conv_backward
+// CPU kernels (the CPU backend) of aspp_fused::separable_conv and separable_conv_backward
 // (semantics: the schema comments in csrc/aspp_fused.cpp).
 //
 // This is a readable model of the fused GPU kernel, not a tuned CPU path. Work is split

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "common.cuh"
 #include "params.cuh"
 
@@ -41,7 +42,7 @@ struct DevType<at::Half> {
   using type = __half;
 };
 
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using checks::acc_dtype;  // the one accumulation-dtype rule (csrc/checks.h)
 
 
 // The TF32 decision for float32 inputs, as PyTorch's convolutions make it. The query has had

@@ -1,5 +1,5 @@
 // CUDA kernels of aspp_fused::separable_conv and separable_conv_backward (semantics: the schema
-// comments in csrc/aspp_fused.cpp; CPU reference csrc/cpu/separable_conv.cpp, whose checks,
+// comments in csrc/aspp_fused.cpp; the CPU backend csrc/cpu/separable_conv.cpp, whose checks,
 // output dtypes, memory formats and empty placeholders this file mirrors).
 //
 //   forward   one launch of separable_gemm_kernel for all branches (separable_gemm.cuh): depthwise

@@ -6,7 +6,7 @@ tools/cuda_emu/cuda_emu.cpp, into one shared library. shim/ comes first on the i
 cuda/ptx.cuh (the PTX wrappers) and cuda/launch.h (launches, registration) replace csrc/cuda's,
 so the product sources carry nothing of the emulator. Loading it registers the ops as
 torch.ops.aspp_fused_emu.* (schemas copied from csrc/aspp_fused.cpp) for CPU tensors, so the
-CUDA code path can be compared with the CPU reference kernels on a machine without a GPU:
+CUDA code path can be compared with the CPU backend's kernels on a machine without a GPU:
 
     python tools/cuda_emu/build.py [--asan]      # -> build/cuda_emu/libaspp_cuda_emu[_asan].so
     tools/cuda_emu/run_tests.sh [--asan]         # builds, then runs tests/test_cuda.py on it

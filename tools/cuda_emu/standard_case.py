@@ -38,7 +38,7 @@ def main():
     if not lib:
         sys.exit("standard_case.py: set ASPP_CUDA_EMU_LIB to the library tools/cuda_emu/build.py printed")
     torch.ops.load_library(lib)
-    from aspp_fused import torch_backend
+    from aspp_fused import _autograd, torch_backend
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     torch.backends.cudnn.allow_tf32 = False
@@ -60,8 +60,8 @@ def main():
             return torch.ops.aspp_fused_emu.atrous_conv(x, ps[0], dil, sc, sh, b, False, 1, True)
 
         def op_backward(go, gss, out, ps):
-            r = torch.ops.aspp_fused_emu.atrous_conv_backward(go, None, gss, out, x, ps[0], dil, scale, shift, bias,
-                                                              False, 1, [True, True, True])
+            r = _autograd.atrous_conv_backward(_autograd.primitives(torch.ops.aspp_fused_emu), go, None, gss, out, x,
+                                               ps[0], dil, scale, shift, bias, False, 1, [True, True, True])
             return [r[0]] + list(r[1]) + [r[2], r[3]], ["grad_x"] + ["grad_w[%d]" % i for i in range(len(dil))]
 
         def reference(xx, ps, sc, sh, b):
