@@ -4,10 +4,13 @@ aspp_fused/ops.py), the Triton ones (aspp_fused::triton_atrous_conv, registered 
 package loads aspp_fused.kernels: _extension.triton_kernels) and the CUDA kernels on the host
 emulator (aspp_fused_emu::atrous_conv, tests/op_problems.py).
 
-atrous_conv's backward is one formula, ``atrous_conv_backward``, over the three primitives every
-backend implements (schemas: csrc/aspp_fused.cpp): ``tap_gemm`` (the tap-list GEMM raw, and its
-adjoint, the dgrad), ``epilogue_backward`` and ``tap_wgrad``. A backend hands them in as
-``Primitives``. separable_conv's backward is still one op per backend (same schema everywhere).
+Each op's backward is one formula over the primitives every backend implements (schemas:
+csrc/aspp_fused.cpp), handed in as ``Primitives``:
+  atrous_conv_backward     tap_gemm (the tap-list GEMM raw; its adjoint, the dgrad),
+                           epilogue_backward, tap_wgrad
+  separable_conv_backward  separable_gemm (raw), epilogue_backward, separable_gemm_backward
+Both start the same way: the raw GEMM (acc) where ``out`` cannot stand in for z, then the
+epilogue's backward; then the GEMM's own backward from g_acc.
 
 The backend modules never import this package: it imports them (kernels/ stays a plain set of
 Triton ops, loadable and testable on its own).
@@ -19,14 +22,17 @@ import torch
 
 from aspp_fused._dtypes import acc_dtype
 
-__all__ = ["Primitives", "primitives", "atrous_conv_backward", "register_atrous", "register_separable"]
+__all__ = ["Primitives", "primitives", "atrous_conv_backward", "separable_conv_backward", "register_atrous",
+           "register_separable"]
 
 
 class Primitives(NamedTuple):
-    """One backend's ops of the schemas tap_gemm, epilogue_backward and tap_wgrad."""
+    """One backend's ops of the primitive schemas."""
     tap_gemm: Callable
     epilogue_backward: Callable
     tap_wgrad: Callable
+    separable_gemm: Callable
+    separable_gemm_backward: Callable
 
 
 def primitives(namespace, prefix: str = "") -> Primitives:
@@ -48,25 +54,12 @@ def atrous_conv_backward(p: Primitives, grad_out, grad_sum, grad_sumsq, out, x, 
         grad_x = tap_gemm(g_acc, adjoint=True)       the dgrad
         grad_W = tap_wgrad(x, g_acc)
     """
-    if len(output_mask) != 3:
-        raise ValueError(f"atrous_conv_backward: output_mask has {len(output_mask)} entries, expected 3 "
-                         "([input, weights, epilogue])")
-    need_x, need_w, need_ep = (bool(m) for m in output_mask)
+    need_x, need_w, need_ep = _mask("atrous_conv_backward", output_mask)
     weights, dilations = list(weights), [int(d) for d in dilations]
     grad_x, grad_ws = x.new_empty((0,)), []
-    grad_scale, grad_shift = scale.new_empty((0,)), shift.new_empty((0,))
-    grad_bias = (scale if bias is None else bias).new_empty((0,))
-    if not (need_x or need_w or need_ep):
-        return grad_x, grad_ws, grad_scale, grad_shift, grad_bias
-    # acc (the raw GEMM) is needed for grad_scale, and for z where relu hides the negative z that
-    # 2 z grad_sumsq needs; otherwise out stands in for z (act none) or gives the relu mask.
-    acc = None
-    if need_ep or (act == 1 and grad_sumsq is not None):
-        acc = p.tap_gemm(x, weights, dilations, sum_mode, False, acc_dtype(x.dtype))
-    g_acc, gs, gsh, gb = p.epilogue_backward(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act,
-                                             [need_x or need_w, need_ep])
-    if need_ep:
-        grad_scale, grad_shift, grad_bias = gs, gsh, gb
+    g_acc, grad_scale, grad_shift, grad_bias = _epilogue_backward(
+        p, lambda dt: p.tap_gemm(x, weights, dilations, sum_mode, False, dt), grad_out, grad_sum, grad_sumsq, out, x,
+        scale, shift, bias, act, need_x or need_w, need_ep)
     if need_x:
         grad_x = p.tap_gemm(g_acc, weights, dilations, sum_mode, True, x.dtype)
     if need_w:
@@ -136,15 +129,15 @@ def separable_setup(ctx, inputs, output):
     ctx.save_for_backward(output[0], x, scale, shift, bias, *pw, *dw, *mid_scales, *mid_shifts)
 
 
-def _separable_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
+def _separable_backward(prims, ctx, grad_out, grad_sum, grad_sumsq):
     out, x, scale, shift, bias, *rest = ctx.saved_tensors
     nb = ctx.nb
     pw, dw, mid_scales, mid_shifts = rest[:nb], rest[nb:2 * nb], rest[2 * nb:3 * nb], rest[3 * nb:]
     grad_out, grad_sum, grad_sumsq = _stats_grads(ctx, grad_out, grad_sum, grad_sumsq, out)
     need = ctx.needs_input_grad
     mask = [_any(need[0]), _any(need[1]) or _any(need[3]) or _any(need[4]) or _any(need[6]), _any(need[7:10])]
-    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = backward_op(
-        grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw,
+    gx, gdw, gms, gmsh, gpw, gscale, gshift, gbias = separable_conv_backward(
+        prims, grad_out, grad_sum, grad_sumsq, out, x, dw, ctx.dilations, mid_scales, mid_shifts, ctx.mid_act, pw,
         scale, shift, bias, ctx.act, mask,
     )
 
@@ -168,13 +161,56 @@ def _separable_backward(backward_op, ctx, grad_out, grad_sum, grad_sumsq):
     )
 
 
+def separable_conv_backward(p: Primitives, grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilations, mid_scales,
+                            mid_shifts, mid_act, pw_weights, scale, shift, bias, act, output_mask):
+    """The backward of separable_conv (every backend's): (grad_x, grad_dw_weights, grad_mid_scales,
+    grad_mid_shifts, grad_pw_weights, grad_scale, grad_shift, grad_bias). output_mask = [input,
+    weights (dw, mid scale / shift, pw), epilogue]; per-branch lists hold an empty [0] tensor where
+    the forward's entry was absent; what is not asked for comes back empty, as in atrous_conv_backward.
+
+        acc    = separable_gemm(x)                     only where out cannot stand in for z
+        g_acc  = epilogue_backward(grad_out, ...)
+        grads  = separable_gemm_backward(g_acc, x, ...)
+    """
+    need_x, need_w, need_ep = _mask("separable_conv_backward", output_mask)
+    args = (list(dw_weights), [int(d) for d in dilations], list(mid_scales), list(mid_shifts), int(mid_act),
+            list(pw_weights))
+    g_acc, grad_scale, grad_shift, grad_bias = _epilogue_backward(
+        p, lambda dt: p.separable_gemm(x, *args, dt), grad_out, grad_sum, grad_sumsq, out, x, scale, shift, bias, act,
+        need_x or need_w, need_ep)
+    if need_x or need_w:
+        grads = p.separable_gemm_backward(g_acc, x, *args, [need_x, need_w])
+    else:
+        grads = (x.new_empty((0,)), [], [], [], [])
+    return tuple(grads) + (grad_scale, grad_shift, grad_bias)
+
+
+def _mask(op, output_mask):
+    if len(output_mask) != 3:
+        raise ValueError(f"{op}: output_mask has {len(output_mask)} entries, expected 3 ([input, weights, epilogue])")
+    return tuple(bool(m) for m in output_mask)
+
+
+def _epilogue_backward(p, raw_gemm, grad_out, grad_sum, grad_sumsq, out, x, scale, shift, bias, act, need_g, need_ep):
+    """Both ops' first steps: (g_acc, grad_scale, grad_shift, grad_bias), empty [0] where not asked for.
+
+    acc (``raw_gemm(dtype)``, the op's GEMM without its epilogue) is computed only where it is
+    needed: for grad_scale, and for z where relu hides the negative z that 2 z grad_sumsq needs.
+    Otherwise the forward's out stands in for z (act none) or gives the relu mask (out > 0)."""
+    if not (need_g or need_ep):
+        empty = (scale.new_empty((0,)), shift.new_empty((0,)), (scale if bias is None else bias).new_empty((0,)))
+        return (x.new_empty((0,)),) + empty
+    acc = raw_gemm(acc_dtype(x.dtype)) if need_ep or (act == 1 and grad_sumsq is not None) else None
+    return p.epilogue_backward(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, [need_g, need_ep])
+
+
 def register_atrous(op_name: str, prims: Primitives) -> None:
     """Autograd of the atrous_conv-schema op ``op_name``: atrous_conv_backward over ``prims``."""
     torch.library.register_autograd(op_name, functools.partial(_atrous_backward, prims),
                                     setup_context=atrous_setup)
 
 
-def register_separable(op_name: str, backward_op) -> None:
-    """Autograd of the separable_conv-schema op ``op_name`` through ``backward_op``."""
-    torch.library.register_autograd(op_name, functools.partial(_separable_backward, backward_op),
+def register_separable(op_name: str, prims: Primitives) -> None:
+    """Autograd of the separable_conv-schema op ``op_name``: separable_conv_backward over ``prims``."""
+    torch.library.register_autograd(op_name, functools.partial(_separable_backward, prims),
                                     setup_context=separable_setup)

@@ -57,6 +57,6 @@ def triton_kernels():
                 _autograd.register_atrous("aspp_fused::triton_atrous_conv",
                                           _autograd.primitives(torch.ops.aspp_fused, "triton_"))
                 _autograd.register_separable("aspp_fused::triton_separable_conv",
-                                             kernels.ops.triton_separable_conv_backward)
+                                             _autograd.primitives(torch.ops.aspp_fused, "triton_"))
                 _triton_kernels = kernels
     return _triton_kernels

@@ -52,7 +52,9 @@ def atrous_conv_backward(*args):
 
 
 def separable_conv_backward(*args):
-    return torch.ops.aspp_fused.separable_conv_backward(*args)
+    """The backward of torch.ops.aspp_fused.separable_conv (aspp_fused/_autograd.py:
+    separable_conv_backward) over the compiled primitives; arguments as that function's after ``p``."""
+    return _autograd.separable_conv_backward(_autograd.primitives(torch.ops.aspp_fused), *args)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -116,19 +118,24 @@ def _register_fakes():
     def _(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act, stats):
         return _fake_forward(x, sum(w.shape[0] for w in pw_weights), stats)
 
-    @torch.library.register_fake("aspp_fused::separable_conv_backward")
-    def _(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
-          pw_weights, scale, shift, bias, act, mask):
+    @torch.library.register_fake("aspp_fused::separable_gemm")
+    def _(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, out_dtype=None):
+        n, _, h, w = x.shape
+        return torch.empty((n, sum(t.shape[0] for t in pw_weights), h, w), dtype=out_dtype or x.dtype,
+                           device=x.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("aspp_fused::separable_gemm_backward")
+    def _(g, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, mask):
         grad_x = _grad_x_like(x) if mask[0] else _empty(x)
 
         def per_branch(ts):
             return [(_grad_like(t) if _present(t) else _empty(x)) for t in ts] if mask[1] else []
 
         return (grad_x, per_branch(dw_weights), per_branch(mid_scales), per_branch(mid_shifts),
-                per_branch(pw_weights)) + _fake_epilogue_grads(mask[2], scale, shift, bias)
+                per_branch(pw_weights))
 
 
 if cpp_available():
     _register_fakes()
     _autograd.register_atrous("aspp_fused::atrous_conv", _autograd.primitives(torch.ops.aspp_fused))
-    _autograd.register_separable("aspp_fused::separable_conv", separable_conv_backward)
+    _autograd.register_separable("aspp_fused::separable_conv", _autograd.primitives(torch.ops.aspp_fused))

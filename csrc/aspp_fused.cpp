@@ -126,16 +126,27 @@ TORCH_LIBRARY(aspp_fused, m) {
       "Tensor[] mid_shifts, int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, "
       "Tensor? bias, int act, bool compute_stats) -> (Tensor out, Tensor ch_sum, Tensor ch_sumsq)",
       {at::Tag::pt2_compliant_tag});
-  // Backward of separable_conv; g_z as in epilogue_backward. output_mask = [input,
-  // weights (dw, mid scale/shift, pw), epilogue]. Lists have one entry per branch;
-  // an entry whose forward input was absent is an empty [0] tensor.
+  // separable_conv's backward is, like atrous_conv's, one formula (aspp_fused/_autograd.py) over
+  // primitives: separable_gemm (its acc, when needed), epilogue_backward, separable_gemm_backward.
+  //
+  // separable_gemm: separable_conv's acc, raw (no epilogue): branch b's channels of out are
+  //   pw_weights[b] @ m_b, m_b as separable_conv computes it (rounded to x.dtype); out [N, O, H, W]
+  //   channels_last in out_dtype (None: x's dtype).
   m.def(
-      "separable_conv_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor out, "
-      "Tensor x, Tensor[] dw_weights, int[] dilations, Tensor[] mid_scales, Tensor[] mid_shifts, "
-      "int mid_act, Tensor[] pw_weights, Tensor scale, Tensor shift, Tensor? bias, int act, "
-      "bool[] output_mask) -> (Tensor grad_x, Tensor[] grad_dw_weights, Tensor[] grad_mid_scales, "
-      "Tensor[] grad_mid_shifts, Tensor[] grad_pw_weights, Tensor grad_scale, Tensor grad_shift, "
-      "Tensor grad_bias)",
+      "separable_gemm(Tensor x, Tensor[] dw_weights, int[] dilations, Tensor[] mid_scales, "
+      "Tensor[] mid_shifts, int mid_act, Tensor[] pw_weights, ScalarType? out_dtype=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // separable_gemm_backward: the gradients of separable_gemm's inputs from g, a gradient of its
+  //   output ([N, O, H, W], in x's dtype or its accumulation dtype, as tap_gemm's adjoint reads
+  //   it): through the pointwise GEMM (the rounding of m to x.dtype taken as the identity), the
+  //   mid affine / act and the depthwise. output_mask = [input, weights (dw, mid scale/shift,
+  //   pw)]; lists have one entry per branch, and an entry whose forward input was absent, or a
+  //   grad not asked for, is an empty [0] tensor ([] for the lists when weights are not asked for).
+  //   Grads have the dtype of the tensor they belong to; grad_x is channels_last.
+  m.def(
+      "separable_gemm_backward(Tensor g, Tensor x, Tensor[] dw_weights, int[] dilations, Tensor[] mid_scales, "
+      "Tensor[] mid_shifts, int mid_act, Tensor[] pw_weights, bool[] output_mask) -> (Tensor grad_x, "
+      "Tensor[] grad_dw_weights, Tensor[] grad_mid_scales, Tensor[] grad_mid_shifts, Tensor[] grad_pw_weights)",
       {at::Tag::pt2_compliant_tag});
   // The CPU and CUDA kernels' packed-weight cache (csrc/pack_cache.h), for aspp_fused.clear_caches
   // and the tests: info = [hits, packs, entries] since load or the last clear; clear drops all;

@@ -236,11 +236,10 @@ inline void check_vector(const char* op, const at::Tensor& t, const char* name, 
   TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but x is on ", x.device());
 }
 
-inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::TensorList dw_weights,
-                                       at::IntArrayRef dilations, at::TensorList mid_scales,
-                                       at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
-                                       const at::Tensor& scale, const at::Tensor& shift,
-                                       const std::optional<at::Tensor>& bias, int64_t act) {
+// The branches of a separable op (x, the depthwise, mid affine and pointwise weights): act 0, no bias.
+inline SepProblem check_separable_branches(const char* op, const at::Tensor& x, at::TensorList dw_weights,
+                                           at::IntArrayRef dilations, at::TensorList mid_scales,
+                                           at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
   TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op,
                    ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
@@ -255,7 +254,6 @@ inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::
   TORCH_CHECK_VALUE(static_cast<int64_t>(pw_weights.size()) == nb, op, ": pw_weights has ", pw_weights.size(),
                     " entries, expected ", nb, " (len(dilations))");
   TORCH_CHECK_VALUE(mid_act == 0 || mid_act == 1, op, ": mid_act must be 0 (none) or 1 (relu), got ", mid_act);
-  TORCH_CHECK_VALUE(act == 0 || act == 1, op, ": act must be 0 (none) or 1 (relu), got ", act);
 
   SepProblem pb;
   pb.N = x.size(0);
@@ -263,7 +261,7 @@ inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::
   pb.H = x.size(2);
   pb.W = x.size(3);
   pb.mid_act = static_cast<int>(mid_act);
-  pb.act = static_cast<int>(act);
+  pb.act = 0;
   const int64_t C = pb.C;
   int64_t offset = 0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -309,7 +307,17 @@ inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::
     pb.branches.push_back(std::move(br));
   }
   pb.O = offset;
+  return pb;
+}
 
+inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::TensorList dw_weights,
+                                       at::IntArrayRef dilations, at::TensorList mid_scales,
+                                       at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+                                       const at::Tensor& scale, const at::Tensor& shift,
+                                       const std::optional<at::Tensor>& bias, int64_t act) {
+  TORCH_CHECK_VALUE(act == 0 || act == 1, op, ": act must be 0 (none) or 1 (relu), got ", act);
+  SepProblem pb = check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
+  pb.act = static_cast<int>(act);
   check_vector(op, scale, "scale", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
   check_vector(op, shift, "shift", -1, pb.O, "O = sum of pw_weights[b].shape[0]", x);
   if (bias.has_value() && bias->defined()) {
@@ -324,24 +332,23 @@ inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::
   return pb;
 }
 
-inline void check_separable_backward_args(const char* op, const SepProblem& pb, const at::Tensor& grad_out,
-                                          const std::optional<at::Tensor>& grad_sum,
-                                          const std::optional<at::Tensor>& grad_sumsq, const at::Tensor& out,
-                                          const at::Tensor& x, size_t mask_size) {
-  const std::vector<int64_t> out_shape{pb.N, pb.O, pb.H, pb.W};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have shape ",
-                    at::IntArrayRef(out_shape), " ([N, O, H, W]), got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(grad_out.scalar_type()), op, ": grad_out must be a floating tensor, got ",
-                   grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), op, ": out must have shape ",
-                    at::IntArrayRef(out_shape), " (the forward's output), got ", out.sizes());
-  if (grad_sum.has_value() && grad_sum->defined()) check_vector(op, *grad_sum, "grad_sum", -1, pb.O, "O", x);
-  if (grad_sumsq.has_value() && grad_sumsq->defined())
-    check_vector(op, *grad_sumsq, "grad_sumsq", -1, pb.O, "O", x);
-  TORCH_CHECK_VALUE(mask_size == 3, op, ": output_mask must have 3 entries [input, weights, epilogue], got ",
-                    mask_size);
+// separable_gemm_backward's arguments: the branches, g [N, O, H, W] in x's dtype or its
+// accumulation dtype, and a 2-entry output_mask.
+inline SepProblem check_separable_gemm_backward_args(const char* op, const at::Tensor& g, const at::Tensor& x,
+                                                     at::TensorList dw_weights, at::IntArrayRef dilations,
+                                                     at::TensorList mid_scales, at::TensorList mid_shifts,
+                                                     int64_t mid_act, at::TensorList pw_weights, size_t mask_size) {
+  const SepProblem pb =
+      check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
+  TORCH_CHECK(g.device() == x.device(), op, ": g is on ", g.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type() || g.scalar_type() == acc_dtype(x.scalar_type()), op,
+                   ": g has dtype ", g.scalar_type(), ", expected ", x.scalar_type(), " (x's dtype) or ",
+                   acc_dtype(x.scalar_type()), " (its accumulation dtype)");
+  const std::vector<int64_t> want{pb.N, pb.O, pb.H, pb.W};
+  TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef(want), op, ": g has shape ", g.sizes(), ", expected ",
+                    at::IntArrayRef(want), " ([N, O, H, W], O = sum of pw_weights[b].shape[0])");
+  TORCH_CHECK_VALUE(mask_size == 2, op, ": output_mask has ", mask_size, " entries, expected 2 ([input, weights])");
+  return pb;
 }
 
 }  // namespace checks

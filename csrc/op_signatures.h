@@ -23,10 +23,9 @@ namespace sig {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // (g_acc, grad_scale, grad_shift, grad_bias)
 using EpilogueBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// (grad_x, grad_dw_weights, grad_mid_scales, grad_mid_shifts, grad_pw_weights, grad_scale, grad_shift, grad_bias)
-using SeparableBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor,
-                                           at::Tensor>;
+// (grad_x, grad_dw_weights, grad_mid_scales, grad_mid_shifts, grad_pw_weights)
+using SeparableGemmBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                               std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 using AtrousConv = ForwardResult(
     const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, const at::Tensor& scale,
@@ -48,11 +47,13 @@ using SeparableConv = ForwardResult(
     at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights, const at::Tensor& scale,
     const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act, bool compute_stats);
 
-using SeparableConvBackward = SeparableBackwardResult(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+using SeparableGemm = at::Tensor(const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+                                 at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act,
+                                 at::TensorList pw_weights, std::optional<at::ScalarType> out_dtype);
+
+using SeparableGemmBackward = SeparableGemmBackwardResult(
+    const at::Tensor& g, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
     at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
-    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
     c10::List<bool> output_mask);
 
 }  // namespace sig

@@ -94,24 +94,6 @@ def epilogue_backward(grad_out, zsrc, recompute, scale, shift, bias, grad_sum, g
     return g_acc, pscale.sum(0), pshift.view(N, nblk, O)
 
 
-def epilogue_grads(grad_out, out, raw_forward, scale, shift, bias, grad_sum, grad_sumsq, act, need_acc, need_ep,
-                   gacc_dtype):
-    """The epilogue step of both ops' backward: (g_acc or None, grad_scale, grad_shift, grad_bias),
-    the last three None unless need_ep (grad_bias also None without a bias).
-
-    acc is needed for grad_scale, and z when relu hides the negative z that 2 z grad_sumsq needs:
-    then ``raw_forward()`` recomputes the raw conv output (fp32); otherwise the forward's ``out``
-    stands in for z (act none) or gives the relu mask (out > 0)."""
-    recompute = need_ep or (act == 1 and grad_sumsq is not None)
-    zsrc = raw_forward() if recompute else out
-    g_acc, p_scale, p_shift = epilogue_backward(grad_out, zsrc, recompute, scale, shift, bias, grad_sum, grad_sumsq,
-                                                act, need_acc, need_ep, gacc_dtype)
-    if not need_ep:
-        return g_acc, None, None, None
-    g_bias = None if bias is None else p_shift.sum(1).to(bias.dtype)
-    return g_acc, p_scale.to(scale.dtype), p_shift.sum((0, 1)).to(shift.dtype), g_bias
-
-
 def epilogue_backward_op(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, output_mask):
     """The schema's epilogue_backward (csrc/aspp_fused.cpp): (g_acc [N, O, H, W] channels_last in
     out's dtype, grad_scale, grad_shift, grad_bias), empty [0] where not asked for."""

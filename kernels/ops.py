@@ -2,11 +2,13 @@
 
     aspp_fused::triton_atrous_conv            (x, weights, dilations, scale, shift, bias, sum_mode, act,
                                                compute_stats) -> (out, ch_sum, ch_sumsq)
-    aspp_fused::triton_tap_gemm               as aspp_fused::tap_gemm           } the primitives of
-    aspp_fused::triton_epilogue_backward      as aspp_fused::epilogue_backward  } atrous_conv's
-    aspp_fused::triton_tap_wgrad              as aspp_fused::tap_wgrad          } backward
     aspp_fused::triton_separable_conv         as aspp_fused::separable_conv
-    aspp_fused::triton_separable_conv_backward
+  the primitives of their backward formulas (aspp_fused/_autograd.py):
+    aspp_fused::triton_tap_gemm                  as aspp_fused::tap_gemm
+    aspp_fused::triton_epilogue_backward         as aspp_fused::epilogue_backward
+    aspp_fused::triton_tap_wgrad                 as aspp_fused::tap_wgrad
+    aspp_fused::triton_separable_gemm            as aspp_fused::separable_gemm
+    aspp_fused::triton_separable_gemm_backward   as aspp_fused::separable_gemm_backward
 
 Semantics are those of the C++ schemas (csrc/aspp_fused.cpp), except that float64 is not
 supported (TypeError); g_acc is in the input's dtype, as on CUDA. The ops are opaque ``torch.library.custom_op``s, on a GPU as under
@@ -18,8 +20,8 @@ call; and a packing returned from an op of its own is a buffer inductor may reus
 CUDA-graph capture the op packs inside the graph (PackCache), so each replay follows the
 weights' current values.
 
-Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py: atrous_conv's over the
-three primitives here, separable_conv's through triton_separable_conv_backward), registered by the
+Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py, over the primitives here),
+registered by the
 package when it loads this backend (aspp_fused._extension.triton_kernels): this package
 imports nothing of aspp_fused.
 """
@@ -31,7 +33,7 @@ from torch import Tensor
 from ._common import check_dtype, skip_launches
 from .atrous_conv import atrous_forward, tap_gemm_op, tap_wgrad_op
 from .bn_act import epilogue_backward_op
-from .separable_conv import separable_backward, separable_forward
+from .separable_conv import separable_forward, separable_gemm_backward_op, separable_gemm_op
 
 
 def _define(name, fn):
@@ -80,15 +82,20 @@ def _triton_separable_conv(x: Tensor, dw_weights: List[Tensor], dilations: List[
                              bias, act, compute_stats)
 
 
-def _triton_separable_conv_backward(
-        grad_out: Tensor, grad_sum: Optional[Tensor], grad_sumsq: Optional[Tensor], out: Tensor, x: Tensor,
-        dw_weights: List[Tensor], dilations: List[int], mid_scales: List[Tensor], mid_shifts: List[Tensor],
-        mid_act: int, pw_weights: List[Tensor], scale: Tensor, shift: Tensor, bias: Optional[Tensor], act: int,
-        output_mask: List[bool]
-) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor], Tensor, Tensor, Tensor]:
-    check_dtype("triton_separable_conv_backward", x)
-    return separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilations, mid_scales, mid_shifts,
-                              mid_act, pw_weights, scale, shift, bias, act, output_mask)
+def _triton_separable_gemm(x: Tensor, dw_weights: List[Tensor], dilations: List[int], mid_scales: List[Tensor],
+                           mid_shifts: List[Tensor], mid_act: int, pw_weights: List[Tensor],
+                           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    check_dtype("triton_separable_gemm", x)
+    return separable_gemm_op(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, out_dtype)
+
+
+def _triton_separable_gemm_backward(
+        g: Tensor, x: Tensor, dw_weights: List[Tensor], dilations: List[int], mid_scales: List[Tensor],
+        mid_shifts: List[Tensor], mid_act: int, pw_weights: List[Tensor], output_mask: List[bool]
+) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+    check_dtype("triton_separable_gemm_backward", x)
+    return separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights,
+                                      output_mask)
 
 
 triton_atrous_conv = _define("aspp_fused::triton_atrous_conv", _triton_atrous_conv)
@@ -96,7 +103,8 @@ triton_tap_gemm = _define("aspp_fused::triton_tap_gemm", _triton_tap_gemm)
 triton_epilogue_backward = _define("aspp_fused::triton_epilogue_backward", _triton_epilogue_backward)
 triton_tap_wgrad = _define("aspp_fused::triton_tap_wgrad", _triton_tap_wgrad)
 triton_separable_conv = _define("aspp_fused::triton_separable_conv", _triton_separable_conv)
-triton_separable_conv_backward = _define("aspp_fused::triton_separable_conv_backward", _triton_separable_conv_backward)
+triton_separable_gemm = _define("aspp_fused::triton_separable_gemm", _triton_separable_gemm)
+triton_separable_gemm_backward = _define("aspp_fused::triton_separable_gemm_backward", _triton_separable_gemm_backward)
 
 
 # --------------------------------------------------------------------------- Python face

@@ -30,7 +30,6 @@ from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OU
 from .pack_cache import PACKED
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
 from .worklog import log_work
-from .bn_act import epilogue_grads
 
 
 def _cfg(th, tw, bm, bn, bk, warps, stages):
@@ -336,9 +335,16 @@ def depthwise(inp, dwb, midb, rows, out_d, out_m, add, *, sum_mode, mid_act, C):
                STORE_M=out_m is not None, HAS_ADD=add is not None, MID_ACT=int(mid_act), **tile)
 
 
-def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilations, mid_scales, mid_shifts,
-                       mid_act, pw_weights, scale, shift, bias, act, mask):
-    need_in, need_w, need_ep = bool(mask[0]), bool(mask[1]), bool(mask[2])
+def separable_gemm_op(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, out_dtype=None):
+    """The schema's separable_gemm (csrc/aspp_fused.cpp): separable_conv's acc, raw."""
+    return separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, None, None, None,
+                             0, False, out_dtype or x.dtype)[0]
+
+
+def separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, mask):
+    """The schema's separable_gemm_backward: (grad_x, grad_dw, grad_mid_scales, grad_mid_shifts, grad_pw)
+    from g, the gradient of separable_gemm's output."""
+    need_in, need_w = bool(mask[0]), bool(mask[1])
     N, C, H, W = x.shape
     f32, dev = torch.float32, x.device
     nb = len(pw_weights)
@@ -349,13 +355,11 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
     g_ms: List[torch.Tensor] = []
     g_msh: List[torch.Tensor] = []
     g_pw: List[torch.Tensor] = []
-    g_scale, g_shift = scale.new_empty((0,)), shift.new_empty((0,))
-    g_bias = (bias if bias is not None else scale).new_empty((0,))
     if need_in:
         grad_x, gx_n = empty_nchw_cl(N, C, H, W, x.dtype, dev)
     has_dw = [_present(t) for t in dw_weights]
     has_mid = [_present(t) for t in mid_scales]
-    if N * H * W == 0 or not (need_in or need_w or need_ep):
+    if N * H * W == 0 or not (need_in or need_w):
         if need_in:
             grad_x.zero_()
         if need_w:
@@ -363,20 +367,8 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
             g_ms = [torch.zeros_like(t) if p else absent.clone() for t, p in zip(mid_scales, has_mid)]
             g_msh = [torch.zeros_like(t) if p else absent.clone() for t, p in zip(mid_shifts, has_mid)]
             g_pw = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in pw_weights]
-        if need_ep:
-            g_scale, g_shift = torch.zeros_like(scale), torch.zeros_like(shift)
-            if bias is not None:
-                g_bias = torch.zeros_like(bias)
-        return grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias
-
-    g_acc, gs, gsh, gb = epilogue_grads(
-        grad_out, out, lambda: separable_forward(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act,
-                                                 pw_weights, None, None, None, 0, False, f32)[0],
-        scale, shift, bias, grad_sum, grad_sumsq, act, need_in or need_w, need_ep, x.dtype)
-    if need_ep:
-        g_scale, g_shift, g_bias = gs, gsh, (g_bias if gb is None else gb)
-    if not (need_in or need_w):
-        return grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias
+        return grad_x, g_dw, g_ms, g_msh, g_pw
+    g_acc = nhwc(g.to(x.dtype))  # [N, H, W, O] dense, read by the 1x1 GEMMs
 
     prec = dot_precision(x.dtype)
     xn = nhwc(x)
@@ -469,7 +461,7 @@ def separable_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weights, dilat
             else:
                 g_ms.append(absent.clone())
                 g_msh.append(absent.clone())
-    return grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias
+    return grad_x, g_dw, g_ms, g_msh, g_pw
 
 
 # --------------------------------------------------------------------------- reference

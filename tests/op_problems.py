@@ -117,7 +117,7 @@ def cuda_emu_backend():
         torch.ops.load_library(EMU_LIB)
         emu = torch.ops.aspp_fused_emu
         _autograd.register_atrous("aspp_fused_emu::atrous_conv", _autograd.primitives(emu))
-        _autograd.register_separable("aspp_fused_emu::separable_conv", emu.separable_conv_backward)
+        _autograd.register_separable("aspp_fused_emu::separable_conv", _autograd.primitives(emu))
 
         def atrous(x, ws, d, s, t, b, sum_mode, act, stats):
             s, t = _materialize(s, t, ws[0].shape[0] if sum_mode else sum(w.shape[0] for w in ws), x)

@@ -44,6 +44,11 @@ def atrous_conv_backward(ns, *args):
     """atrous_conv's backward (the one formula, aspp_fused/_autograd.py) over ns's primitives."""
     return _autograd.atrous_conv_backward(_autograd.primitives(ns), *args)
 
+
+def separable_conv_backward(ns, *args):
+    """separable_conv's backward (aspp_fused/_autograd.py) over ns's primitives."""
+    return _autograd.separable_conv_backward(_autograd.primitives(ns), *args)
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=WHY),
               pytest.mark.usefixtures("no_tf32")]  # conftest: the exact fp32 path unless a test asks for TF32
 
@@ -495,11 +500,12 @@ def _separable_run(prob, dtype, mid_act, act, stats, mask, layout, compare_backw
 
     go, gs, gss, goq, gsq, gssq = _upstream_grads(ref[0], stats, dtype)
     mask = list(mask)
-    bw = OPS.separable_conv_backward(_dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], *args_d[:10], act, mask)
+    bw = separable_conv_backward(OPS, _dev(goq, dtype), _dev(gsq, sd), _dev(gssq, sd), out[0], *args_d[:10], act,
+                                 mask)
     _sync()
-    bref = REF.separable_conv_backward(goq, gsq, gssq, ref[0], *args_r[:10], act, mask)
-    bconv = REF.separable_conv_backward(goq.to(dtype), None if gsq is None else gsq.to(sd),
-                                        None if gssq is None else gssq.to(sd), conv[0], *conv_args[:10], act, mask)
+    bref = separable_conv_backward(REF, goq, gsq, gssq, ref[0], *args_r[:10], act, mask)
+    bconv = separable_conv_backward(REF, goq.to(dtype), None if gsq is None else gsq.to(sd),
+                                    None if gssq is None else gssq.to(sd), conv[0], *conv_args[:10], act, mask)
     ptg = None
     if dtype in LOW and compare_backward:
         ptg = _torch_grads(

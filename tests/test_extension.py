@@ -8,7 +8,8 @@ import torch
 
 from aspp_fused import _extension
 
-OPS = ["atrous_conv", "tap_gemm", "epilogue_backward", "tap_wgrad", "separable_conv", "separable_conv_backward"]
+OPS = ["atrous_conv", "tap_gemm", "epilogue_backward", "tap_wgrad", "separable_conv", "separable_gemm",
+       "separable_gemm_backward"]
 
 
 @pytest.mark.skipif(os.environ.get("ASPP_FUSED_ALLOW_NO_EXT") == "1", reason="ASPP_FUSED_ALLOW_NO_EXT=1")

@@ -674,8 +674,8 @@ def test_fuzz_cuda_separable_conv(seed):
     gen = torch.Generator().manual_seed(seed + 1)
 
     def run_bwd(go, gsum, gsumsq, m):
-        r = CUDA_OPS.separable_conv_backward(go, gsum, gsumsq, out[0], x, absent(dw), d, absent(ms), absent(msh), ma,
-                                             pw, s, t, b, act, m)
+        r = _autograd.separable_conv_backward(_autograd.primitives(CUDA_OPS), go, gsum, gsumsq, out[0], x, absent(dw),
+                                              d, absent(ms), absent(msh), ma, pw, s, t, b, act, m)
         return [v for v, flag in zip(r, [m[0]] + [m[1]] * 4 + [m[2]] * 3) if flag]
 
     leaves = [rx] + rdw + rms + rmsh + rpw + [rs, rt, rb]

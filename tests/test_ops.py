@@ -242,10 +242,11 @@ def test_opcheck_separable_conv():
     grad_args = _with_grad([x, absent(dw), d, absent(ms), absent(msh)])
     torch.library.opcheck(torch.ops.aspp_fused.separable_conv.default, tuple(grad_args) + base[5:])
     out, _, _ = torch.ops.aspp_fused.separable_conv(*base)
-    torch.library.opcheck(
-        torch.ops.aspp_fused.separable_conv_backward.default,
-        (torch.randn_like(out), None, None, out) + base[:10] + (1, [True, True, True]),
-    )
+    prims = torch.ops.aspp_fused
+    torch.library.opcheck(prims.separable_gemm.default, base[:7] + (F64,))
+    g = torch.randn_like(out)
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(prims.separable_gemm_backward.default, (g,) + base[:7] + (mask,))
 
 
 # --------------------------------------------------------------------------- low precision

@@ -80,7 +80,8 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])
-ops = ["atrous_conv", "tap_gemm", "epilogue_backward", "tap_wgrad", "separable_conv", "separable_conv_backward"]
+ops = ["atrous_conv", "tap_gemm", "epilogue_backward", "tap_wgrad", "separable_conv", "separable_gemm",
+       "separable_gemm_backward"]
 missing = [(op, key) for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key("aspp_fused::" + op, key)]
 for op in ops:

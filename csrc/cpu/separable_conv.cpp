@@ -1,4 +1,5 @@
-// CPU kernels (the CPU backend) of aspp_fused::separable_conv and separable_conv_backward
+// CPU kernels (the CPU backend) of aspp_fused::separable_conv and of its backward's primitives
+// separable_gemm and separable_gemm_backward (the formula: aspp_fused/_autograd.py)
 // (semantics: the schema comments in csrc/aspp_fused.cpp).
 //
 // This is a readable model of the fused GPU kernel, not a tuned CPU path. Work is split
@@ -130,8 +131,9 @@ Packed<acc_t> pack(const Problem& pb, const at::Tensor& scale, const at::Tensor&
     br.pw_co = pk.hold(pw_co);
     pk.branches.push_back(br);
   }
-  pk.scale = pk.hold(scale.to(acc_type));
-  pk.shift = pk.hold(shift.to(acc_type));
+  // No epilogue (separable_gemm, its backward): no scale / shift.
+  pk.scale = scale.defined() ? pk.hold(scale.to(acc_type)) : nullptr;
+  pk.shift = shift.defined() ? pk.hold(shift.to(acc_type)) : nullptr;
   pk.bias = pb.bias.defined() ? pk.hold(pb.bias.to(acc_type)) : nullptr;
   return pk;
 }
@@ -303,14 +305,18 @@ void gemm_tile(const acc_t* a, const acc_t* b, acc_t* c, int64_t P, int64_t K, i
 // ------------------------------------------------------------------------------------------
 // Forward.
 
+// The forward: out = the epilogue of acc (separable_conv), or (raw, scale undefined) acc itself
+// in the accumulation type (separable_gemm).
 template <typename scalar_t>
 void forward_kernel(const Problem& pb, const at::Tensor& x_cl, const at::Tensor& scale, const at::Tensor& shift,
                     bool compute_stats, at::Tensor& out, std::vector<double>& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const Packed<acc_t> pk = pack<acc_t>(pb, scale, shift);
+  const bool raw = !scale.defined();
   const int64_t C = pb.C, H = pb.H, W = pb.W, O = pb.O;
   const scalar_t* x = x_cl.data_ptr<scalar_t>();
-  scalar_t* y = out.data_ptr<scalar_t>();
+  scalar_t* y = raw ? nullptr : out.data_ptr<scalar_t>();
+  acc_t* y_raw = raw ? out.data_ptr<acc_t>() : nullptr;
   int64_t max_ob = 0;
   for (const auto& br : pk.branches) max_ob = std::max(max_ob, br.O);
 
@@ -322,10 +328,17 @@ void forward_kernel(const Problem& pb, const at::Tensor& x_cl, const at::Tensor&
     for (int64_t item = item0; item < item1; ++item) {
       const Tile t = tiling.tile(item);
       const scalar_t* x_n = x + t.n * H * W * C;
-      scalar_t* y_n = y + t.n * H * W * O;
       for (const PackedBranch<acc_t>& br : pk.branches) {
         branch_operand_tile(br, t, x_n, H, W, C, pb.mid_act, d.data(), m.data());
         gemm_tile(m.data(), br.pw_co, acc.data(), t.pixels(), C, br.O);
+        if (raw) {
+          acc_t* r_n = y_raw + t.n * H * W * O + br.offset;
+          for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
+            std::copy_n(acc.data() + p * br.O, br.O, r_n + pix * O);
+          });
+          continue;
+        }
+        scalar_t* y_n = y + t.n * H * W * O;
         const acc_t* sc = pk.scale + br.offset;
         const acc_t* sh = pk.shift + br.offset;
         const acc_t* bi = pk.bias ? pk.bias + t.n * O + br.offset : nullptr;
@@ -374,92 +387,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cpu(
 // Backward.
 
 struct BackwardFlags {
-  bool input, weights, epilogue;  // output_mask
-  bool need_z;                    // recompute acc and z: relu mask, grad_sumsq or grad_scale need them
+  bool input, weights;  // output_mask
 };
 
-// Weight and epilogue grads of one branch, reduced over all pixels (double).
+// Weight grads of one branch, reduced over all pixels (double).
 struct BranchGrads {
   std::vector<double> pw;    // [C][O_b]
   std::vector<double> dw;    // [9][C]
   std::vector<double> ms;    // [C]
   std::vector<double> msh;   // [C]
-  std::vector<double> scale; // [O_b]
-  std::vector<double> shift; // [O_b]
-  std::vector<double> bias;  // [N][O_b]
 };
 
-// Runs the backward of one branch. Branches are independent in concat mode (each owns its
-// output channels), so the backward goes branch by branch: a depthwise branch's input grad
-// at a pixel needs g_d at pixels up to `dilation` away, i.e. in other tiles, so g_d of the
-// whole batch is completed (pass 1) before it is gathered into grad_x (pass 2).
+// Runs the backward of one branch from g_acc (the gradient of acc, [N, H, W, O] in acc_t).
+// Branches are independent in concat mode (each owns its output channels), so the backward goes
+// branch by branch: a depthwise branch's input grad at a pixel needs g_d at pixels up to
+// `dilation` away, i.e. in other tiles, so g_d of the whole batch is completed (pass 1) before
+// it is gathered into grad_x (pass 2).
 template <typename scalar_t>
-BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scalar_t>>& pk,
-                            const PackedBranch<at::opmath_type<scalar_t>>& br, const BackwardFlags& f,
-                            const scalar_t* x, const at::opmath_type<scalar_t>* gout,
-                            const at::opmath_type<scalar_t>* gsum, const at::opmath_type<scalar_t>* gsumsq,
+BranchGrads backward_branch(const Problem& pb, const PackedBranch<at::opmath_type<scalar_t>>& br,
+                            const BackwardFlags& f, const scalar_t* x, const at::opmath_type<scalar_t>* g_acc,
                             at::opmath_type<scalar_t>* gd_img, at::opmath_type<scalar_t>* gx) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = pb.C, H = pb.H, W = pb.W, O = pb.O, Ob = br.O, N = pb.N;
   const Tiling tiling(N, H, W);
   const bool need_gm = f.input || (f.weights && br.has_dw);
-  const bool has_bias = pk.bias != nullptr;
 
   // Slab partial layout (a segment is empty when its grad is not asked for).
   const int64_t len_pw = f.weights ? C * Ob : 0;
   const int64_t len_dw = f.weights && br.has_dw ? kTaps * C : 0;
   const int64_t len_mid = f.weights && br.has_mid ? C : 0;
-  const int64_t len_ep = f.epilogue ? Ob : 0;
-  const int64_t len_bias = f.epilogue && has_bias ? N * Ob : 0;
   const int64_t off_dw = len_pw, off_ms = off_dw + len_dw, off_msh = off_ms + len_mid;
-  const int64_t off_scale = off_msh + len_mid, off_shift = off_scale + len_ep, off_bias = off_shift + len_ep;
 
-  // Pass 1, per tile: recompute the forward up to z, then g_z -> g_acc -> weight grads, g_m,
-  // and through the mid affine/act to g_d.
-  SlabPartials partials(tiling.items(), off_bias + len_bias);
+  // Pass 1, per tile: the forward's operand m, then from g_acc the weight grads, g_m, and through
+  // the mid affine/act g_d.
+  SlabPartials partials(tiling.items(), off_msh + len_mid);
   partials.run(tiling.items(), [&](double* part, int64_t item0, int64_t item1) {
-    std::vector<acc_t> d(kTilePixels * C), m(kTilePixels * C), acc(kTilePixels * Ob), g(kTilePixels * Ob),
-        gm(kTilePixels * C), tile_pw(len_pw), tile_dw(len_dw);
+    std::vector<acc_t> d(kTilePixels * C), m(kTilePixels * C), g(kTilePixels * Ob), gm(kTilePixels * C),
+        tile_pw(len_pw), tile_dw(len_dw);
     for (int64_t item = item0; item < item1; ++item) {
       const Tile t = tiling.tile(item);
       const int64_t P = t.pixels();
       const scalar_t* x_n = x + t.n * H * W * C;
       branch_operand_tile(br, t, x_n, H, W, C, pb.mid_act, d.data(), m.data());
-      if (f.need_z) gemm_tile(m.data(), br.pw_co, acc.data(), P, C, Ob);
-
-      // g_z = grad_out * act'(z) + grad_sum + 2 z grad_sumsq; g[p][o] = g_acc = g_z * scale.
-      const acc_t* sc = pk.scale + br.offset;
-      const acc_t* sh = pk.shift + br.offset;
-      const acc_t* bi = has_bias ? pk.bias + t.n * O + br.offset : nullptr;
-      const acc_t* gs = gsum ? gsum + br.offset : nullptr;
-      const acc_t* gss = gsumsq ? gsumsq + br.offset : nullptr;
-      double* g_scale = part + off_scale;
-      double* g_shift = part + off_shift;
-      double* g_bias = len_bias > 0 ? part + off_bias + t.n * Ob : nullptr;
+      // g[p][o] = g_acc of this branch's channels at the tile's pixels.
       for_each_pixel(t, W, [&](int64_t p, int64_t pix) {
-        const acc_t* gop = gout + (t.n * H * W + pix) * O + br.offset;
-        const acc_t* ap = acc.data() + p * Ob;
-        acc_t* gp = g.data() + p * Ob;
-        for (int64_t o = 0; o < Ob; ++o) {
-          acc_t gz = gop[o];
-          acc_t z = 0;
-          if (f.need_z) {
-            z = ap[o] * sc[o] + sh[o];
-            if (bi) z += bi[o];
-            if (pb.act == kActRelu && !(z > acc_t(0))) gz = 0;
-          }
-          if (gs) gz += gs[o];
-          if (gss) gz += acc_t(2) * z * gss[o];
-          if (f.epilogue) {
-            g_scale[o] += static_cast<double>(gz) * static_cast<double>(ap[o]);
-            g_shift[o] += static_cast<double>(gz);
-            if (g_bias) g_bias[o] += static_cast<double>(gz);
-          }
-          gp[o] = gz * sc[o];
-        }
+        std::copy_n(g_acc + (t.n * H * W + pix) * O + br.offset, Ob, g.data() + p * Ob);
       });
 
-      // grad_pw[c][o] += m[p][c] * g_acc[p][o] (m is the rounded operand the forward used).
+  // grad_pw[c][o] += m[p][c] * g_acc[p][o] (m is the rounded operand the forward used).
       if (f.weights) {
         std::fill(tile_pw.begin(), tile_pw.end(), acc_t(0));
         for (int64_t p = 0; p < P; ++p) {
@@ -551,36 +526,44 @@ BranchGrads backward_branch(const Problem& pb, const Packed<at::opmath_type<scal
   out.dw = segment(off_dw, len_dw);
   out.ms = segment(off_ms, len_mid);
   out.msh = segment(off_msh, len_mid);
-  out.scale = segment(off_scale, len_ep);
-  out.shift = segment(off_shift, len_ep);
-  out.bias = segment(off_bias, len_bias);
   return out;
 }
 
-using BackwardResult = sig::SeparableBackwardResult;
+// separable_gemm: the forward's acc, raw (forward_kernel with no scale), in the accumulation type.
+at::Tensor separable_gemm_cpu(const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+                              at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act,
+                              at::TensorList pw_weights, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "separable_gemm";
+  const Problem pb =
+      checks::check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
+  TORCH_CHECK_TYPE(!out_dtype.has_value() || checks::is_supported_dtype(*out_dtype), op,
+                   ": out_dtype must be float32, float64, bfloat16 or float16, got ", *out_dtype);
+  const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
+  // Every (pixel, channel) is written: each branch writes its channels of every pixel.
+  at::Tensor acc = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options()
+                                                           .dtype(checks::acc_dtype(x.scalar_type()))
+                                                           .memory_format(at::MemoryFormat::ChannelsLast));
+  std::vector<double> stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "separable_gemm_cpu", [&] {
+    forward_kernel<scalar_t>(pb, x_cl, at::Tensor(), at::Tensor(), false, acc, stats);
+  });
+  return acc.to(out_dtype.value_or(x.scalar_type()));
+}
 
-BackwardResult separable_conv_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
-    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
-    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
-    c10::List<bool> output_mask) {
-  const char* op = "separable_conv_backward";
-  const Problem pb = checks::check_separable_args(
-      op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights, scale, shift, bias, act);
-  checks::check_separable_backward_args(op, pb, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
-  const bool has_gsum = grad_sum.has_value() && grad_sum->defined();
-  const bool has_gsumsq = grad_sumsq.has_value() && grad_sumsq->defined();
-
+// separable_gemm_backward: branch by branch (backward_branch), g read in the accumulation type.
+sig::SeparableGemmBackwardResult separable_gemm_backward_cpu(const at::Tensor& g, const at::Tensor& x,
+                                                             at::TensorList dw_weights, at::IntArrayRef dilations,
+                                                             at::TensorList mid_scales, at::TensorList mid_shifts,
+                                                             int64_t mid_act, at::TensorList pw_weights,
+                                                             c10::List<bool> output_mask) {
+  const char* op = "separable_gemm_backward";
+  const Problem pb = checks::check_separable_gemm_backward_args(op, g, x, dw_weights, dilations, mid_scales,
+                                                                mid_shifts, mid_act, pw_weights, output_mask.size());
   BackwardFlags f;
   f.input = output_mask.get(0);
   f.weights = output_mask.get(1);
-  f.epilogue = output_mask.get(2);
-  // z itself is needed for the relu mask and the grad_sumsq term, acc for grad_scale. The
-  // kernel recomputes them rather than reading `out`, which for low precision holds z rounded.
-  f.need_z = pb.act == kActRelu || has_gsumsq || f.epilogue;
 
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = checks::acc_dtype(x.scalar_type());
   const at::TensorOptions acc_cl = x.options().dtype(acc_type).memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor gx_acc, gd_img;
   if (f.input) {
@@ -592,19 +575,16 @@ BackwardResult separable_conv_backward_cpu(
   }
 
   std::vector<BranchGrads> grads;
-  if (f.input || f.weights || f.epilogue) {
+  if (f.input || f.weights) {
     const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor gout = grad_out.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor gsum = has_gsum ? grad_sum->to(acc_type).contiguous() : at::Tensor();
-    const at::Tensor gsumsq = has_gsumsq ? grad_sumsq->to(acc_type).contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "separable_conv_backward_cpu", [&] {
+    const at::Tensor g_acc = g.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "separable_gemm_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const Packed<acc_t> pk = pack<acc_t>(pb, scale, shift);
+      const Packed<acc_t> pk = pack<acc_t>(pb, at::Tensor(), at::Tensor());
       for (const PackedBranch<acc_t>& br : pk.branches) {
-        grads.push_back(backward_branch<scalar_t>(
-            pb, pk, br, f, x_cl.data_ptr<scalar_t>(), gout.data_ptr<acc_t>(),
-            has_gsum ? gsum.data_ptr<acc_t>() : nullptr, has_gsumsq ? gsumsq.data_ptr<acc_t>() : nullptr,
-            gd_img.defined() ? gd_img.data_ptr<acc_t>() : nullptr, f.input ? gx_acc.data_ptr<acc_t>() : nullptr));
+        grads.push_back(backward_branch<scalar_t>(pb, br, f, x_cl.data_ptr<scalar_t>(), g_acc.data_ptr<acc_t>(),
+                                                  gd_img.defined() ? gd_img.data_ptr<acc_t>() : nullptr,
+                                                  f.input ? gx_acc.data_ptr<acc_t>() : nullptr));
       }
     });
   }
@@ -640,35 +620,18 @@ BackwardResult separable_conv_backward_cpu(
       }
     }
   }
-
-  at::Tensor g_scale = empty_like(scale), g_shift = empty_like(shift);
-  at::Tensor g_bias = empty_like(pb.bias.defined() ? pb.bias : scale);
-  if (f.epilogue) {
-    std::vector<double> s(pb.O), sh(pb.O), bi(pb.bias.defined() ? pb.N * pb.O : 0);
-    for (size_t b = 0; b < pb.branches.size(); ++b) {
-      const BranchSpec& spec = pb.branches[b];
-      const BranchGrads& gr = grads[b];
-      std::copy(gr.scale.begin(), gr.scale.end(), s.begin() + spec.offset);
-      std::copy(gr.shift.begin(), gr.shift.end(), sh.begin() + spec.offset);
-      for (int64_t n = 0; n < (pb.bias.defined() ? pb.N : 0); ++n) {
-        std::copy(gr.bias.begin() + n * spec.out_channels, gr.bias.begin() + (n + 1) * spec.out_channels,
-                  bi.begin() + n * pb.O + spec.offset);
-      }
-    }
-    g_scale = double_tensor(s.data(), {pb.O}, scale.scalar_type());
-    g_shift = double_tensor(sh.data(), {pb.O}, shift.scalar_type());
-    if (pb.bias.defined()) g_bias = double_tensor(bi.data(), {pb.N, pb.O}, pb.bias.scalar_type());
-  }
-  return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
+  return {grad_x, g_dw, g_ms, g_msh, g_pw};
 }
 
 }  // namespace
 }  // namespace aspp_fused
 
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_conv_cpu, SeparableConv);
-ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_conv_backward_cpu, SeparableConvBackward);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_gemm_cpu, SeparableGemm);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::separable_gemm_backward_cpu, SeparableGemmBackward);
 
 TORCH_LIBRARY_IMPL(aspp_fused, CPU, m) {
   m.impl("separable_conv", &aspp_fused::separable_conv_cpu);
-  m.impl("separable_conv_backward", &aspp_fused::separable_conv_backward_cpu);
+  m.impl("separable_gemm", &aspp_fused::separable_gemm_cpu);
+  m.impl("separable_gemm_backward", &aspp_fused::separable_gemm_backward_cpu);
 }

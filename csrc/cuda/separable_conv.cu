@@ -1,13 +1,14 @@
-// CUDA kernels of aspp_fused::separable_conv and separable_conv_backward (semantics: the schema
-// comments in csrc/aspp_fused.cpp; the CPU backend csrc/cpu/separable_conv.cpp, whose checks,
-// output dtypes, memory formats and empty placeholders this file mirrors).
+// CUDA launch glue of aspp_fused::separable_conv and of its backward's primitives (semantics: the
+// schema comments in csrc/aspp_fused.cpp; the formula: aspp_fused/_autograd.py; the CPU backend
+// csrc/cpu/separable_conv.cpp, whose checks, output dtypes, memory formats and empty placeholders
+// this file mirrors).
 //
-//   forward   one launch of separable_gemm_kernel for all branches (separable_gemm.cuh): depthwise
-//             prologue (acc type, valid taps only) -> mid affine + act -> rounded to x.dtype in
-//             shared memory -> pointwise GEMM on tensor cores -> epilogue + statistics.
-//   backward  1. (when z is needed) the forward again, raw, into an fp32 buffer
-//             2. epilogue backward -> g_acc (x dtype), grad_scale / shift / bias
-//             then per branch:
+//   separable_conv           one launch of separable_gemm_kernel for all branches
+//                            (separable_gemm.cuh): depthwise prologue (acc type, valid taps only)
+//                            -> mid affine + act -> rounded to x.dtype in shared memory ->
+//                            pointwise GEMM on tensor cores -> epilogue + statistics
+//   separable_gemm           the same launch, raw (the backward's acc, written fp32)
+//   separable_gemm_backward  per branch, from g_acc (x dtype; epilogue_backward's, atrous_conv.cu):
 //             3. the GEMM operand m (depthwise + mid, as the forward rounds it) and the raw
 //                depthwise d (depthwise_kernel) when wgrad / the mid backward need them
 //             4. grad_pw = m^T g_acc (wgrad kernel, one 1x1 tap)
@@ -212,26 +213,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
   return res.result(acc);
 }
 
-using BackwardResult = sig::SeparableBackwardResult;
+// --------------------------------------------------------------------------- the backward's primitives
+// separable_conv's backward is written once, in aspp_fused/_autograd.py, over separable_gemm,
+// epilogue_backward (atrous_conv.cu) and separable_gemm_backward.
 
 at::Tensor to_dtype_copy(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype, false, /*copy=*/true); }
 
-BackwardResult separable_conv_backward_cuda(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_sum, const std::optional<at::Tensor>& grad_sumsq,
-    const at::Tensor& out, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
-    at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
-    const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& bias, int64_t act,
-    c10::List<bool> output_mask) {
-  const char* op = "separable_conv_backward";
-  const SepProblem pb = checks::check_separable_args(op, x, dw_weights, dilations, mid_scales, mid_shifts,
-                                                          mid_act, pw_weights, scale, shift, bias, act);
-  checks::check_separable_backward_args(op, pb, grad_out, grad_sum, grad_sumsq, out, x, output_mask.size());
-  const bool f_input = output_mask.get(0), f_weights = output_mask.get(1), f_epilogue = output_mask.get(2);
-  const bool has_gsum = grad_sum.has_value() && grad_sum->defined();
-  const bool has_gsumsq = grad_sumsq.has_value() && grad_sumsq->defined();
-  // z itself is needed for the relu mask and the grad_sumsq term, acc for grad_scale; like the
-  // CPU kernel, recompute them rather than read `out` (rounded to x.dtype).
-  const bool need_z = pb.act == 1 || has_gsumsq || f_epilogue;
+// separable_gemm: the fused separable GEMM with no epilogue (raw), written in the accumulation
+// type or in x's dtype.
+at::Tensor separable_gemm_cuda(const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
+                               at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act,
+                               at::TensorList pw_weights, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "separable_gemm";
+  const SepProblem pb =
+      checks::check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
+  TORCH_CHECK_TYPE(!out_dtype.has_value() || checks::is_supported_dtype(*out_dtype), op,
+                   ": out_dtype must be float32, float64, bfloat16 or float16, got ", *out_dtype);
+  DeviceGuard guard(x.device());
+  check_device(op);
+  const at::ScalarType dtype = x.scalar_type(), acc = acc_dtype(dtype);
+  const at::ScalarType want = out_dtype.value_or(dtype);
+  const bool out_acc = want == acc;
+  at::Tensor out = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options().dtype(out_acc ? acc : dtype).memory_format(kCL));
+  if (pb.N * pb.H * pb.W == 0 || pb.O == 0) return out.zero_().to(want);
+  const at::Tensor xc = x.contiguous(kCL);
+  const SepPacked pk = pack_separable(pb, dtype);
+  Epilogue ep{};
+  ep.raw = 1;
+  ep.o_total = static_cast<int>(pb.O);
+  run_separable(pb, xc, pk, ep, out.data_ptr(), pb.O, out_acc);
+  return out.scalar_type() == want ? out : out.to(want);
+}
+
+// separable_gemm_backward: per branch, from g (the gradient of acc, read in x's dtype):
+//   3. m (the GEMM operand) and d (the raw depthwise) of a depthwise branch (depthwise_kernel)
+//   4. grad_pw = wgrad GEMM over m (or x), one 1x1 tap
+//   5. g_m = g_b @ pw_b, a 1x1 tap GEMM (a plain branch accumulates it straight into grad_x)
+//   6. the mid affine / act backward in place (g_m -> g_d)
+//   7. grad_dw (dw_wgrad_kernel) and grad_x += depthwise^T(g_d) (depthwise_kernel, negated taps)
+sig::SeparableGemmBackwardResult separable_gemm_backward_cuda(const at::Tensor& g, const at::Tensor& x,
+                                                              at::TensorList dw_weights, at::IntArrayRef dilations,
+                                                              at::TensorList mid_scales, at::TensorList mid_shifts,
+                                                              int64_t mid_act, at::TensorList pw_weights,
+                                                              c10::List<bool> output_mask) {
+  const char* op = "separable_gemm_backward";
+  const SepProblem pb = checks::check_separable_gemm_backward_args(op, g, x, dw_weights, dilations, mid_scales,
+                                                                   mid_shifts, mid_act, pw_weights, output_mask.size());
+  const bool f_input = output_mask.get(0), f_weights = output_mask.get(1);
   DeviceGuard guard(x.device());
   check_device(op);
 
@@ -242,58 +270,17 @@ BackwardResult separable_conv_backward_cuda(
 
   std::vector<at::Tensor> g_dw, g_ms, g_msh, g_pw;
   at::Tensor grad_x = empty_like(x);
-  at::Tensor g_scale = empty_like(scale), g_shift = empty_like(shift);
-  at::Tensor g_bias = empty_like(pb.bias.defined() ? pb.bias : scale);
-  if (!(f_input || f_weights || f_epilogue)) return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
+  if (!(f_input || f_weights)) return {grad_x, g_dw, g_ms, g_msh, g_pw};
 
   const at::TensorOptions acc_opts = x.options().dtype(acc);
   const at::TensorOptions dbl_opts = x.options().dtype(at::kDouble);
   at::Tensor gx_acc = f_input ? at::zeros({P, C}, acc_opts) : at::Tensor();  // [N*H*W][C]
   std::vector<at::Tensor> ws_pw(nb), ws_dw(nb), ws_mid(nb);
-  at::Tensor ep_ws = f_epilogue ? at::zeros({2 * O + N * O}, dbl_opts) : at::Tensor();
 
   if (P > 0 && O > 0) {
     const at::Tensor xc = x.contiguous(kCL);
     const SepPacked pk = pack_separable(pb, dtype);
-    const at::Tensor sc = scale.to(acc).contiguous(), sh = shift.to(acc).contiguous();
-    const at::Tensor bi = pb.bias.defined() ? pb.bias.to(acc).contiguous() : at::Tensor();
-    const at::Tensor gs = has_gsum ? grad_sum->to(acc).contiguous() : at::Tensor();
-    const at::Tensor gss = has_gsumsq ? grad_sumsq->to(acc).contiguous() : at::Tensor();
-    const at::Tensor go = grad_out.to(dtype).contiguous(kCL);
-
-    // 1. acc of every branch, raw, in the acc type.
-    at::Tensor acc_all;
-    if (need_z) {
-      acc_all = at::empty({P, O}, acc_opts);
-      Epilogue ep{};
-      ep.raw = 1;
-      ep.o_total = static_cast<int>(O);
-      run_separable(pb, xc, pk, ep, acc_all.data_ptr(), O, true);
-    }
-
-    // 2. g_z -> g_acc, epilogue grads.
-    const bool need_g_acc = f_input || f_weights;
-    at::Tensor g_acc = need_g_acc ? at::empty({P, O}, x.options()) : at::Tensor();
-    {
-      EpilogueBwdParams p{};
-      p.cg = channel_grid(N, H * W, O);
-      p.grad_out = go.data_ptr();
-      p.acc = ptr<void>(acc_all);
-      p.scale = sc.data_ptr();
-      p.shift = sh.data_ptr();
-      p.bias = ptr<void>(bi);
-      p.grad_sum = ptr<void>(gs);
-      p.grad_sumsq = ptr<void>(gss);
-      p.act = pb.act;
-      p.g_acc = ptr<void>(g_acc);
-      if (f_epilogue) {
-        double* ws = ep_ws.data_ptr<double>();
-        p.g_scale = ws;
-        p.g_shift = ws + O;
-        p.g_bias = pb.bias.defined() ? ws + 2 * O : nullptr;
-      }
-      run_epilogue_backward(dtype, p);
-    }
+    const at::Tensor g_acc = g.to(dtype).contiguous(kCL);  // [N*H*W][O]
 
     // 3-7, per branch.
     bool any_dw = false, any_mid = false;
@@ -460,12 +447,7 @@ BackwardResult separable_conv_backward_cuda(
       }
     }
   }
-  if (f_epilogue) {
-    g_scale = to_dtype_copy(ep_ws.narrow(0, 0, O), scale.scalar_type());
-    g_shift = to_dtype_copy(ep_ws.narrow(0, O, O), shift.scalar_type());
-    if (pb.bias.defined()) g_bias = to_dtype_copy(ep_ws.narrow(0, 2 * O, N * O).view({N, O}), pb.bias.scalar_type());
-  }
-  return {grad_x, g_dw, g_ms, g_msh, g_pw, g_scale, g_shift, g_bias};
+  return {grad_x, g_dw, g_ms, g_msh, g_pw};
 }
 
 }  // namespace
@@ -473,9 +455,11 @@ BackwardResult separable_conv_backward_cuda(
 }  // namespace aspp_fused
 
 ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_cuda, SeparableConv);
-ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_conv_backward_cuda, SeparableConvBackward);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_gemm_cuda, SeparableGemm);
+ASPP_FUSED_CHECK_SIGNATURE(aspp_fused::cuda::separable_gemm_backward_cuda, SeparableGemmBackward);
 
 ASPP_CUDA_LIBRARY_IMPL(m) {  // cuda/launch.h: aspp_fused for CUDA (the emulator's: aspp_fused_emu for CPU)
   m.impl("separable_conv", &aspp_fused::cuda::separable_conv_cuda);
-  m.impl("separable_conv_backward", &aspp_fused::cuda::separable_conv_backward_cuda);
+  m.impl("separable_gemm", &aspp_fused::cuda::separable_gemm_cuda);
+  m.impl("separable_gemm_backward", &aspp_fused::cuda::separable_gemm_backward_cuda);
 }

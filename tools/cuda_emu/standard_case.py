@@ -84,9 +84,9 @@ def main():
                                                            ps[3], sc, sh, b, 1, True)
 
         def op_backward(go, gss, out, ps):
-            r = torch.ops.aspp_fused_emu.separable_conv_backward(
-                go, None, gss, out, x, present(ps[0]), dil, present(ps[1]), present(ps[2]), 0, ps[3], scale, shift,
-                bias, 1, [True, True, True])
+            r = _autograd.separable_conv_backward(
+                _autograd.primitives(torch.ops.aspp_fused_emu), go, None, gss, out, x, present(ps[0]), dil,
+                present(ps[1]), present(ps[2]), 0, ps[3], scale, shift, bias, 1, [True, True, True])
             grads, names = [r[0]], ["grad_x"]
             for k, what in ((1, "grad_dw"), (2, "grad_mid_scale"), (3, "grad_mid_shift")):
                 grads += [t for t in r[k][1:]]
