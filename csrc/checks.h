@@ -332,6 +332,16 @@ inline SepProblem check_separable_args(const char* op, const at::Tensor& x, at::
   return pb;
 }
 
+// separable_gemm's arguments.
+inline SepProblem check_separable_gemm_args(const char* op, const at::Tensor& x, at::TensorList dw_weights,
+                                            at::IntArrayRef dilations, at::TensorList mid_scales,
+                                            at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
+                                            std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK_TYPE(!out_dtype.has_value() || is_supported_dtype(*out_dtype), op,
+                   ": out_dtype must be float32, float64, bfloat16 or float16, got ", *out_dtype);
+  return check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
+}
+
 // separable_gemm_backward's arguments: the branches, g [N, O, H, W] in x's dtype or its
 // accumulation dtype, and a 2-entry output_mask.
 inline SepProblem check_separable_gemm_backward_args(const char* op, const at::Tensor& g, const at::Tensor& x,

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace aspp_fused {
 namespace sig {
 
@@ -55,6 +57,30 @@ using SeparableGemmBackward = SeparableGemmBackwardResult(
     const at::Tensor& g, const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
     at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act, at::TensorList pw_weights,
     c10::List<bool> output_mask);
+
+// separable_gemm_backward's weight grads (both backends' kernels end with it) from per-branch
+// flat sums in the kernels' layouts, any float dtype: pw [C][O_b], dw [9][C], ms [C], msh [C]
+// (an undefined sum: zeros, nothing was summed). Transposed to the weights' layouts and dtypes;
+// an empty [0] tensor where the forward's entry was absent.
+inline void separable_weight_grads(const checks::SepProblem& pb, const at::Tensor& x, const std::vector<at::Tensor>& pw,
+                                   const std::vector<at::Tensor>& dw, const std::vector<at::Tensor>& ms,
+                                   const std::vector<at::Tensor>& msh, SeparableGemmBackwardResult& r) {
+  auto& [grad_x, g_dw, g_ms, g_msh, g_pw] = r;
+  (void)grad_x;
+  const int64_t C = pb.C;
+  auto grad = [&](const at::Tensor& sum, int64_t rows, int64_t cols, const at::Tensor& like) {
+    const at::Tensor s = sum.defined() ? sum : at::zeros({rows * cols}, x.options().dtype(at::kDouble));
+    return s.view({rows, cols}).t().reshape(like.sizes()).to(like.scalar_type(), false, /*copy=*/true).contiguous();
+  };
+  const at::Tensor absent = at::empty({0}, x.options());
+  for (size_t b = 0; b < pb.branches.size(); ++b) {
+    const checks::SepBranchSpec& spec = pb.branches[b];
+    g_pw.push_back(grad(pw[b], C, spec.out_channels, spec.pw));
+    g_dw.push_back(spec.dw.defined() ? grad(dw[b], 9, C, spec.dw) : absent.clone());
+    g_ms.push_back(spec.mid_scale.defined() ? grad(ms[b], 1, C, spec.mid_scale) : absent.clone());
+    g_msh.push_back(spec.mid_shift.defined() ? grad(msh[b], 1, C, spec.mid_shift) : absent.clone());
+  }
+}
 
 }  // namespace sig
 }  // namespace aspp_fused

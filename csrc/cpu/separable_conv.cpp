@@ -533,11 +533,8 @@ BranchGrads backward_branch(const Problem& pb, const PackedBranch<at::opmath_typ
 at::Tensor separable_gemm_cpu(const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
                               at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act,
                               at::TensorList pw_weights, std::optional<at::ScalarType> out_dtype) {
-  const char* op = "separable_gemm";
-  const Problem pb =
-      checks::check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
-  TORCH_CHECK_TYPE(!out_dtype.has_value() || checks::is_supported_dtype(*out_dtype), op,
-                   ": out_dtype must be float32, float64, bfloat16 or float16, got ", *out_dtype);
+  const Problem pb = checks::check_separable_gemm_args("separable_gemm", x, dw_weights, dilations, mid_scales,
+                                                       mid_shifts, mid_act, pw_weights, out_dtype);
   const at::Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
   // Every (pixel, channel) is written: each branch writes its channels of every pixel.
   at::Tensor acc = at::empty({pb.N, pb.O, pb.H, pb.W}, x.options()
@@ -589,38 +586,24 @@ sig::SeparableGemmBackwardResult separable_gemm_backward_cpu(const at::Tensor& g
     });
   }
 
-  auto empty_like = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
   // .to() keeps the channels_last strides of gx_acc (and is a no-op for float32/float64).
-  const at::Tensor grad_x = f.input ? gx_acc.to(x.scalar_type()) : empty_like(x);
-
-  std::vector<at::Tensor> g_dw, g_ms, g_msh, g_pw;
+  sig::SeparableGemmBackwardResult res{f.input ? gx_acc.to(x.scalar_type()) : at::empty({0}, x.options()), {}, {},
+                                       {}, {}};
   if (f.weights) {
-    for (size_t b = 0; b < pb.branches.size(); ++b) {
-      const BranchSpec& spec = pb.branches[b];
-      const BranchGrads& gr = grads[b];
-      // pw partials are [C][O_b] and dw partials [9][C]: transpose to the weights' layout.
-      g_pw.push_back(double_tensor(gr.pw.data(), {pb.C, spec.out_channels}, spec.pw.scalar_type())
-                         .t()
-                         .reshape(spec.pw.sizes())
-                         .contiguous());
-      if (spec.dw.defined()) {
-        g_dw.push_back(double_tensor(gr.dw.data(), {kTaps, pb.C}, spec.dw.scalar_type())
-                           .t()
-                           .reshape(spec.dw.sizes())
-                           .contiguous());
-      } else {
-        g_dw.push_back(empty_like(x));
-      }
-      if (spec.mid_scale.defined()) {
-        g_ms.push_back(double_tensor(gr.ms.data(), {pb.C}, spec.mid_scale.scalar_type()));
-        g_msh.push_back(double_tensor(gr.msh.data(), {pb.C}, spec.mid_shift.scalar_type()));
-      } else {
-        g_ms.push_back(empty_like(x));
-        g_msh.push_back(empty_like(x));
-      }
+    std::vector<at::Tensor> pw, dw, ms, msh;
+    auto as_tensor = [](const std::vector<double>& v) {
+      return at::from_blob(const_cast<double*>(v.data()), {static_cast<int64_t>(v.size())},
+                           at::TensorOptions().dtype(at::kDouble));
+    };
+    for (const BranchGrads& gr : grads) {
+      pw.push_back(as_tensor(gr.pw));
+      dw.push_back(as_tensor(gr.dw));
+      ms.push_back(as_tensor(gr.ms));
+      msh.push_back(as_tensor(gr.msh));
     }
+    sig::separable_weight_grads(pb, x, pw, dw, ms, msh, res);
   }
-  return {grad_x, g_dw, g_ms, g_msh, g_pw};
+  return res;
 }
 
 }  // namespace

@@ -217,20 +217,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(
 // separable_conv's backward is written once, in aspp_fused/_autograd.py, over separable_gemm,
 // epilogue_backward (atrous_conv.cu) and separable_gemm_backward.
 
-at::Tensor to_dtype_copy(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype, false, /*copy=*/true); }
-
 // separable_gemm: the fused separable GEMM with no epilogue (raw), written in the accumulation
 // type or in x's dtype.
 at::Tensor separable_gemm_cuda(const at::Tensor& x, at::TensorList dw_weights, at::IntArrayRef dilations,
                                at::TensorList mid_scales, at::TensorList mid_shifts, int64_t mid_act,
                                at::TensorList pw_weights, std::optional<at::ScalarType> out_dtype) {
-  const char* op = "separable_gemm";
-  const SepProblem pb =
-      checks::check_separable_branches(op, x, dw_weights, dilations, mid_scales, mid_shifts, mid_act, pw_weights);
-  TORCH_CHECK_TYPE(!out_dtype.has_value() || checks::is_supported_dtype(*out_dtype), op,
-                   ": out_dtype must be float32, float64, bfloat16 or float16, got ", *out_dtype);
+  const SepProblem pb = checks::check_separable_gemm_args("separable_gemm", x, dw_weights, dilations, mid_scales,
+                                                          mid_shifts, mid_act, pw_weights, out_dtype);
   DeviceGuard guard(x.device());
-  check_device(op);
+  check_device("separable_gemm");
   const at::ScalarType dtype = x.scalar_type(), acc = acc_dtype(dtype);
   const at::ScalarType want = out_dtype.value_or(dtype);
   const bool out_acc = want == acc;
@@ -268,9 +263,8 @@ sig::SeparableGemmBackwardResult separable_gemm_backward_cuda(const at::Tensor& 
   const at::ScalarType dtype = x.scalar_type(), acc = acc_dtype(dtype);
   auto empty_like = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
 
-  std::vector<at::Tensor> g_dw, g_ms, g_msh, g_pw;
   at::Tensor grad_x = empty_like(x);
-  if (!(f_input || f_weights)) return {grad_x, g_dw, g_ms, g_msh, g_pw};
+  if (!(f_input || f_weights)) return {grad_x, {}, {}, {}, {}};
 
   const at::TensorOptions acc_opts = x.options().dtype(acc);
   const at::TensorOptions dbl_opts = x.options().dtype(at::kDouble);
@@ -423,31 +417,17 @@ sig::SeparableGemmBackwardResult separable_gemm_backward_cuda(const at::Tensor& 
     // [N*H*W][C] -> [N, C, H, W] channels_last in x.dtype.
     grad_x = gx_acc.view({N, H, W, C}).permute({0, 3, 1, 2}).to(dtype).contiguous(kCL);
   }
+  sig::SeparableGemmBackwardResult res{grad_x, {}, {}, {}, {}};
   if (f_weights) {
+    std::vector<at::Tensor> ms(nb), msh(nb);
     for (size_t b = 0; b < nb; ++b) {
-      const SepBranchSpec& spec = pb.branches[b];
-      const int64_t Ob = spec.out_channels;
-      const at::Tensor pw_grad = ws_pw[b].defined() ? ws_pw[b] : at::zeros({C * Ob}, acc_opts);
-      g_pw.push_back(to_dtype_copy(pw_grad.view({C, Ob}).t().reshape(spec.pw.sizes()), spec.pw.scalar_type())
-                         .contiguous());
-      if (spec.dw.defined()) {
-        const at::Tensor dw_grad = ws_dw[b].defined() ? ws_dw[b] : at::zeros({9 * C}, dbl_opts);
-        g_dw.push_back(
-            to_dtype_copy(dw_grad.view({9, C}).t().reshape(spec.dw.sizes()), spec.dw.scalar_type()).contiguous());
-      } else {
-        g_dw.push_back(empty_like(x));
-      }
-      if (spec.mid_scale.defined()) {
-        const at::Tensor mid_grad = ws_mid[b].defined() ? ws_mid[b] : at::zeros({2 * C}, dbl_opts);
-        g_ms.push_back(to_dtype_copy(mid_grad.narrow(0, 0, C), spec.mid_scale.scalar_type()));
-        g_msh.push_back(to_dtype_copy(mid_grad.narrow(0, C, C), spec.mid_shift.scalar_type()));
-      } else {
-        g_ms.push_back(empty_like(x));
-        g_msh.push_back(empty_like(x));
-      }
+      if (!ws_mid[b].defined()) continue;
+      ms[b] = ws_mid[b].narrow(0, 0, C);
+      msh[b] = ws_mid[b].narrow(0, C, C);
     }
+    sig::separable_weight_grads(pb, x, ws_pw, ws_dw, ms, msh, res);
   }
-  return {grad_x, g_dw, g_ms, g_msh, g_pw};
+  return res;
 }
 
 }  // namespace
