@@ -204,8 +204,32 @@ def _epilogue_backward(p, raw_gemm, grad_out, grad_sum, grad_sumsq, out, x, scal
     return p.epilogue_backward(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift, bias, act, [need_g, need_ep])
 
 
+# torch.compile's on-disk caches (AOTAutograd, FX graph) key a custom op by its name, not by the
+# autograd formula registered for it: after an upgrade that reshaped the formulas, a backward graph
+# compiled under the old ones was served from the cache (measured: one that called the former
+# atrous_conv_backward op; with unchanged primitives it would have been the old formula, silently).
+# Inductor's hook for custom ops mixes a value into every cache key; ours is a digest of this file.
+CACHE_KEY_ENTRY = "torch.ops.aspp_fused"
+
+
+def formulas_digest() -> str:
+    import hashlib
+
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _key_compile_caches() -> None:
+    import torch._inductor.config as config
+
+    marked = getattr(config, "unsafe_marked_cacheable_functions", None)
+    if isinstance(marked, dict):  # torch releases without the hook: nothing to tie
+        config.unsafe_marked_cacheable_functions = {**marked, CACHE_KEY_ENTRY: formulas_digest()}
+
+
 def register_atrous(op_name: str, prims: Primitives) -> None:
     """Autograd of the atrous_conv-schema op ``op_name``: atrous_conv_backward over ``prims``."""
+    _key_compile_caches()
     torch.library.register_autograd(op_name, functools.partial(_atrous_backward, prims),
                                     setup_context=atrous_setup)
 

@@ -1,11 +1,13 @@
 """torch.compile(fullgraph=True) traces the fused modules (fake kernels + autograd registered), on
 every backend (Triton: interpreted on CPU)."""
 import copy
+import os
 
 import pytest
 import torch
 
 import aspp_fused.nn as ann
+from aspp_fused import _extension
 from conftest import ALL_BACKENDS, DEV, assert_close_rel, randomize_bn
 
 
@@ -64,3 +66,43 @@ def test_compile_triton_with_tma_weight_tiles(monkeypatch):
         want = m(x)
         assert made and all(d is not None for d in made), "the descriptor path did not run"
         assert_close_rel(torch.compile(m, fullgraph=True)(x), want, 1e-5, "compiled eval output")
+
+
+_CACHE_RUN = r"""
+import sys
+import torch
+import aspp_fused
+from aspp_fused import _autograd
+from torch._dynamo.utils import counters
+
+if sys.argv[1] == "changed":  # stands for a release whose formulas differ: its own digest
+    torch._inductor.config.unsafe_marked_cacheable_functions = {_autograd.CACHE_KEY_ENTRY: "another release"}
+w = torch.randn(4, 4, 3, 3, requires_grad=True)
+f = torch.compile(lambda x: aspp_fused.ops.atrous_conv(x, [w], [2], torch.ones(4), torch.zeros(4), None, False, 1)[0])
+f(torch.randn(2, 4, 8, 8)).sum().backward()
+print("hits", counters["aot_autograd"]["autograd_cache_hit"])
+"""
+
+
+@pytest.mark.skipif(not _extension.cpp_available(), reason="aspp_fused._C not built")
+def test_compile_caches_are_keyed_by_the_backward_formulas(tmp_path):
+    """torch.compile's on-disk caches key a custom op by name only: a backward compiled under other
+    formulas must not be served (aspp_fused/_autograd.py ties the keys to a digest of the formulas)."""
+    import subprocess
+    import sys
+
+    from aspp_fused import _autograd
+
+    marked = torch._inductor.config.unsafe_marked_cacheable_functions
+    assert marked[_autograd.CACHE_KEY_ENTRY] == _autograd.formulas_digest()
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+
+    def hits(which):
+        r = subprocess.run([sys.executable, "-c", _CACHE_RUN, which], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.split("hits")[-1])
+
+    assert hits("same") == 0  # the first compile fills the cache
+    assert hits("same") == 1  # the same formulas: served from it
+    assert hits("changed") == 0  # other formulas: compiled afresh
