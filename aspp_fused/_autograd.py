@@ -208,15 +208,29 @@ def _epilogue_backward(p, raw_gemm, grad_out, grad_sum, grad_sumsq, out, x, scal
 # autograd formula registered for it: after an upgrade that reshaped the formulas, a backward graph
 # compiled under the old ones was served from the cache (measured: one that called the former
 # atrous_conv_backward op; with unchanged primitives it would have been the old formula, silently).
-# Inductor's hook for custom ops mixes a value into every cache key; ours is a digest of this file.
+# Inductor's hook for custom ops mixes a value into every cache key; ours is a digest of what a
+# traced backward depends on: these formulas, the accumulation-dtype rule, the fake kernels of the
+# compiled ops (their dtypes and strides are baked into a graph) and the Triton ops' host code
+# (their fakes).
 CACHE_KEY_ENTRY = "torch.ops.aspp_fused"
 
 
 def formulas_digest() -> str:
     import hashlib
+    import importlib.util
+    import os
 
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, name) for name in ("_autograd.py", "_dtypes.py", "ops.py")]
+    spec = importlib.util.find_spec("aspp_fused.kernels")  # the package itself imports nothing
+    if spec is not None and spec.submodule_search_locations:
+        kdir = list(spec.submodule_search_locations)[0]
+        files += sorted(os.path.join(kdir, n) for n in os.listdir(kdir) if n.endswith(".py"))
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _key_compile_caches() -> None:

@@ -70,7 +70,9 @@ inline void separable_weight_grads(const checks::SepProblem& pb, const at::Tenso
   const int64_t C = pb.C;
   auto grad = [&](const at::Tensor& sum, int64_t rows, int64_t cols, const at::Tensor& like) {
     const at::Tensor s = sum.defined() ? sum : at::zeros({rows * cols}, x.options().dtype(at::kDouble));
-    return s.view({rows, cols}).t().reshape(like.sizes()).to(like.scalar_type(), false, /*copy=*/true).contiguous();
+    // Into a fresh tensor of the standard strides (.contiguous() keeps odd strides on size-1 dims).
+    return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous))
+        .copy_(s.view({rows, cols}).t().reshape(like.sizes()));
   };
   const at::Tensor absent = at::empty({0}, x.options());
   for (size_t b = 0; b < pb.branches.size(); ++b) {

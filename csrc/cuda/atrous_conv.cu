@@ -228,7 +228,7 @@ sig::EpilogueBackwardResult epilogue_backward_cuda(const at::Tensor& grad_out, c
     p.grad_sum = ptr<void>(gs);
     p.grad_sumsq = ptr<void>(gss);
     p.act = static_cast<int>(act);
-    p.g_acc = ptr<void>(g_acc);
+    p.g_acc = need_g_acc ? ptr<void>(g_acc) : nullptr;  // not the [0] placeholder's pointer
     if (need_epilogue) {
       double* ws = ep_ws.data_ptr<double>();
       p.g_scale = ws;
