@@ -215,6 +215,7 @@ def _epilogue_backward(p, raw_gemm, grad_out, grad_sum, grad_sumsq, out, x, scal
 CACHE_KEY_ENTRY = "torch.ops.aspp_fused"
 
 
+@functools.lru_cache(maxsize=None)
 def formulas_digest() -> str:
     import hashlib
     import importlib.util

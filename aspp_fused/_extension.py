@@ -54,9 +54,8 @@ def triton_kernels():
                 from aspp_fused import _autograd, kernels
 
                 kernels.ops  # registers the Triton ops
-                _autograd.register_atrous("aspp_fused::triton_atrous_conv",
-                                          _autograd.primitives(torch.ops.aspp_fused, "triton_"))
-                _autograd.register_separable("aspp_fused::triton_separable_conv",
-                                             _autograd.primitives(torch.ops.aspp_fused, "triton_"))
+                prims = _autograd.primitives(torch.ops.aspp_fused, "triton_")
+                _autograd.register_atrous("aspp_fused::triton_atrous_conv", prims)
+                _autograd.register_separable("aspp_fused::triton_separable_conv", prims)
                 _triton_kernels = kernels
     return _triton_kernels

@@ -14,10 +14,6 @@ from aspp_fused._extension import cpp_available
 __all__ = ["atrous_conv", "separable_conv", "atrous_conv_backward", "separable_conv_backward"]
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return acc_dtype(x.dtype)
-
-
 def atrous_conv(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act=0, compute_stats=False):
     """torch.ops.aspp_fused.atrous_conv; returns (out, ch_sum, ch_sumsq)."""
     return torch.ops.aspp_fused.atrous_conv(
@@ -64,7 +60,7 @@ def _fake_forward(x, o, compute_stats):
     n, _, h, w = x.shape
     out = torch.empty((n, o, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     k = o if compute_stats else 0
-    stats = [torch.empty((k,), dtype=_stats_dtype(x), device=x.device) for _ in range(2)]
+    stats = [torch.empty((k,), dtype=acc_dtype(x.dtype), device=x.device) for _ in range(2)]
     return out, stats[0], stats[1]
 
 
@@ -137,5 +133,6 @@ def _register_fakes():
 
 if cpp_available():
     _register_fakes()
-    _autograd.register_atrous("aspp_fused::atrous_conv", _autograd.primitives(torch.ops.aspp_fused))
-    _autograd.register_separable("aspp_fused::separable_conv", _autograd.primitives(torch.ops.aspp_fused))
+    _prims = _autograd.primitives(torch.ops.aspp_fused)
+    _autograd.register_atrous("aspp_fused::atrous_conv", _prims)
+    _autograd.register_separable("aspp_fused::separable_conv", _prims)

@@ -98,19 +98,12 @@ def epilogue_backward_op(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift,
     """The schema's epilogue_backward (csrc/aspp_fused.cpp): (g_acc [N, O, H, W] channels_last in
     out's dtype, grad_scale, grad_shift, grad_bias), empty [0] where not asked for."""
     need_g, need_ep = (bool(m) for m in output_mask)
-    N, O, H, W = out.shape
     g_acc = out.new_empty((0,))
     g_scale, g_shift = scale.new_empty((0,)), shift.new_empty((0,))
     g_bias = (scale if bias is None else bias).new_empty((0,))
     if not (need_g or need_ep):
         return g_acc, g_scale, g_shift, g_bias
-    if N * H * W == 0 or O == 0:
-        if need_g:
-            g_acc = torch.empty((N, H, W, O), dtype=out.dtype, device=out.device).permute(0, 3, 1, 2)
-        if need_ep:
-            g_scale, g_shift = torch.zeros_like(scale), torch.zeros_like(shift)
-            g_bias = g_bias if bias is None else torch.zeros_like(bias)
-        return g_acc, g_scale, g_shift, g_bias
+    # (no pixels or channels: epilogue_backward launches nothing and its sums are zeros)
     ga, ps, psh = epilogue_backward(grad_out, out if acc is None else acc, acc is not None, scale, shift, bias,
                                     grad_sum, grad_sumsq, act, need_g, need_ep, out.dtype)
     if need_g:

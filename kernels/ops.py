@@ -11,9 +11,9 @@
     aspp_fused::triton_separable_gemm_backward   as aspp_fused::separable_gemm_backward
 
 Semantics are those of the C++ schemas (csrc/aspp_fused.cpp), except that float64 is not
-supported (TypeError); g_acc is in the input's dtype, as on CUDA. The ops are opaque ``torch.library.custom_op``s, on a GPU as under
-TRITON_INTERPRET=1, with their own Python run with launches skipped as the fake (meta) kernel.
-Opaque, so that a compiled graph runs the op's own host code on every call and the packed
+supported (TypeError); g_acc is in the input's dtype, as on CUDA. The ops are opaque
+``torch.library.custom_op``s, on a GPU as under TRITON_INTERPRET=1, with their own Python run
+with launches skipped as the fake (meta) kernel. Opaque, so that a compiled graph runs the op's own host code on every call and the packed
 weights stay in kernels/pack_cache.PACKED across calls, once per parameter version (a
 ``triton_op`` would have its body, packing included, traced into the graph and run on every
 call; and a packing returned from an op of its own is a buffer inductor may reuse). Under a
@@ -21,9 +21,8 @@ CUDA-graph capture the op packs inside the graph (PackCache), so each replay fol
 weights' current values.
 
 Their autograd formulas are the compiled ops' (aspp_fused/_autograd.py, over the primitives here),
-registered by the
-package when it loads this backend (aspp_fused._extension.triton_kernels): this package
-imports nothing of aspp_fused.
+registered by the package when it loads this backend (aspp_fused._extension.triton_kernels): this
+package imports nothing of aspp_fused.
 """
 from typing import List, Optional, Tuple
 
