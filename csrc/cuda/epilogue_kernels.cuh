@@ -14,12 +14,8 @@ template <typename T>
 __global__ void __launch_bounds__(kRedChannels * kRedRows)
     epilogue_backward_kernel(const __grid_constant__ EpilogueBwdParams p) {
   using A = acc_t<T>;
-  __shared__ A red[3 * kRedRows * kRedChannels];
-  const ChannelGrid& cg = p.cg;
-  const ChannelBlock cb = channel_block(cg);
-  const int O = cg.C;
-  const bool c_ok = cb.c < O;
-  const int c = c_ok ? cb.c : 0;
+  const ChannelBlock cb = channel_block(p.cg);
+  const int O = p.cg.C, c = cb.c;
 
   const A* acc = static_cast<const A*>(p.acc);
   const T* out = static_cast<const T*>(p.out);
@@ -32,9 +28,9 @@ __global__ void __launch_bounds__(kRedChannels * kRedRows)
   const A gss = p.grad_sumsq ? static_cast<const A*>(p.grad_sumsq)[c] : A(0);
 
   A part[3] = {A(0), A(0), A(0)};  // sum g_z * acc, sum g_z (= shift and bias partials)
-  if (c_ok) {
+  if (cb.c_ok) {
     for (int px = cb.p0 + static_cast<int>(threadIdx.y); px < cb.p1; px += kRedRows) {
-      const int64_t idx = (static_cast<int64_t>(cb.n) * cg.HW + px) * O + c;
+      const int64_t idx = (static_cast<int64_t>(cb.n) * p.cg.HW + px) * p.cg.C + c;
       A a = A(0), z = A(0);
       if (acc) {
         a = acc[idx];
@@ -53,19 +49,15 @@ __global__ void __launch_bounds__(kRedChannels * kRedRows)
   }
   part[2] = part[1];
   double* const dst[3] = {p.g_scale, p.g_shift, p.g_bias ? p.g_bias + static_cast<int64_t>(cb.n) * O : nullptr};
-  reduce_rows_atomic<3>(part, red, dst, c, c_ok);
+  reduce_rows_atomic<3>(part, dst, cb);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kRedChannels * kRedRows)
     epilogue_forward_kernel(const __grid_constant__ EpilogueFwdParams p) {
   using A = acc_t<T>;
-  __shared__ A red[2 * kRedRows * kRedChannels];
-  const ChannelGrid& cg = p.cg;
-  const ChannelBlock cb = channel_block(cg);
-  const int O = cg.C;
-  const bool c_ok = cb.c < O;
-  const int c = c_ok ? cb.c : 0;
+  const ChannelBlock cb = channel_block(p.cg);
+  const int c = cb.c;
   const Epilogue& ep = p.ep;
   const A sc = static_cast<const A*>(ep.scale)[c];
   const A sh = static_cast<const A*>(ep.shift)[c];
@@ -74,9 +66,9 @@ __global__ void __launch_bounds__(kRedChannels * kRedRows)
   T* out = static_cast<T*>(p.out);
 
   A part[2] = {A(0), A(0)};
-  if (c_ok) {
+  if (cb.c_ok) {
     for (int px = cb.p0 + static_cast<int>(threadIdx.y); px < cb.p1; px += kRedRows) {
-      const int64_t idx = (static_cast<int64_t>(cb.n) * cg.HW + px) * O + c;
+      const int64_t idx = (static_cast<int64_t>(cb.n) * p.cg.HW + px) * p.cg.C + c;
       A z = acc[idx] * sc + sh + bi;
       part[0] += z;
       part[1] += z * z;
@@ -85,7 +77,7 @@ __global__ void __launch_bounds__(kRedChannels * kRedRows)
   }
   if (ep.ch_sum == nullptr) return;  // uniform over the block
   double* const dst[2] = {ep.ch_sum, ep.ch_sumsq};
-  reduce_rows_atomic<2>(part, red, dst, c, c_ok);
+  reduce_rows_atomic<2>(part, dst, cb);
 }
 
 }  // namespace cuda
