@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/ptx.cuh"  // CUDA headers, ASPP_DEVICE / ASPP_HD / ASPP_DYNAMIC_SMEM, the PTX wrappers
 #include "tap_plan.h"     // tap_range (host and device)
@@ -36,38 +37,23 @@ enum class Math {
   kFfma,   // fp32 without TF32, float64: CUDA-core FMA with the same accumulator layout
 };
 
-template <typename To, typename From>
-struct Convert {
-  static ASPP_HD To run(From v) { return static_cast<To>(v); }
-};
-template <>
-struct Convert<float, __nv_bfloat16> {
-  static ASPP_HD float run(__nv_bfloat16 v) { return __bfloat162float(v); }
-};
-template <>
-struct Convert<__nv_bfloat16, float> {
-  static ASPP_HD __nv_bfloat16 run(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Convert<float, __half> {
-  static ASPP_HD float run(__half v) { return __half2float(v); }
-};
-template <>
-struct Convert<__half, float> {
-  static ASPP_HD __half run(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Convert<__nv_bfloat16, __nv_bfloat16> {
-  static ASPP_HD __nv_bfloat16 run(__nv_bfloat16 v) { return v; }
-};
-template <>
-struct Convert<__half, __half> {
-  static ASPP_HD __half run(__half v) { return v; }
-};
-
+// v as a To: bf16 / fp16 <-> float by the CUDA intrinsics (float -> bf16 / fp16 rounds to
+// nearest even), the same type unchanged, anything else by static_cast.
 template <typename To, typename From>
 ASPP_HD To convert(From v) {
-  return Convert<To, From>::run(v);
+  if constexpr (std::is_same_v<To, From>) {
+    return v;
+  } else if constexpr (std::is_same_v<To, float> && std::is_same_v<From, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else if constexpr (std::is_same_v<To, __nv_bfloat16> && std::is_same_v<From, float>) {
+    return __float2bfloat16_rn(v);
+  } else if constexpr (std::is_same_v<To, float> && std::is_same_v<From, __half>) {
+    return __half2float(v);
+  } else if constexpr (std::is_same_v<To, __half> && std::is_same_v<From, float>) {
+    return __float2half_rn(v);
+  } else {
+    return static_cast<To>(v);
+  }
 }
 
 ASPP_HD int imin(int a, int b) { return a < b ? a : b; }
