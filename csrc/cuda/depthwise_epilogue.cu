@@ -12,31 +12,10 @@ namespace {
 
 const dim3 kRedBlock(kRedChannels, kRedRows);
 
-// Calls fn(T{}) with the CUDA element type of `dtype`.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kBFloat16:
-      fn(__nv_bfloat16{});
-      break;
-    case at::kHalf:
-      fn(__half{});
-      break;
-    case at::kFloat:
-      fn(float{});
-      break;
-    case at::kDouble:
-      fn(double{});
-      break;
-    default:
-      TORCH_CHECK(false, "aspp_fused: unsupported dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 void run_epilogue_backward(at::ScalarType dtype, const EpilogueBwdParams& p) {
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(dtype, "aspp_fused", [&](auto tag) {
     using T = decltype(tag);
     launch(epilogue_backward_kernel<T>, channel_grid_blocks(p.cg), kRedBlock, 0, p);
   });
@@ -45,7 +24,7 @@ void run_epilogue_backward(at::ScalarType dtype, const EpilogueBwdParams& p) {
 void run_depthwise(at::ScalarType dtype, bool in_is_acc, const DepthwiseParams& p) {
   const int64_t total = static_cast<int64_t>(p.N) * p.H * p.W * p.C;
   const int64_t grid = std::min<int64_t>((total + 255) / 256, static_cast<int64_t>(num_sms()) * 32);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(dtype, "aspp_fused", [&](auto tag) {
     using T = decltype(tag);
     if (in_is_acc) {
       launch(depthwise_kernel<T, acc_t<T>>, grid, dim3(256), 0, p);
@@ -64,7 +43,7 @@ void run_mid_backward(at::ScalarType dtype, const MidBwdParams& p) {
 }
 
 void run_dw_wgrad(at::ScalarType dtype, const DwWgradParams& p) {
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(dtype, "aspp_fused", [&](auto tag) {
     using T = decltype(tag);
     launch(dw_wgrad_kernel<T>, channel_grid_blocks(p.cg), kRedBlock, 0, p);
   });

@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -80,6 +81,51 @@ std::shared_ptr<const V> cached_pack(const std::string& what, const std::vector<
 }
 
 inline bool allow_tf32() { return tf32_query::conv(at::globalContext(), 0); }
+
+// Calls fn(T{}) with the CUDA element type T of `dtype` (bf16, fp16, fp32, fp64); any other
+// dtype is an error of `op`.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kBFloat16:
+      fn(__nv_bfloat16{});
+      break;
+    case at::kHalf:
+      fn(__half{});
+      break;
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kDouble:
+      fn(double{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+template <Math M>
+using MathTag = std::integral_constant<Math, M>;
+
+// dispatch_dtype for the GEMMs: calls fn(T{}, MathTag<M>{}) with the math of T: mma.sync for
+// bf16 / fp16, TF32 mma.sync or FFMA for fp32 (as allow_tf32() says), FFMA for fp64.
+template <typename Fn>
+void dispatch_gemm_math(at::ScalarType dtype, const char* op, Fn&& fn) {
+  dispatch_dtype(dtype, op, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      if (allow_tf32()) {
+        fn(tag, MathTag<Math::kTf32>{});
+      } else {
+        fn(tag, MathTag<Math::kFfma>{});
+      }
+    } else if constexpr (std::is_same_v<T, double>) {
+      fn(tag, MathTag<Math::kFfma>{});
+    } else {
+      fn(tag, MathTag<Math::kMma16>{});
+    }
+  });
+}
 
 // A tensor's data as a typed pointer (nullptr for an undefined tensor).
 template <typename P>

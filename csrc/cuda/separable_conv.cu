@@ -164,26 +164,9 @@ void run_separable_typed(const SepProblem& pb, const at::Tensor& xc, const SepPa
 void run_separable(const SepProblem& pb, const at::Tensor& xc, const SepPacked& pk, const Epilogue& ep, void* out,
                    int64_t out_stride, bool out_acc) {
   if (pb.N * pb.H * pb.W == 0) return;
-  switch (xc.scalar_type()) {
-    case at::kBFloat16:
-      run_separable_typed<__nv_bfloat16, Math::kMma16>(pb, xc, pk, ep, out, out_stride, out_acc);
-      break;
-    case at::kHalf:
-      run_separable_typed<__half, Math::kMma16>(pb, xc, pk, ep, out, out_stride, out_acc);
-      break;
-    case at::kFloat:
-      if (allow_tf32()) {
-        run_separable_typed<float, Math::kTf32>(pb, xc, pk, ep, out, out_stride, out_acc);
-      } else {
-        run_separable_typed<float, Math::kFfma>(pb, xc, pk, ep, out, out_stride, out_acc);
-      }
-      break;
-    case at::kDouble:
-      run_separable_typed<double, Math::kFfma>(pb, xc, pk, ep, out, out_stride, out_acc);
-      break;
-    default:
-      TORCH_CHECK(false, "separable_conv: unsupported dtype ", xc.scalar_type());
-  }
+  dispatch_gemm_math(xc.scalar_type(), "separable_conv", [&](auto tag, auto math) {
+    run_separable_typed<decltype(tag), decltype(math)::value>(pb, xc, pk, ep, out, out_stride, out_acc);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_conv_cuda(

@@ -69,8 +69,14 @@ void run_typed(const TapGemmCall& call) {
   check_aligned16(p.w, "the packed weights");
   p.tl = make_tiling(static_cast<int>(call.N), static_cast<int>(call.H), static_cast<int>(call.W), Cfg::BM);
 
-  auto run = [&](bool to_acc, int64_t grid) {
-    if (to_acc) {
+  // Launches p's branches into the caller's output, with its epilogue.
+  auto launch_to_out = [&]() {
+    p.out = call.out;
+    p.out_stride = call.out_stride;
+    p.ep = call.ep;
+    const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
+    if (grid <= 0) return;
+    if (call.out_acc) {
       launch_group<T, OutAcc, M>(p, vec_a, grid);
     } else {
       launch_group<T, T, M>(p, vec_a, grid);
@@ -88,11 +94,7 @@ void run_typed(const TapGemmCall& call) {
         p.cb_start[i + 1] = p.cb_start[i] + (p.br[i].cout + Cfg::BN - 1) / Cfg::BN;
       }
       p.ncol = p.cb_start[gn];
-      p.out = call.out;
-      p.out_stride = call.out_stride;
-      p.ep = call.ep;
-      const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
-      if (grid > 0) run(call.out_acc, grid);
+      launch_to_out();
     }
     return;
   }
@@ -103,11 +105,7 @@ void run_typed(const TapGemmCall& call) {
   if (nb <= kMaxBranches) {
     p.nbranch = nb;
     for (int i = 0; i < nb; ++i) p.br[i] = call.branches[i];
-    p.out = call.out;
-    p.out_stride = call.out_stride;
-    p.ep = call.ep;
-    const int64_t grid = plan_launch(p, Cfg::BM, Cfg::BN, Cfg::BK);
-    if (grid > 0) run(call.out_acc, grid);
+    launch_to_out();
     return;
   }
 
@@ -203,50 +201,16 @@ void run_wgrad(at::ScalarType dtype, const void* x, int64_t x_stride, int64_t C,
   p.H = static_cast<int>(H);
   p.W = static_cast<int>(W);
   const int64_t pixels = N * H * W;
-  switch (dtype) {
-    case at::kBFloat16:
-      run_wgrad_typed<__nv_bfloat16, Math::kMma16>(p, jobs, pixels);
-      break;
-    case at::kHalf:
-      run_wgrad_typed<__half, Math::kMma16>(p, jobs, pixels);
-      break;
-    case at::kFloat:
-      if (allow_tf32()) {
-        run_wgrad_typed<float, Math::kTf32>(p, jobs, pixels);
-      } else {
-        run_wgrad_typed<float, Math::kFfma>(p, jobs, pixels);
-      }
-      break;
-    case at::kDouble:
-      run_wgrad_typed<double, Math::kFfma>(p, jobs, pixels);
-      break;
-    default:
-      TORCH_CHECK(false, "aspp_fused: unsupported dtype ", dtype);
-  }
+  dispatch_gemm_math(dtype, "aspp_fused", [&](auto tag, auto math) {
+    run_wgrad_typed<decltype(tag), decltype(math)::value>(p, jobs, pixels);
+  });
 }
 
 void run_tap_gemm(const TapGemmCall& call) {
   if (call.N * call.H * call.W == 0 || call.branches.empty()) return;
-  switch (call.dtype) {
-    case at::kBFloat16:
-      run_typed<__nv_bfloat16, Math::kMma16>(call);
-      break;
-    case at::kHalf:
-      run_typed<__half, Math::kMma16>(call);
-      break;
-    case at::kFloat:
-      if (allow_tf32()) {
-        run_typed<float, Math::kTf32>(call);
-      } else {
-        run_typed<float, Math::kFfma>(call);
-      }
-      break;
-    case at::kDouble:
-      run_typed<double, Math::kFfma>(call);
-      break;
-    default:
-      TORCH_CHECK(false, "aspp_fused: unsupported dtype ", call.dtype);
-  }
+  dispatch_gemm_math(call.dtype, "aspp_fused", [&](auto tag, auto math) {
+    run_typed<decltype(tag), decltype(math)::value>(call);
+  });
 }
 
 }  // namespace cuda
