@@ -275,22 +275,38 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   warp_sync();
 }
 
+namespace {
+// The mma.sync operand fragments of all 32 lanes of the calling thread's warp: each lane posts
+// its own a and b, then reads everyone's.
+struct WarpFragments {
+  uint32_t a[32][4], b[32][2];
+};
+WarpFragments exchange_fragments(const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  unsigned char* s = warp_scratch(lane_id());
+  std::memcpy(s, a, 16);
+  std::memcpy(s + 16, b, 8);
+  warp_sync();
+  WarpFragments f;
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(f.a[l], warp_scratch(l), 16);
+    std::memcpy(f.b[l], warp_scratch(l) + 16, 8);
+  }
+  warp_sync();
+  return f;
+}
+}  // namespace
+
 // PTX ISA, mma.m16n8k16 (.bf16 / .f16): with g = lane / 4, t = lane % 4,
 //   A (16 x 16, row): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
 //   B (16 x 8, col):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
 //   C/D (16 x 8):     d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
-  const int lane = lane_id();
-  unsigned char* s = warp_scratch(lane);
-  std::memcpy(s, a, 16);
-  std::memcpy(s + 16, b, 8);
-  warp_sync();
+  const WarpFragments f = exchange_fragments(a, b);
   float A[16][16], B[16][8];
   auto cvt = [bf16](uint16_t h) { return bf16 ? bf16_to_float(h) : f16_to_float(h); };
   for (int l = 0; l < 32; ++l) {
-    uint32_t la[4], lb[2];
-    std::memcpy(la, warp_scratch(l), 16);
-    std::memcpy(lb, warp_scratch(l) + 16, 8);
+    const uint32_t(&la)[4] = f.a[l];
+    const uint32_t(&lb)[2] = f.b[l];
     const int g = l / 4, t = l % 4;
     for (int e = 0; e < 2; ++e) {
       const int sh = 16 * e;
@@ -302,7 +318,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
       B[2 * t + 8 + e][g] = cvt(static_cast<uint16_t>(lb[1] >> sh));
     }
   }
-  warp_sync();
+  const int lane = lane_id();
   const int g = lane / 4, t = lane % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e / 2) * 8, col = 2 * t + (e % 2);
@@ -316,16 +332,11 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
 //   A (16 x 8): a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
 //   B (8 x 8):  b[0] = B[t][g], b[1] = B[t+4][g];  C/D as for m16n8k16
 void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const int lane = lane_id();
-  unsigned char* s = warp_scratch(lane);
-  std::memcpy(s, a, 16);
-  std::memcpy(s + 16, b, 8);
-  warp_sync();
+  const WarpFragments f = exchange_fragments(a, b);
   float A[16][8], B[8][8];
   for (int l = 0; l < 32; ++l) {
-    uint32_t la[4], lb[2];
-    std::memcpy(la, warp_scratch(l), 16);
-    std::memcpy(lb, warp_scratch(l) + 16, 8);
+    const uint32_t(&la)[4] = f.a[l];
+    const uint32_t(&lb)[2] = f.b[l];
     const int g = l / 4, t = l % 4;
     A[g][t] = tf32_value(la[0]);
     A[g + 8][t] = tf32_value(la[1]);
@@ -334,7 +345,7 @@ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
     B[t][g] = tf32_value(lb[0]);
     B[t + 4][g] = tf32_value(lb[1]);
   }
-  warp_sync();
+  const int lane = lane_id();
   const int g = lane / 4, t = lane % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + (e / 2) * 8, col = 2 * t + (e % 2);
