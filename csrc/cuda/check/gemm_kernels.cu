@@ -3,24 +3,17 @@
 // with ptxas -v. Keep in sync with run_typed / launch_group / run_wgrad_typed in tap_gemm.cu.
 #include "../tap_gemm.cuh"
 #include "../wgrad_gemm.cuh"
+#include "gemm_variants.cuh"
 
 namespace aspp_fused {
 namespace cuda {
-
-using bf16 = __nv_bfloat16;
-using f16 = __half;
 
 #define ASPP_TAP_GEMM(T, OutT, M)                 \
   (const void*)&tap_gemm_kernel<T, OutT, M, true>, \
       (const void*)&tap_gemm_kernel<T, OutT, M, false>
 
 extern const void* const kTapGemmKernels[];  // extern: referenced, so every entry is kept
-const void* const kTapGemmKernels[] = {
-    ASPP_TAP_GEMM(bf16, bf16, Math::kMma16),   ASPP_TAP_GEMM(bf16, float, Math::kMma16),
-    ASPP_TAP_GEMM(f16, f16, Math::kMma16),     ASPP_TAP_GEMM(f16, float, Math::kMma16),
-    ASPP_TAP_GEMM(float, float, Math::kTf32),  ASPP_TAP_GEMM(float, float, Math::kFfma),
-    ASPP_TAP_GEMM(double, double, Math::kFfma),
-};
+const void* const kTapGemmKernels[] = {ASPP_GEMM_VARIANTS(ASPP_TAP_GEMM)};
 
 #define ASPP_WGRAD_GEMM(T, M) (const void*)&wgrad_gemm_kernel<T, M, true>, (const void*)&wgrad_gemm_kernel<T, M, false>
 
