@@ -188,6 +188,19 @@ def max_tiles(configs, n, h, w) -> int:
 PARTIAL_STATS_ARGS = ["psum_ptr", "psumsq_ptr"]
 
 
+def tile_config(th, tw, bm, bn, bk, warps, stages):
+    """A tiled conv kernel's config: a TH x TW pixel tile of BM GEMM rows, BN output columns, BK
+    reduction steps."""
+    return triton.Config({"TH": th, "TW": tw, "BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+def stats_autotune(configs, key, group=None, **kwargs):
+    """triton.autotune for a kernel whose epilogue writes partial statistics: it resets
+    PARTIAL_STATS_ARGS (above) between benchmarked runs; ``group``: as autotune_configs."""
+    return triton.autotune(configs=autotune_configs(configs, group), key=key, reset_to_zero=PARTIAL_STATS_ARGS,
+                           **kwargs)
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

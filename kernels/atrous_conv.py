@@ -36,24 +36,21 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs
-from ._common import (INTERPRET, ITEM_ROW, META_COLS, PARTIAL_STATS_ARGS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
+from ._common import (INTERPRET, ITEM_ROW, META_COLS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
                       TAP_OUT_OFF, TAP_STEP, TAP_W_OFF, WG_DX, WG_DY, WG_G_OFF, WG_N_E, WG_W_OFF, WG_X_OFF, TapRow,
                       WgradEntry, device_guard, dot_precision, empty_nchw_cl, epilogue_store, launch, max_tiles,
-                      nhwc, pixel_tile, sm_count, tap_range)
+                      nhwc, pixel_tile, sm_count, stats_autotune, tap_range, tile_config)
+from .bn_act import epilogue_ref
 from .pack_cache import PACKED
 from .worklog import log_work
 from .plan import REGION_COLS, plan_work, region_plan
 
 
-def _cfg(th, tw, bm, bn, bk, warps, stages):
-    return triton.Config({"TH": th, "TW": tw, "BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-
-
 if INTERPRET:
     # The interpreter runs each program in numpy: one small config (autotuning would run every
     # config on every call) whose 4 x 4 tiles still give several tiles per test image.
-    FWD_CONFIGS = [_cfg(4, 4, 16, 16, 16, 4, 1)]
+    FWD_CONFIGS = [tile_config(4, 4, 16, 16, 16, 4, 1)]
     WGRAD_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
 else:
     # Candidates for H100/H200 at the DESIGN cases (C = 2048, O_b = 256; 33 x 33 and 65 x 65).
@@ -66,13 +63,13 @@ else:
     # classes in a 128-column block are 6.1x the MACs they need; fit_column_tile keeps, per
     # launch, only the configs of the narrowest BN that covers its widest branch.
     FWD_CONFIGS = [
-        _cfg(8, 16, 128, 128, 64, 8, 3),
-        _cfg(8, 16, 128, 128, 32, 4, 4),
-        _cfg(11, 11, 128, 128, 64, 8, 3),
-        _cfg(13, 9, 128, 128, 64, 8, 3),
-        _cfg(8, 8, 64, 128, 64, 4, 4),
-        _cfg(11, 11, 128, 64, 64, 4, 3),
-        _cfg(11, 11, 128, 32, 64, 4, 3),
+        tile_config(8, 16, 128, 128, 64, 8, 3),
+        tile_config(8, 16, 128, 128, 32, 4, 4),
+        tile_config(11, 11, 128, 128, 64, 8, 3),
+        tile_config(13, 9, 128, 128, 64, 8, 3),
+        tile_config(8, 8, 64, 128, 64, 4, 4),
+        tile_config(11, 11, 128, 64, 64, 4, 3),
+        tile_config(11, 11, 128, 32, 64, 4, 3),
     ]
     WGRAD_CONFIGS = [
         triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
@@ -160,10 +157,8 @@ def fit_column_tile(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BN"] == want]
 
 
-@triton.autotune(configs=autotune_configs(FWD_CONFIGS, group=lambda c: c.kwargs["BN"]),
-                 key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "NMAX", "SUM_MODE"],
-                 prune_configs_by={"early_config_prune": fit_column_tile},
-                 reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
+@stats_autotune(FWD_CONFIGS, ["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NB", "NMAX", "SUM_MODE"],
+                group=lambda c: c.kwargs["BN"], prune_configs_by={"early_config_prune": fit_column_tile})
 @triton.jit
 def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr, psumsq_ptr,
                     N, H, W, CIN_STRIDE, OUT_STRIDE, NB, NMAX,
@@ -221,8 +216,7 @@ def tap_conv_kernel(in_ptr, w_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias
                    bias_ptr, psum_ptr, psumsq_ptr, HAS_SCALE, HAS_BIAS, ACT, STATS, False)
 
 
-@triton.autotune(configs=autotune_configs(REGION_CONFIGS), key=["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NI"],
-                 reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
+@stats_autotune(REGION_CONFIGS, ["N", "H", "W", "CIN_STRIDE", "OUT_STRIDE", "NI"])
 @triton.jit
 def region_conv_kernel(in_ptr, w_ptr, w_desc, meta_ptr, item_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,
                        psumsq_ptr, N, H, W, CIN_STRIDE, OUT_STRIDE, NI,
@@ -610,12 +604,4 @@ def atrous_conv_ref(x, weights, dilations, scale, shift, bias=None, sum_mode=Fal
         k = w.shape[-1]
         parts.append(F.conv2d(x.to(acc_dt), w.to(acc_dt), padding=(k // 2) * d, dilation=d))
     acc = functools.reduce(torch.add, parts) if sum_mode else torch.cat(parts, 1)
-    z = acc * scale.to(acc_dt).view(1, -1, 1, 1) + shift.to(acc_dt).view(1, -1, 1, 1)
-    if bias is not None:
-        z = z + bias.to(acc_dt)[:, :, None, None]
-    if compute_stats:
-        s, ss = z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))
-    else:
-        s = ss = z.new_empty(0)
-    out = torch.relu(z) if act == 1 else z
-    return out.to(x.dtype).contiguous(memory_format=torch.channels_last), s, ss
+    return epilogue_ref(acc, scale, shift, bias, act, compute_stats, x.dtype)

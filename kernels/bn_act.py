@@ -115,6 +115,18 @@ def epilogue_backward_op(grad_out, grad_sum, grad_sumsq, out, acc, scale, shift,
     return g_acc, g_scale, g_shift, g_bias
 
 
+def epilogue_ref(acc, scale, shift, bias, act, compute_stats, dtype):
+    """Pure torch: the forward epilogue of a float accumulator acc [N, O, H, W] as the kernels
+    apply it (z = acc * scale + shift (+ bias), statistics of z, act), out rounded to dtype in
+    channels_last; returns (out, ch_sum, ch_sumsq)."""
+    z = acc * scale.to(acc.dtype).view(1, -1, 1, 1) + shift.to(acc.dtype).view(1, -1, 1, 1)
+    if bias is not None:
+        z = z + bias.to(acc.dtype)[:, :, None, None]
+    s, ss = (z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))) if compute_stats else (z.new_empty(0), z.new_empty(0))
+    out = torch.relu(z) if act == 1 else z
+    return out.to(dtype).contiguous(memory_format=torch.channels_last), s, ss
+
+
 def epilogue_backward_ref(grad_out, acc, scale, shift, bias, grad_sum, grad_sumsq, act):
     """Pure torch: (g_acc, grad_scale, grad_shift, grad_bias) from the raw conv output acc."""
     f = torch.float32 if acc.dtype != torch.float64 else torch.float64

@@ -22,22 +22,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs
 from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
-                      PARTIAL_STATS_ARGS, ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
+                      ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
-                      empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc, pixel_tile, tap_range)
+                      empty_nchw_cl, epilogue_store, launch, max_tiles, nhwc, pixel_tile, stats_autotune,
+                      tap_range, tile_config)
+from .bn_act import epilogue_ref
 from .pack_cache import PACKED
 from .atrous_conv import _blocks, meta_tensor, pow2_align, tap_conv, tap_wgrad
 from .worklog import log_work
 
 
-def _cfg(th, tw, bm, bn, bk, warps, stages):
-    return triton.Config({"TH": th, "TW": tw, "BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-
-
 if INTERPRET:
-    SEP_CONFIGS = [_cfg(4, 4, 16, 16, 16, 4, 1)]
+    SEP_CONFIGS = [tile_config(4, 4, 16, 16, 16, 4, 1)]
     DW_TILE = dict(TH=4, TW=4, BM=16, BC=16)
     DWB_BP, DWB_BC = 16, 16
 else:
@@ -48,16 +45,15 @@ else:
     # 128-register accumulator: 20-60 LDL on both archs), 64 x 128 with 4 warps (sm_80, 3.6).
     # The pointwise weights are cp.async-pipelined, 3 buffers on sm_90 (see sep_conv_kernel).
     SEP_CONFIGS = [
-        _cfg(8, 8, 64, 256, 32, 8, 3),
-        _cfg(8, 16, 128, 128, 32, 8, 3),
-        _cfg(11, 11, 128, 128, 32, 8, 3),
+        tile_config(8, 8, 64, 256, 32, 8, 3),
+        tile_config(8, 16, 128, 128, 32, 8, 3),
+        tile_config(11, 11, 128, 128, 32, 8, 3),
     ]
     DW_TILE = dict(TH=8, TW=16, BM=128, BC=32)
     DWB_BP, DWB_BC = 64, 64
 
 
-@triton.autotune(configs=autotune_configs(SEP_CONFIGS), key=["N", "H", "W", "C", "OUT_STRIDE", "NB"],
-                 reset_to_zero=PARTIAL_STATS_ARGS)  # see _common.PARTIAL_STATS_ARGS
+@stats_autotune(SEP_CONFIGS, ["N", "H", "W", "C", "OUT_STRIDE", "NB"])
 @triton.jit
 def sep_conv_kernel(x_ptr, dw_ptr, mid_ptr, pw_ptr, meta_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr, psum_ptr,
                     psumsq_ptr, N, H, W, C, OUT_STRIDE, NB,
@@ -491,10 +487,4 @@ def separable_conv_ref(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act
                     v = torch.relu(v)
             m = v.to(x.dtype)
         parts.append(F.conv2d(m.to(f), pw.to(f)))
-    acc = torch.cat(parts, 1)
-    z = acc * scale.to(f).view(1, -1, 1, 1) + shift.to(f).view(1, -1, 1, 1)
-    if bias is not None:
-        z = z + bias.to(f)[:, :, None, None]
-    s, ss = (z.sum((0, 2, 3)), (z * z).sum((0, 2, 3))) if compute_stats else (z.new_empty(0), z.new_empty(0))
-    out = torch.relu(z) if act == 1 else z
-    return out.to(x.dtype).contiguous(memory_format=torch.channels_last), s, ss
+    return epilogue_ref(torch.cat(parts, 1), scale, shift, bias, act, compute_stats, x.dtype)

@@ -52,25 +52,29 @@ def bench(monkeypatch):
     torch.set_num_threads(threads)
 
 
+class ScaleGrad(torch.autograd.Function):
+    """The identity whose backward scales the gradient by ``factor``: a wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
 def torch_runner(**wrap):
     """A stand-in that runs the torch backend (optionally altered): ``out`` / ``stats`` scale
     those outputs; ``grad`` scales the input gradient; ``sleep`` adds seconds per call."""
     base = torch_backend.atrous_conv
 
-    class WrongGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * wrap["grad"]
-
     def run(x, ws, d, s, t, b, sm, act, stats):
         if "sleep" in wrap:
             time.sleep(wrap["sleep"])
         if "grad" in wrap:
-            x = WrongGrad.apply(x)
+            x = ScaleGrad.apply(x, wrap["grad"])
         out, cs, css = base(x, list(ws), d, s, t, b, sm, act, stats)
         if "out" in wrap:
             out = out * wrap["out"]
@@ -433,17 +437,8 @@ def test_separable_wrong_gradient_stand_in_rejected(bench):
     for w in [x] + [w for w in dw if w is not None] + pw:
         w.requires_grad_(True)
 
-    class ScaleGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            return w.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
-
     def wrong(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats):
-        dw = [None if w is None else ScaleGrad.apply(w) for w in dw]
+        dw = [None if w is None else ScaleGrad.apply(w, 1.01) for w in dw]
         return torch_backend.separable_conv(x, dw, d, ms, msh, mid_act, pw, s, t, b, act, stats)
 
     dispatch.register_stand_in("bad", {"separable_conv": wrong})

@@ -20,22 +20,29 @@ class TestAtrousConvErrors:
         with pytest.raises(ValueError, match=r"x must be 4-D"):
             aspp_fused.atrous_conv(x[0], ws, d, s, t, backend=backend)
 
-    def test_wrong_channels(self, backend):
+    # A bad branch weight: (branch, its replacement, O for scale / shift, sum_mode, error, message).
+    BAD_WEIGHTS = {
+        "wrong_channels": (1, torch.randn(3, 5, 3, 3), 6, False, ValueError,
+                           r"weights\[1\] must have shape \[O, 4, k, k\]"),
+        "dtype_mismatch": (0, torch.randn(3, 4, 1, 1, dtype=torch.float64), 6, False, TypeError,
+                           r"weights\[0\] has dtype torch.float64, expected x's dtype"),
+        "sum_mode_unequal_outputs": (1, torch.randn(2, 4, 3, 3), 3, True, ValueError,
+                                     r"sum_mode needs branches with equal output channels"),
+        "kernel_size": (1, torch.randn(3, 4, 5, 5), 6, False, ValueError, r"k in \(1, 3\)"),
+    }
+
+    @pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
+    def test_bad_weight(self, backend, case):
+        i, weight, o, sum_mode, error, match = self.BAD_WEIGHTS[case]
         x, ws, d, s, t = _args()
-        ws[1] = torch.randn(3, 5, 3, 3)
-        with pytest.raises(ValueError, match=r"weights\[1\] must have shape \[O, 4, k, k\]"):
-            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
+        ws[i] = weight
+        with pytest.raises(error, match=match):
+            aspp_fused.atrous_conv(x, ws, d, s[:o], t[:o], sum_mode=sum_mode, backend=backend)
 
     def test_integer_dtype(self, backend):
         x, ws, d, s, t = _args()
         with pytest.raises(TypeError, match=r"x must be float32, float64, bfloat16 or float16, got torch.int64"):
             aspp_fused.atrous_conv(x.long(), ws, d, s, t, backend=backend)
-
-    def test_weight_dtype_mismatch(self, backend):
-        x, ws, d, s, t = _args()
-        ws[0] = ws[0].double()
-        with pytest.raises(TypeError, match=r"weights\[0\] has dtype torch.float64, expected x's dtype"):
-            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
 
     @pytest.mark.parametrize("rate", [0, -6])
     def test_rates_must_be_positive(self, backend, rate):
@@ -58,12 +65,6 @@ class TestAtrousConvErrors:
         with pytest.raises(ValueError, match=r"bias must have shape \(2, 6\)"):
             aspp_fused.atrous_conv(x, ws, d, s, t, bias=torch.zeros(6), backend=backend)
 
-    def test_sum_mode_needs_equal_outputs(self, backend):
-        x, ws, d, s, t = _args()
-        ws[1] = torch.randn(2, 4, 3, 3)
-        with pytest.raises(ValueError, match=r"sum_mode needs branches with equal output channels"):
-            aspp_fused.atrous_conv(x, ws, d, s[:3], t[:3], sum_mode=True, backend=backend)
-
     def test_bad_act_and_backend(self, backend):
         x, ws, d, s, t = _args()
         with pytest.raises(ValueError, match=r"act must be 'relu' or 'none'"):
@@ -77,12 +78,6 @@ class TestAtrousConvErrors:
             aspp_fused.atrous_conv(x, [], [], s, t, backend=backend)
         with pytest.raises(ValueError, match=r"got 1 dilations for 2 branches"):
             aspp_fused.atrous_conv(x, ws, [1], s, t, backend=backend)
-
-    def test_kernel_size(self, backend):
-        x, ws, d, s, t = _args()
-        ws[1] = torch.randn(3, 4, 5, 5)
-        with pytest.raises(ValueError, match=r"k in \(1, 3\)"):
-            aspp_fused.atrous_conv(x, ws, d, s, t, backend=backend)
 
     def test_separable_errors(self, backend):
         x = torch.randn(2, 4, 5, 5)

@@ -130,7 +130,35 @@ _V2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 9
                (6, 320, 1, 1)]
 
 
-class MobileNetV2(nn.Module):
+class _MobileNet(nn.Module):
+    """What both MobileNets share: ``features`` (a MobileNetFeatures) and, with ``num_classes``,
+    a classifier on the globally pooled features."""
+
+    def __init__(self, output_stride: int, num_classes: Optional[int]):
+        super().__init__()
+        owner = type(self).__name__
+        check_int(owner, "output_stride", output_stride, choices=(8, 16, 32))
+        if num_classes is not None:
+            check_int(owner, "num_classes", num_classes, minimum=1)
+        self.output_stride = output_stride
+
+    def _finish(self, layers: List[nn.Module], classifier: Optional[nn.Module], avgpool: bool = False):
+        """features from layers, then the classifier (None: the segmentation trunk); ``avgpool``:
+        an ``avgpool`` attribute as torchvision's layout has it (no parameters)."""
+        self.features = MobileNetFeatures(*layers)
+        if avgpool:
+            self.avgpool = nn.AdaptiveAvgPool2d(1) if classifier is not None else None
+        self.classifier = classifier
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        if self.classifier is None:
+            return x
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MobileNetV2(_MobileNet):
     """MobileNetV2 (width 1.0), torchvision layout.
 
     ``num_classes=None`` builds the segmentation trunk: ``features.0`` .. ``features.17`` (the
@@ -140,11 +168,7 @@ class MobileNetV2(nn.Module):
     """
 
     def __init__(self, output_stride: int = 32, num_classes: Optional[int] = None, dropout: float = 0.2):
-        super().__init__()
-        owner = type(self).__name__
-        check_int(owner, "output_stride", output_stride, choices=(8, 16, 32))
-        if num_classes is not None:
-            check_int(owner, "num_classes", num_classes, minimum=1)
+        super().__init__(output_stride, num_classes)
         channels = 32
         layers: List[nn.Module] = [ConvBNAct(3, channels, 3, stride=2)]
         current_stride, rate = 2, 1
@@ -161,19 +185,8 @@ class MobileNetV2(nn.Module):
                 channels = c
         if num_classes is not None:
             layers.append(ConvBNAct(channels, 1280, 1))
-        self.features = MobileNetFeatures(*layers)
-        self.output_stride = output_stride
-        if num_classes is not None:
-            self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(1280, num_classes))
-        else:
-            self.classifier = None
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        if self.classifier is None:
-            return x
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        self._finish(layers, None if num_classes is None else nn.Sequential(nn.Dropout(p=dropout),
+                                                                           nn.Linear(1280, num_classes)))
 
 
 # --------------------------------------------------------------------------- MobileNetV3-Large
@@ -232,7 +245,7 @@ _V3_LARGE_SETTING = [
 ]
 
 
-class MobileNetV3Large(nn.Module):
+class MobileNetV3Large(_MobileNet):
     """MobileNetV3-Large (width 1.0), torchvision layout.
 
     ``features.0`` .. ``features.16`` (the last a 1x1 to 960 channels, which torchvision's
@@ -242,11 +255,7 @@ class MobileNetV3Large(nn.Module):
     """
 
     def __init__(self, output_stride: int = 32, num_classes: Optional[int] = None, dropout: float = 0.2):
-        super().__init__()
-        owner = type(self).__name__
-        check_int(owner, "output_stride", output_stride, choices=(8, 16, 32))
-        if num_classes is not None:
-            check_int(owner, "num_classes", num_classes, minimum=1)
+        super().__init__(output_stride, num_classes)
         norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)  # torchvision's (TF's) BN settings
         layers: List[nn.Module] = [ConvBNAct(3, 16, 3, stride=2, norm_layer=norm_layer, activation_layer=nn.Hardswish)]
         current_stride, rate = 2, 1
@@ -257,22 +266,9 @@ class MobileNetV3Large(nn.Module):
                 current_stride *= stride
             layers.append(InvertedResidualV3(inp, k, exp, out, se, hs, stride, rate, norm_layer))
         layers.append(ConvBNAct(160, 960, 1, norm_layer=norm_layer, activation_layer=nn.Hardswish))
-        self.features = MobileNetFeatures(*layers)
-        self.output_stride = output_stride
-        if num_classes is not None:
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.classifier = nn.Sequential(nn.Linear(960, 1280), nn.Hardswish(inplace=True),
-                                            nn.Dropout(p=dropout, inplace=True), nn.Linear(1280, num_classes))
-        else:
-            self.avgpool = None
-            self.classifier = None
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        if self.classifier is None:
-            return x
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
+        self._finish(layers, None if num_classes is None else nn.Sequential(
+            nn.Linear(960, 1280), nn.Hardswish(inplace=True), nn.Dropout(p=dropout, inplace=True),
+            nn.Linear(1280, num_classes)), avgpool=True)
 
 
 def mobilenet_v2(**kwargs) -> MobileNetV2:
