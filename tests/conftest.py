@@ -123,16 +123,26 @@ def cpp_backend_params():
 BACKENDS = ["torch"] + cpp_backend_params()
 
 
-def triton_backend_param():
-    """The Triton backend: compiled on a GPU, interpreted on CPU (TRITON_INTERPRET=1, set above)."""
+def triton_unavailable():
+    """Why the Triton backend cannot run here (None when it can): compiled on a GPU, interpreted on
+    CPU (TRITON_INTERPRET=1, set above)."""
     try:
         import triton  # noqa: F401  (importable?)
-
-        ok = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
-        why = "neither CUDA nor TRITON_INTERPRET=1"
     except Exception as exc:  # pragma: no cover - depends on the environment
-        ok, why = False, "triton not importable (%s)" % type(exc).__name__
-    return pytest.param("triton", marks=[] if ok else pytest.mark.skip(reason=why))
+        return "triton not importable (%s: %s)" % (type(exc).__name__, exc)
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return "neither CUDA nor TRITON_INTERPRET=1"
+
+
+# A test of the Triton backend's own machinery (not a case every backend meets).
+needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
+
+
+def triton_backend_param():
+    """The Triton backend as a ``backend`` parameter, skipped where it cannot run."""
+    why = triton_unavailable()
+    return pytest.param("triton", marks=[] if why is None else pytest.mark.skip(reason=why))
 
 
 # Every backend of the fused modules, Triton included (interpreted on CPU: small cases only).

@@ -10,7 +10,7 @@ import torch
 import aspp_fused
 import aspp_fused.nn as ann
 from aspp_fused import _extension, dispatch, functional, torch_backend
-from conftest import assert_close_rel, randomize_bn, run_in_threads
+from conftest import assert_close_rel, needs_triton, randomize_bn, run_in_threads
 
 
 def atrous_args(n=2, c=5, h=7, w=9, dtype=torch.float32, grad=False, stats=False, seed=0):
@@ -519,3 +519,14 @@ def test_gpu_auto_is_torch_until_measured_and_benchmark_verifies(dtype):
     finally:
         aspp_fused.set_benchmark(False)
         dispatch.clear_cache()
+
+
+@needs_triton
+@pytest.mark.usefixtures("no_tf32")  # conftest: TF32 off, as the first assert expects
+def test_tf32_follows_cudnn_switch():
+    from aspp_fused.kernels._common import dot_precision
+
+    assert dot_precision(torch.float32) == "ieee"  # the no_tf32 fixture turned TF32 off
+    torch.backends.cudnn.allow_tf32 = True
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == "tf32"

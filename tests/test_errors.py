@@ -4,7 +4,7 @@ import torch
 
 import aspp_fused
 from aspp_fused import _extension, ops
-from conftest import BACKENDS
+from conftest import BACKENDS, needs_triton
 
 
 def _args(n=2, c=4, h=5, w=5, o=3, dtype=torch.float32):
@@ -267,3 +267,24 @@ def test_pretrained_directory_and_garbage_file(tmp_path):
     # torch's advice to retry with weights_only=False is not something this API can take
     assert "weights_only=False" not in str(info.value) and "weights_only` set to" not in str(info.value)
     assert str(info.value).endswith("expected a state_dict of tensors saved with torch.save")
+
+
+@needs_triton
+def test_backend_errors_are_clear(monkeypatch):
+    import sys
+
+    import aspp_fused.nn as ann
+    from aspp_fused import functional as AF
+    from aspp_fused import kernels
+    from op_problems import atrous_problem
+
+    x, ws, d, s, t, _ = atrous_problem(1, 3, 4, 4, ((1, 2, 1),), False, False, device="cpu")
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16.*float64"):
+        AF.atrous_conv(x.double(), [w.double() for w in ws], d, s, t, backend="triton")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="CPU tensor.*TRITON_INTERPRET=1"):
+        AF.atrous_conv(x, ws, d, s, t, backend="triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        ann.FusedASPP(8, [2], backend="triton")
+    assert AF.resolve_backend("auto", x) == "torch"

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+import aspp_fused
 import aspp_fused.nn as ann
-from conftest import BACKENDS, assert_close_rel, compare_with_twin, randomize_bn
+from conftest import BACKENDS, DEV, assert_close_rel, compare_with_twin, needs_triton, randomize_bn
 
 TOL = 1e-5  # fp32 against fp32 PyTorch; the algebra differs (folded BN, pooling as a bias)
 
@@ -127,6 +128,41 @@ def test_several_train_steps_then_eval(backend):
         x = torch.randn(3, 8, 6, 7) * 2 + 0.5
         compare_with_twin(ref.train(), fused.train(), x, True)
     compare_with_twin(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7), False)
+
+
+# The Triton backend, reached through convert(): interpreted on CPU (every program in numpy), so the
+# ASPP heads at one eval and one train shape; on DEV (a GPU's CUDA tensors where there is one).
+TRITON_CASES = ["aspp", "aspp_v2", "sep_aspp", "sep_aspp_mid"]
+
+
+@needs_triton
+@pytest.mark.usefixtures("no_tf32")  # conftest: the exact fp32 path
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_convert_to_triton_matches_twin(case, train):
+    n, h, w = (3, 7, 9) if train else (2, 7, 5)  # N >= 3 in training: see SHAPES
+    twin, fused_cls = CASES[case]()
+    twin = randomize_bn(twin).to(DEV).train(train)
+    if hasattr(twin, "project"):
+        twin.project[3].p = 0.0  # dropout masks would differ between the fp64 twin and fp32 kernels' order
+    ref = copy.deepcopy(twin)
+    fused = aspp_fused.convert(twin, backend="triton")
+    assert type(fused) is fused_cls and fused.backend == "triton"
+    compare_with_twin(ref, fused, torch.randn(n, 8, h, w, device=DEV).requires_grad_(train), train, TOL)
+
+
+@needs_triton
+@pytest.mark.usefixtures("no_tf32")
+def test_convert_to_triton_several_train_steps_then_eval():
+    """Running stats accumulate over training steps on the Triton backend, then eval uses them."""
+    twin = randomize_bn(ann.ASPP(8, [2, 12], out_channels=6)).to(DEV)
+    twin.project[3].p = 0.0
+    ref = copy.deepcopy(twin)
+    fused = aspp_fused.convert(twin, backend="triton")
+    for _ in range(2):
+        x = torch.randn(3, 8, 6, 7, device=DEV) * 2 + 0.5
+        compare_with_twin(ref.train(), fused.train(), x.requires_grad_(), True, TOL)
+    compare_with_twin(ref.eval(), fused.eval(), torch.randn(2, 8, 6, 7, device=DEV), False, TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aspp_fused import _extension, ops, torch_backend
-from conftest import assert_close_rel, rel_err
+from conftest import assert_close_rel, needs_triton, rel_err
 
 pytestmark = pytest.mark.skipif(not _extension.cpp_available(), reason="aspp_fused._C not built")
 
@@ -325,3 +325,41 @@ def test_frozen_weights_input_grad_only():
     out, _, _ = ops.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, False)
     out.sum().backward()
     assert x.grad is not None
+
+
+# --------------------------------------------------------------------------- the Triton ops
+
+
+@needs_triton
+def test_opcheck_triton_ops():
+    from op_problems import atrous_problem, separable_problem
+
+    _extension.triton_kernels()  # the package's loader: registers the ops' autograd (aspp_fused/_autograd.py)
+    x, ws, d, s, t, b = atrous_problem(2, 3, 5, 4, ((1, 2, 1), (3, 2, 3)), False, True)
+    ws = [w.requires_grad_() for w in ws]
+    torch.library.opcheck(torch.ops.aspp_fused.triton_atrous_conv.default, (x, ws, d, s, t, b, False, 1, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    sx, dw, dd, ms, msh, pw, s2, t2, _ = separable_problem(2, 3, 5, 4, (("plain", 2, 1), ("mid", 2, 2)), False)
+    e = sx.new_empty(0)
+    absent = lambda lst: [e if v is None else v for v in lst]  # noqa: E731  (the schema's "absent")
+    torch.library.opcheck(torch.ops.aspp_fused.triton_separable_conv.default,
+                          (sx, absent(dw), dd, absent(ms), absent(msh), 1, pw, s2, t2, None, 1, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_triton
+def test_refs_match_torch_backend():
+    """The pure-torch *_ref beside each kernel states the same semantics as the torch backend."""
+    from aspp_fused.kernels.atrous_conv import atrous_conv_ref
+    from aspp_fused.kernels.separable_conv import separable_conv_ref
+    from op_problems import ASPP_BRANCHES, atrous_problem, separable_problem
+
+    args = atrous_problem(2, 5, 7, 9, ASPP_BRANCHES, False, True, dtype=torch.float64, device="cpu")
+    for a, r in zip(atrous_conv_ref(*args, False, 1, True), torch_backend.atrous_conv(*args, False, 1, True)):
+        assert_close_rel(a, r, 1e-12, "atrous_conv_ref")
+    sargs = separable_problem(2, 5, 7, 9, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), True, dtype=torch.float64,
+                              device="cpu")
+    x, dw, d, ms, msh, pw, s, t, b = sargs
+    for a, r in zip(separable_conv_ref(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True),
+                    torch_backend.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True)):
+        assert_close_rel(a, r, 1e-12, "separable_conv_ref")

@@ -1,7 +1,7 @@
 """The compiled CPU / CUDA kernels pack each weight set once per parameter version (csrc/pack_cache.h):
 counted packings across calls, optimizer steps, load_state_dict, dtype changes, torch.compile and
 threads; per-call views of a parameter still hit; ASPP_FUSED_FOLD_CACHE=0 packs on every call.
-(The Triton backend's PackCache: tests/test_triton.py.)"""
+(The Triton backend's PackCache: tests/test_triton_weights.py.)"""
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """The exact-region tap plan of the Triton forward (kernels/plan.py): every output once, exactly the
-valid taps, and the work it issues. Pure Python: the kernel's results are tests/test_triton.py's."""
+valid taps, and the work it issues. Pure Python: the kernel's results are tests/test_op_cases.py's (backend
+triton) and tests/test_triton_weights.py's (TMA)."""
 import itertools
 import random
 

@@ -1,7 +1,8 @@
-"""The developer tools that guard the CUDA kernels on machines without a GPU.
+"""The developer tools that guard the CUDA and Triton kernels on machines without a GPU.
 
 tools/cuda_check.py's SASS instruction check: fed made-up disassembly, it must pass a kernel
 whose instructions keep its template's promises and name each broken promise otherwise.
+tools/triton_check.py: the Triton kernels built offline for sm_90 / sm_80 keep their promises.
 """
 import importlib.util
 import os
@@ -89,3 +90,52 @@ def test_occupancy_check_flags_tensor_core_gemms_over_128_registers(cuda_check):
     assert cuda_check.occupancy_lost(wgrad, 130)
     assert not cuda_check.occupancy_lost(ffma_tap, 160)
     assert not cuda_check.occupancy_lost(sep, 237)
+
+
+def test_kernels_build_for_sm90_and_sm80_with_their_promises():
+    """tools/triton_check.py builds every Triton kernel family for sm_90 and sm_80 (Triton's own
+    ptxas; no GPU) in the modules' eval and train epilogues: the GEMM families hold wgmma (sm_90)
+    / mma.sync (sm_80), cp.async and a >= 3-stage pipeline of their operand tiles (region_conv_tma:
+    its weight tiles by TMA, cp.async.bulk.tensor), and no family spills. Each GEMM family's
+    one-stage build must break the pipeline promises, so the check
+    is shown able to fail. (`make triton-check` runs every autotune config.)"""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    tool = os.path.join(ROOT, "tools", "triton_check.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "records.json")
+        proc = subprocess.run([sys.executable, tool, "--json", out], env=env, capture_output=True, text=True,
+                              timeout=900)
+        if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+            pytest.skip("no ptxas for an offline build")
+        assert os.path.exists(out), proc.stdout[-3000:] + proc.stderr[-3000:]
+        recs = json.load(open(out))["records"]
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    gemm = {"tap_conv", "region_conv", "region_conv_tma", "tap_wgrad", "sep_conv"}
+    assert {r["family"] for r in recs} == gemm | {"dw", "dw_bwd", "epilogue_bwd"}
+    # the Hopper path: region_conv's weight tiles by TMA, built for sm_90 only
+    tma = [r for r in recs if r["family"] == "region_conv_tma" and not r["counter"]]
+    assert tma and all(r["arch"] == "sm_90" and r["tma"] for r in tma), tma
+    assert not any(r["tma"] for r in recs if r["family"] != "region_conv_tma"), "TMA where none was asked for"
+    for arch in ("sm_90", "sm_80"):
+        for r in (r for r in recs if r["arch"] == arch):
+            if r["counter"]:
+                # judged from the build itself (PTX, TTGIR), not only from its num_stages
+                assert any("not pipelined" in p for p in r["problems"]), r
+                assert any("no cp.async" in p for p in r["problems"]), r
+                continue
+            assert r["problems"] == [], r
+            if r["family"] in gemm:
+                assert r["mma"] and r["cp_async"] and r["stages"] >= 3, r
+        # sep_conv's pointwise weights are multi-buffered (one buffer, no cp.async, before its
+        # depthwise taps were unrolled out of the channel loop).
+        sep = [r for r in recs if r["family"] == "sep_conv" and r["arch"] == arch and not r["counter"]]
+        assert sep and all(max(r["depths"]) >= 2 for r in sep), sep
+    if any(r["ldl"] is None for r in recs):
+        pytest.skip("no cuobjdump: spills not checked (everything else passed)")

@@ -22,7 +22,7 @@ multiples of 16 at the DESIGN sizes marked so, bf16 activations), with its first
 Each forward family is built in the two epilogues the fused modules launch: eval (BN scale and
 shift, per-sample bias where the op gets one, ReLU) and train (the same without ReLU, with the
 per-tile batch statistics). The check must be able to fail: each GEMM family is also built with
-num_stages=1, and that build must break the pipeline promises (tests/test_triton.py asserts both).
+num_stages=1, and that build must break the pipeline promises (tests/test_tools.py asserts both).
 Run it with any Python that has
 Triton, e.g. the GPU image's Triton 3.6 in a side venv: `make triton-check PYTHON=...`.
 """
