@@ -38,7 +38,7 @@ triton-check:       ## build every Triton kernel family and autotune config for 
 cuda-build-check:   ## the real CUDA build (setup.py, a CUDA torch in a private venv), loaded: every op has CPU + CUDA kernels; no GPU needed
 	@PYTHON=$(PYTHON) NVCC="$(NVCC)" tools/cuda_build_check.sh
 
-emu-test: install    ## tests/test_cuda.py on the host SIMT emulator of the CUDA kernels (no GPU); EMU_ORDER=warps
+emu-test: install    ## tests/test_op_dtypes.py (kernel set cuda_emu) on the host SIMT emulator of the CUDA kernels (no GPU); EMU_ORDER=warps
 	@if $(PYTHON) tools/cuda_emu/build.py --check-toolkit; then \
 		PYTHON=$(PYTHON) ASPP_CUDA_EMU_ORDER=$(EMU_ORDER) ASPP_CUDA_EMU_SMS=$(EMU_SMS) tools/cuda_emu/run_tests.sh; \
 	else echo "emu-test: skipped (the emulator build needs the CUDA toolkit's headers)"; fi

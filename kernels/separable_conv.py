@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._dtypes import acc_dtype
 from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
                       ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
@@ -438,9 +439,10 @@ def separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shif
             w_off = 0
             for b in idx:
                 ob = pw_weights[b].shape[0]
-                # (a custom op's outputs may not alias each other: always a fresh tensor)
-                gpw[b] = flat[w_off:w_off + C * ob].view(C, ob).t().to(pw_weights[b].dtype).clone().reshape(
-                    pw_weights[b].shape)
+                # (a custom op's outputs may not alias each other: always a fresh tensor, in the
+                # weight's standard strides as the fake kernel gives them)
+                gpw[b] = flat[w_off:w_off + C * ob].view(C, ob).t().to(pw_weights[b].dtype).clone(
+                    memory_format=torch.contiguous_format).reshape(pw_weights[b].shape)
                 w_off += C * ob
         g_pw = gpw
         if J:
@@ -448,7 +450,8 @@ def separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shif
         for b in range(nb):
             if has_dw[b]:
                 j = dw_idx.index(b)
-                g_dw.append(s_dw[j].t().to(dw_weights[b].dtype).clone().reshape(C, 1, 3, 3))
+                g_dw.append(s_dw[j].t().to(dw_weights[b].dtype).clone(memory_format=torch.contiguous_format).reshape(
+                    C, 1, 3, 3))
             else:
                 g_dw.append(absent.clone())
             if has_mid[b]:
@@ -465,7 +468,7 @@ def separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shif
 
 def depthwise_ref(x, dw, dilation):
     """The depthwise dilated 3x3 in float (x [N, C, H, W], dw [C, 1, 3, 3])."""
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = acc_dtype(x.dtype)
     return F.conv2d(x.to(f), dw.to(f), padding=dilation, dilation=dilation, groups=x.shape[1])
 
 
@@ -473,7 +476,7 @@ def separable_conv_ref(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act
                        bias=None, act=0, compute_stats=False):
     """Pure-torch statement of aspp_fused::separable_conv (None = absent), as the kernels compute it:
     depthwise + mid in float, m rounded to x.dtype, pointwise GEMM in float, then the epilogue."""
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = acc_dtype(x.dtype)
     C = x.shape[1]
     parts = []
     for dw, d, ms, msh, pw in zip(dw_weights, dilations, mid_scales, mid_shifts, pw_weights):

@@ -1,7 +1,7 @@
 """The CUDA backend's forward plan on the host (csrc/tap_plan.h, counted by the op cuda_plan_work):
 the same exact-region plan as kernels/plan.py, exact work where there is no tiling slack, the
 standard heads within 5% of the valid work, and the tile plan's numbers that motivated it.
-No GPU needed; the kernels' results on that plan are tests/test_cuda.py's (GPU or emulator)."""
+No GPU needed; the kernels' results on that plan are tests/test_op_dtypes.py's (GPU or emulator)."""
 import random
 
 import pytest

@@ -5,7 +5,7 @@ float64 torch backend (the reference).
 Tolerance (docs/DESIGN.md): fp32 (TF32 off) 1e-5 relative, 1e-4 for the statistics and the
 gradients (sums over 16 x 33 x 33 products); bf16 / fp16 at most 2x the error of PyTorch's own path
 (the torch backend in that dtype). The CUDA kernels' standard case at 1e-5 for every gradient:
-tests/test_cuda.py::test_standard_aspp_v3_os16.
+tests/test_op_dtypes.py::test_standard_aspp_v3_os16.
 """
 import pytest
 import torch

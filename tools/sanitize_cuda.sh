@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The CUDA tests (tests/test_cuda.py, small shapes only) under compute-sanitizer:
+# The CUDA kernels' tests (tests/test_op_dtypes.py, kernel set cuda, small shapes only) under
+# compute-sanitizer:
 #   memcheck   out-of-bounds / misaligned global and shared accesses, launch errors
 #   racecheck  shared-memory hazards (missing __syncthreads in the cp.async pipeline, ...)
 #   synccheck  barriers not reached by every thread of a block
 # Usage: tools/sanitize_cuda.sh [OUT_DIR]      (default $GPU_CHECK_OUT/sanitizer or gpu-check-out/sanitizer)
 #   SANITIZER_TOOLS="memcheck racecheck synccheck initcheck"  tools to run (initcheck is opt-in)
-#   SANITIZE_SELECT="2x16x9x11"  a pytest -k selection for every tool (default: all of tests/test_cuda.py,
-#                                racecheck a subset of it)
+#   SANITIZE_SELECT="2x16x9x11"  a pytest -k selection for every tool (default: all of the cuda set's
+#                                cases, racecheck a subset of them)
 #   SANITIZER_TIMEOUT_S=N        stop each tool after N seconds (default: no limit)
 #   COMPUTE_SANITIZER=/path/to/compute-sanitizer, PYTHON=python (default: python, else python3)
 # One log per tool in OUT_DIR; exits nonzero when a tool reports an error or a test fails.
@@ -53,7 +54,8 @@ for tool in $TOOLS; do
     echo "sanitize_cuda: $tool -> $log"
     start=$(date +%s)
     ${SANITIZER_TIMEOUT_S:+timeout --kill-after=5 "$SANITIZER_TIMEOUT_S"} "$SAN" --tool "$tool" --error-exitcode 97 --print-limit 100 --target-processes all \
-        $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py ${select:+-k "$select"} >"$log" 2>&1
+        $PYTHON -m pytest -q -p no:cacheprovider tests/test_op_dtypes.py \
+        -k "not cpu and not cuda_emu and not triton${select:+ and ($select)}" >"$log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
     echo "sanitize_cuda: $tool rc=$rc in $(( $(date +%s) - start ))s ${summary}"

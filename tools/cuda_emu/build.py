@@ -9,7 +9,7 @@ torch.ops.aspp_fused_emu.* (schemas copied from csrc/aspp_fused.cpp) for CPU ten
 CUDA code path can be compared with the CPU backend's kernels on a machine without a GPU:
 
     python tools/cuda_emu/build.py [--asan]      # -> build/cuda_emu/libaspp_cuda_emu[_asan].so
-    tools/cuda_emu/run_tests.sh [--asan]         # builds, then runs tests/test_cuda.py on it
+    tools/cuda_emu/run_tests.sh [--asan]         # builds, then runs tests/test_op_dtypes.py on it
 
 `make emu-test` (run by CI) is the second line. Not part of the package (the emulator runs a
 CTA's threads as fibers: fine for the small shapes of the tests, far too slow for anything

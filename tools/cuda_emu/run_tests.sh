@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the CUDA kernels for the host SIMT emulator and runs tests/test_cuda.py, the fuzz and the
+# Builds the CUDA kernels for the host SIMT emulator and runs tests/test_op_dtypes.py, the fuzz and the
 # op cases (tests/test_op_cases.py, backend cuda_emu) against them
 # (no GPU needed; ~6 minutes per schedule on 2 cores, ASan ~10x slower).
 # Usage: tools/cuda_emu/run_tests.sh [--asan] [--all-orders] [pytest args...]
@@ -31,7 +31,9 @@ fi
 status=0
 for order in $orders; do
     echo "== ASPP_CUDA_EMU_ORDER=$order"
-    ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_fuzz.py "$@" || status=1
+    # Each op in every dtype (tests/test_op_dtypes.py, kernel set cuda_emu) and the fuzz.
+    ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider tests/test_op_dtypes.py -k cuda_emu "$@" || status=1
+    ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider -m gpu tests/test_fuzz.py "$@" || status=1
     # The op cases every backend meets (tests/test_op_cases.py), on the emulated CUDA kernels.
     ASPP_CUDA_EMU_ORDER=$order $PYTHON -m pytest -q -p no:cacheprovider tests/test_op_cases.py -k cuda_emu "$@" || status=1
 done

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The CUDA kernels at docs/DESIGN.md's aspp_v3_os16 / sep_aspp_os16 geometry, on the host SIMT emulator.
 
-tests/test_cuda.py runs its standard-size case on a GPU only (batch 16 is hours on the
+tests/test_op_dtypes.py runs its standard-size case on a GPU only (batch 16 is hours on the
 emulator). This runs the same geometry at a batch the emulator can afford: C=2048 input
 channels, 33x33, a 1x1 branch and rates 6/12/18, 256 channels each (1024 outputs: 8 column
 blocks, a 64-step K loop per tap), train-mode op (stats) with per-sample bias and ReLU, and with
 --backward the backward op too (input, weight, scale and shift grads of <out, go> + <ch_sumsq, gss>),
-and checks the tolerance rule of tests/test_cuda.py: max-abs error relative to float64 within 2x of
+and checks the tolerance rule of tests/test_op_dtypes.py: max-abs error relative to float64 within 2x of
 PyTorch's own in the same dtype (fp32: 1e-5, TF32 off). The forward takes about 6 minutes per batch
 element on 2 cores. --op separable: the separable op at the same geometry (a plain 1x1 branch and
 depthwise 3x3 at each rate with a mid BatchNorm, then the 2048 -> 256 pointwise per branch).
@@ -144,7 +144,7 @@ def main():
 
 
 def rel_err(actual, expected):
-    """max |actual - expected| / max |expected|, as tests/test_cuda.py measures."""
+    """max |actual - expected| / max |expected|, as tests/test_op_dtypes.py measures."""
     a, e = actual.double(), expected.double()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
