@@ -35,7 +35,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._dtypes import acc_dtype
 from ._common import autotune_configs
 from ._common import (INTERPRET, ITEM_ROW, META_COLS, RI_BRANCH, RI_H0, RI_H1, RI_KX0, RI_KX1,
                       RI_KY0, RI_KY1, RI_O0, RI_P0, RI_W0, RI_W1, ROW, TAP_IN_OFF, TAP_K, TAP_K_B, TAP_N_B,
@@ -599,7 +598,7 @@ def tap_wgrad_op(x, g, weights, dilations, sum_mode):
 def atrous_conv_ref(x, weights, dilations, scale, shift, bias=None, sum_mode=False, act=0, compute_stats=False):
     """Pure-torch statement of what the kernels compute (schema of aspp_fused::atrous_conv),
     in the input's dtype with float accumulation as F.conv2d does it."""
-    acc_dt = acc_dtype(x.dtype)
+    acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     parts = []
     for w, d in zip(weights, dilations):
         k = w.shape[-1]

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dtypes import acc_dtype
 from ._common import device_guard, launch, nhwc
 
 BP = 64
@@ -130,7 +129,7 @@ def epilogue_ref(acc, scale, shift, bias, act, compute_stats, dtype):
 
 def epilogue_backward_ref(grad_out, acc, scale, shift, bias, grad_sum, grad_sumsq, act):
     """Pure torch: (g_acc, grad_scale, grad_shift, grad_bias) from the raw conv output acc."""
-    f = acc_dtype(acc.dtype)
+    f = torch.float32 if acc.dtype != torch.float64 else torch.float64
     a = acc.to(f)
     z = a * scale.to(f).view(1, -1, 1, 1) + shift.to(f).view(1, -1, 1, 1)
     if bias is not None:

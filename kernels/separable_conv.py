@@ -22,7 +22,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._dtypes import acc_dtype
 from ._common import (DW_DW_OFF, DW_HAS_MID, DW_IN_COFF, DW_K, DW_MID_OFF, DW_OUT_COFF, DW_STEP, INTERPRET,
                       ROW, SEP_DW_OFF, SEP_HAS_MID, SEP_K, SEP_MID_OFF, SEP_N_B, SEP_OUT_OFF,
                       SEP_PW_OFF, SEP_STEP, DwSlot, SepRow, TapRow, WgradEntry, device_guard, dot_precision,
@@ -468,7 +467,7 @@ def separable_gemm_backward_op(g, x, dw_weights, dilations, mid_scales, mid_shif
 
 def depthwise_ref(x, dw, dilation):
     """The depthwise dilated 3x3 in float (x [N, C, H, W], dw [C, 1, 3, 3])."""
-    f = acc_dtype(x.dtype)
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
     return F.conv2d(x.to(f), dw.to(f), padding=dilation, dilation=dilation, groups=x.shape[1])
 
 
@@ -476,7 +475,7 @@ def separable_conv_ref(x, dw_weights, dilations, mid_scales, mid_shifts, mid_act
                        bias=None, act=0, compute_stats=False):
     """Pure-torch statement of aspp_fused::separable_conv (None = absent), as the kernels compute it:
     depthwise + mid in float, m rounded to x.dtype, pointwise GEMM in float, then the epilogue."""
-    f = acc_dtype(x.dtype)
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
     C = x.shape[1]
     parts = []
     for dw, d, ms, msh, pw in zip(dw_weights, dilations, mid_scales, mid_shifts, pw_weights):

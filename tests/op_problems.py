@@ -96,6 +96,23 @@ def op_parity(backend, make_fn, args, stats, tol=TOL):
             assert_close_rel(gt, gr, tol, "grad of input %d" % i)
 
 
+def opcheck(op, args, test_utils=None):
+    """torch.library.opcheck, and the fake kernel's strides against the real outputs' (opcheck
+    compares shapes and dtypes only) on every dimension longer than 1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree
+
+    torch.library.opcheck(op, args, **({} if test_utils is None else {"test_utils": test_utils}))
+    real = _pytree.tree_leaves(op(*args))
+    with FakeTensorMode() as mode:
+        fake = _pytree.tree_leaves(op(*_pytree.tree_map_only(torch.Tensor, mode.from_tensor, args)))
+    assert len(real) == len(fake)
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert r.shape == f.shape and r.dtype == f.dtype, (op, i)
+        strides = [(r.stride(k), f.stride(k)) for k in range(r.dim()) if r.shape[k] > 1]
+        assert all(a == b for a, b in strides), (op, i, r.shape, r.stride(), f.stride())
+
+
 # --------------------------------------------------------------------------- the CUDA kernels on the emulator
 
 EMU_LIB = os.environ.get("ASPP_CUDA_EMU_LIB")

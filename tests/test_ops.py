@@ -5,7 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aspp_fused import _extension, ops, torch_backend
-from conftest import assert_close_rel, needs_triton, rel_err
+from conftest import assert_close_rel, rel_err
+from op_problems import opcheck
 
 pytestmark = pytest.mark.skipif(not _extension.cpp_available(), reason="aspp_fused._C not built")
 
@@ -220,16 +221,16 @@ def test_opcheck_atrous_backward_primitives(dtype):
     out, _, _ = ops.atrous_conv(*args, 1, True)
     g = torch.randn_like(out)
     prims = torch.ops.aspp_fused
-    _opcheck(prims.tap_gemm.default, (x, w, d, sm, False, acc_dt))
+    opcheck(prims.tap_gemm.default, (x, w, d, sm, False, acc_dt))
     acc = prims.tap_gemm(x, w, d, sm, False, acc_dt)
     for mask in ([True, True], [True, False], [False, True]):
-        _opcheck(prims.epilogue_backward.default,
+        opcheck(prims.epilogue_backward.default,
                  (g, torch.randn(4, dtype=acc_dt), torch.randn(4, dtype=acc_dt), out, acc, s, t, b, 1,
                   mask))
     g_acc = prims.epilogue_backward(g, None, None, out, None, s, t, b, 1, [True, False])[0]
     assert g_acc.dtype == acc_dt  # the CPU kernels read g_acc in the accumulation dtype (the schema)
-    _opcheck(prims.tap_gemm.default, (g_acc, w, d, sm, True, dtype))
-    _opcheck(prims.tap_wgrad.default, (x, g_acc, w, d, sm))
+    opcheck(prims.tap_gemm.default, (g_acc, w, d, sm, True, dtype))
+    opcheck(prims.tap_wgrad.default, (x, g_acc, w, d, sm))
 
 
 def test_opcheck_separable_conv():
@@ -243,10 +244,10 @@ def test_opcheck_separable_conv():
     torch.library.opcheck(torch.ops.aspp_fused.separable_conv.default, tuple(grad_args) + base[5:])
     out, _, _ = torch.ops.aspp_fused.separable_conv(*base)
     prims = torch.ops.aspp_fused
-    _opcheck(prims.separable_gemm.default, base[:7] + (F64,))
+    opcheck(prims.separable_gemm.default, base[:7] + (F64,))
     g = torch.randn_like(out)
     for mask in ([True, True], [True, False], [False, True]):
-        _opcheck(prims.separable_gemm_backward.default, (g,) + base[:7] + (mask,))
+        opcheck(prims.separable_gemm_backward.default, (g,) + base[:7] + (mask,))
 
 
 # --------------------------------------------------------------------------- low precision
@@ -325,93 +326,3 @@ def test_frozen_weights_input_grad_only():
     out, _, _ = ops.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, False)
     out.sum().backward()
     assert x.grad is not None
-
-
-# --------------------------------------------------------------------------- the Triton ops
-
-
-@needs_triton
-def test_opcheck_triton_ops():
-    from op_problems import atrous_problem, separable_problem
-
-    _extension.triton_kernels()  # the package's loader: registers the ops' autograd (aspp_fused/_autograd.py)
-    x, ws, d, s, t, b = atrous_problem(2, 3, 5, 4, ((1, 2, 1), (3, 2, 3)), False, True)
-    ws = [w.requires_grad_() for w in ws]
-    torch.library.opcheck(torch.ops.aspp_fused.triton_atrous_conv.default, (x, ws, d, s, t, b, False, 1, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    sx, dw, dd, ms, msh, pw, s2, t2, _ = separable_problem(2, 3, 5, 4, (("plain", 2, 1), ("mid", 2, 2)), False)
-    e = sx.new_empty(0)
-    absent = lambda lst: [e if v is None else v for v in lst]  # noqa: E731  (the schema's "absent")
-    torch.library.opcheck(torch.ops.aspp_fused.triton_separable_conv.default,
-                          (sx, absent(dw), dd, absent(ms), absent(msh), 1, pw, s2, t2, None, 1, True),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-def _opcheck(op, args, test_utils=None):
-    """torch.library.opcheck, and the fake kernel's strides against the real outputs' (opcheck
-    compares shapes and dtypes only) on every dimension longer than 1."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils import _pytree
-
-    torch.library.opcheck(op, args, **({} if test_utils is None else {"test_utils": test_utils}))
-    real = _pytree.tree_leaves(op(*args))
-    with FakeTensorMode() as mode:
-        fake = _pytree.tree_leaves(op(*_pytree.tree_map_only(torch.Tensor, mode.from_tensor, args)))
-    assert len(real) == len(fake)
-    for i, (r, f) in enumerate(zip(real, fake)):
-        assert r.shape == f.shape and r.dtype == f.dtype, (op, i)
-        strides = [(r.stride(k), f.stride(k)) for k in range(r.dim()) if r.shape[k] > 1]
-        assert all(a == b for a, b in strides), (op, i, r.shape, r.stride(), f.stride())
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-def test_opcheck_triton_primitives(dtype):
-    """The primitives the backward formulas run over (aspp_fused/_autograd.py), as Triton
-    implements them (aspp_fused::triton_*): schema, and the fake kernels' shapes, dtypes and
-    strides against the real outputs."""
-    from aspp_fused import _autograd
-    from op_problems import atrous_problem, separable_problem
-
-    _extension.triton_kernels()
-    prims = _autograd.primitives(torch.ops.aspp_fused, "triton_")
-    utils = ("test_schema", "test_faketensor")
-    f32 = torch.float32
-    x, ws, d, s, t, b = atrous_problem(2, 3, 5, 4, ((1, 2, 1), (3, 2, 3)), False, True, dtype=dtype)
-    _opcheck(prims.tap_gemm.default, (x, ws, d, False, False, f32), utils)
-    acc = prims.tap_gemm(x, ws, d, False, False, f32)
-    out = torch.ops.aspp_fused.triton_atrous_conv(x, ws, d, s, t, b, False, 1, True)[0]
-    g = torch.randn_like(out)
-    for mask in ([True, True], [True, False], [False, True]):
-        _opcheck(prims.epilogue_backward.default, (g, torch.randn(4), torch.randn(4), out, acc, s, t, b, 1, mask),
-                 utils)
-    g_acc = prims.epilogue_backward(g, None, None, out, None, s, t, b, 1, [True, False])[0]
-    _opcheck(prims.tap_gemm.default, (g_acc, ws, d, False, True, dtype), utils)
-    _opcheck(prims.tap_wgrad.default, (x, g_acc, ws, d, False), utils)
-    sx, dw, dd, ms, msh, pw, _, _, _ = separable_problem(2, 3, 5, 4, (("plain", 2, 1), ("dw", 2, 2), ("mid", 2, 3)),
-                                                         False, dtype=dtype)
-    e = sx.new_empty(0)
-    base = (sx, [e if v is None else v for v in dw], dd, [e if v is None else v for v in ms],
-            [e if v is None else v for v in msh], 1, pw)
-    _opcheck(prims.separable_gemm.default, base + (f32,), utils)
-    g = torch.randn(2, 6, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    for mask in ([True, True], [True, False], [False, True]):
-        _opcheck(prims.separable_gemm_backward.default, (g,) + base + (mask,), utils)
-
-
-@needs_triton
-def test_refs_match_torch_backend():
-    """The pure-torch *_ref beside each kernel states the same semantics as the torch backend."""
-    from aspp_fused.kernels.atrous_conv import atrous_conv_ref
-    from aspp_fused.kernels.separable_conv import separable_conv_ref
-    from op_problems import ASPP_BRANCHES, atrous_problem, separable_problem
-
-    args = atrous_problem(2, 5, 7, 9, ASPP_BRANCHES, False, True, dtype=torch.float64, device="cpu")
-    for a, r in zip(atrous_conv_ref(*args, False, 1, True), torch_backend.atrous_conv(*args, False, 1, True)):
-        assert_close_rel(a, r, 1e-12, "atrous_conv_ref")
-    sargs = separable_problem(2, 5, 7, 9, (("plain", 3, 1), ("dw", 4, 2), ("mid", 4, 12)), True, dtype=torch.float64,
-                              device="cpu")
-    x, dw, d, ms, msh, pw, s, t, b = sargs
-    for a, r in zip(separable_conv_ref(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True),
-                    torch_backend.separable_conv(x, dw, d, ms, msh, 1, pw, s, t, b, 1, True)):
-        assert_close_rel(a, r, 1e-12, "separable_conv_ref")

@@ -3,6 +3,7 @@
 # op cases (tests/test_op_cases.py, backend cuda_emu) against them
 # (no GPU needed; ~6 minutes per schedule on 2 cores, ASan ~10x slower).
 # Usage: tools/cuda_emu/run_tests.sh [--asan] [--all-orders] [pytest args...]
+#   (a -k of the pytest args replaces the script's own selection: write "-k 'cuda_emu and ...'")
 #   --asan        AddressSanitizer build: every global / dynamic-shared access of the kernels is
 #                 bounds-checked (libasan and libstdc++ are preloaded into python for it).
 #   --all-orders  run the tests under each ASPP_CUDA_EMU_ORDER: forward, reverse, shuffle:1,
