@@ -163,23 +163,6 @@ void tap_conv_tile(const in_t* in, int64_t in_stride, int64_t H, int64_t W,
   }
 }
 
-// The tiled convolution of `branches` over an image batch (in: [N][H][W][in_ch]), tiles in
-// parallel: for tile number t, its sums acc ([kTilePixels][out_ch] as tap_conv_tile lays them
-// out) go to body(t, tile, acc).
-template <typename in_t, typename acc_t, typename Body>
-void for_each_conv_tile(const Tiling& tiling, const in_t* in, int64_t in_ch, int64_t H, int64_t W,
-                        const std::vector<TapBranch<acc_t>>& branches, int64_t out_ch, Body&& body) {
-  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * out_ch));
-    for (int64_t t = begin; t < end; ++t) {
-      const Tile tile = tiling.tile(t);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      tap_conv_tile(in + tile.n * H * W * in_ch, in_ch, H, W, branches, tile, acc.data(), out_ch);
-      body(t, tile, static_cast<const acc_t*>(acc.data()));
-    }
-  });
-}
-
 // The forward branches over x: each reads all C channels and writes at its channel offset.
 template <typename acc_t>
 std::vector<TapBranch<acc_t>> forward_branches(const AtrousShape& s, at::IntArrayRef dilations,
@@ -216,24 +199,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_conv_impl(const at::Tensor
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
 
-  for_each_conv_tile(tiling, x_data, C, H, W, branches, O, [&](int64_t t, const Tile& tile, const acc_t* acc) {
-    // Epilogue: z = acc * scale + shift (+ bias), out = act(z), stats of z.
-    const acc_t* bias_n = bias_v.empty() ? nullptr : bias_v.data() + tile.n * O;
-    double* p_sum = compute_stats ? partials.data() + t * 2 * O : nullptr;
-    double* p_sumsq = compute_stats ? p_sum + O : nullptr;
-    for (int64_t h = tile.h0; h < tile.h1; ++h) {
-      for (int64_t w = tile.w0; w < tile.w1; ++w) {
-        const acc_t* a = acc + ((h - tile.h0) * kTileW + (w - tile.w0)) * O;
-        scalar_t* dst = out_data + ((tile.n * H + h) * W + w) * O;
-        for (int64_t o = 0; o < O; ++o) {
-          acc_t z = a[o] * scale_v[o] + shift_v[o];
-          if (bias_n) z += bias_n[o];
-          if (p_sum) {
-            p_sum[o] += static_cast<double>(z);
-            p_sumsq[o] += static_cast<double>(z) * static_cast<double>(z);
+  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * O));
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      tap_conv_tile(x_data + tile.n * H * W * C, C, H, W, branches, tile, acc.data(), O);
+
+      // Epilogue: z = acc * scale + shift (+ bias), out = act(z), stats of z.
+      const acc_t* bias_n = bias_v.empty() ? nullptr : bias_v.data() + tile.n * O;
+      double* p_sum = compute_stats ? partials.data() + t * 2 * O : nullptr;
+      double* p_sumsq = compute_stats ? p_sum + O : nullptr;
+      for (int64_t h = tile.h0; h < tile.h1; ++h) {
+        for (int64_t w = tile.w0; w < tile.w1; ++w) {
+          const acc_t* a = acc.data() + ((h - tile.h0) * kTileW + (w - tile.w0)) * O;
+          scalar_t* dst = out_data + ((tile.n * H + h) * W + w) * O;
+          for (int64_t o = 0; o < O; ++o) {
+            acc_t z = a[o] * scale_v[o] + shift_v[o];
+            if (bias_n) z += bias_n[o];
+            if (p_sum) {
+              p_sum[o] += static_cast<double>(z);
+              p_sumsq[o] += static_cast<double>(z) * static_cast<double>(z);
+            }
+            // `z < 0` (not `z > 0`) so a NaN passes through relu, as torch.relu does.
+            dst[o] = static_cast<scalar_t>(act == 1 && z < acc_t(0) ? acc_t(0) : z);
           }
-          // `z < 0` (not `z > 0`) so a NaN passes through relu, as torch.relu does.
-          dst[o] = static_cast<scalar_t>(act == 1 && z < acc_t(0) ? acc_t(0) : z);
         }
       }
     }
@@ -296,11 +286,17 @@ at::Tensor tap_gemm_impl(const at::Tensor& x, at::TensorList weights, at::IntArr
   const in_t* in_data = x.data_ptr<in_t>();
   acc_t* out_data = out.data_ptr<acc_t>();
   const Tiling tiling(N, H, W);
-  for_each_conv_tile(tiling, in_data, in_ch, H, W, branches, out_ch, [&](int64_t, const Tile& tile, const acc_t* acc) {
-    for (int64_t h = tile.h0; h < tile.h1; ++h)
-      for (int64_t w = tile.w0; w < tile.w1; ++w)
-        std::copy_n(acc + ((h - tile.h0) * kTileW + (w - tile.w0)) * out_ch, out_ch,
-                    out_data + ((tile.n * H + h) * W + w) * out_ch);
+  at::parallel_for(0, tiling.total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(kTilePixels * out_ch));
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile tile = tiling.tile(t);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      tap_conv_tile(in_data + tile.n * H * W * in_ch, in_ch, H, W, branches, tile, acc.data(), out_ch);
+      for (int64_t h = tile.h0; h < tile.h1; ++h)
+        for (int64_t w = tile.w0; w < tile.w1; ++w)
+          std::copy_n(acc.data() + ((h - tile.h0) * kTileW + (w - tile.w0)) * out_ch, out_ch,
+                      out_data + ((tile.n * H + h) * W + w) * out_ch);
+    }
   });
   return out;
 }
