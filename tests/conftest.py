@@ -135,14 +135,14 @@ def triton_unavailable():
     return "neither CUDA nor TRITON_INTERPRET=1"
 
 
+_TRITON_WHY = triton_unavailable()
 # A test of the Triton backend's own machinery (not a case every backend meets).
-needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
+needs_triton = pytest.mark.skipif(_TRITON_WHY is not None, reason=str(_TRITON_WHY))
 
 
 def triton_backend_param():
     """The Triton backend as a ``backend`` parameter, skipped where it cannot run."""
-    why = triton_unavailable()
-    return pytest.param("triton", marks=[] if why is None else pytest.mark.skip(reason=why))
+    return pytest.param("triton", marks=[] if _TRITON_WHY is None else pytest.mark.skip(reason=_TRITON_WHY))
 
 
 # Every backend of the fused modules, Triton included (interpreted on CPU: small cases only).

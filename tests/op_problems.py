@@ -119,20 +119,30 @@ EMU_LIB = os.environ.get("ASPP_CUDA_EMU_LIB")
 _emu_registered = []
 
 
+def cuda_emu_ops():
+    """torch.ops.aspp_fused_emu, the CUDA kernels built for the host emulator (CPU tensors), loaded
+    once; None unless ASPP_CUDA_EMU_LIB names the built library (tools/cuda_emu/run_tests.sh, make
+    emu-test) and there is no GPU (on a GPU the real CUDA kernels run)."""
+    if not EMU_LIB or torch.cuda.is_available():
+        return None
+    if not hasattr(torch.ops.aspp_fused_emu, "atrous_conv"):
+        torch.ops.load_library(EMU_LIB)
+    return torch.ops.aspp_fused_emu
+
+
 def cuda_emu_backend():
     """The CUDA kernels run on the host SIMT emulator (tools/cuda_emu), as a backend name the
     functional accepts: "cuda_emu", a dispatch stand-in over torch.ops.aspp_fused_emu.* (CPU
     tensors) with the ops' own autograd formulas (aspp_fused/_autograd.py), so the op cases run on
     them as on every backend. None unless the emulator library is built and named by
     ASPP_CUDA_EMU_LIB (tools/cuda_emu/run_tests.sh, make emu-test)."""
-    if not EMU_LIB or torch.cuda.is_available():  # on a GPU the real CUDA kernels run as "cpp"
+    emu = cuda_emu_ops()
+    if emu is None:  # on a GPU the real CUDA kernels run as "cpp"
         return None
     if not _emu_registered:
         from aspp_fused import _autograd, dispatch
         from aspp_fused.functional import _materialize
 
-        torch.ops.load_library(EMU_LIB)
-        emu = torch.ops.aspp_fused_emu
         _autograd.register_atrous("aspp_fused_emu::atrous_conv", _autograd.primitives(emu))
         _autograd.register_separable("aspp_fused_emu::separable_conv", _autograd.primitives(emu))
 

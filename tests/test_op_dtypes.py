@@ -29,13 +29,13 @@ import torch
 
 from aspp_fused import _autograd, _extension, torch_backend
 from conftest import rel_err, triton_unavailable
+from op_problems import cuda_emu_ops
 
 F64 = torch.float64
 DTYPES = [F64, torch.float32, torch.bfloat16, torch.float16]
 LOW = (torch.bfloat16, torch.float16)
 TF32_TOL = 2e-3
 CUDA = torch.cuda.is_available()
-EMU_LIB = None if CUDA else os.environ.get("ASPP_CUDA_EMU_LIB")
 CONV = torch.ops.aspp_fused  # the CPU backend's kernels: the output conventions
 
 
@@ -66,11 +66,10 @@ def _kernel_set(name):
             return None, "needs CUDA and aspp_fused built with its CUDA kernels"
         return KernelSet("cuda", torch.ops.aspp_fused, "", "cuda", tuple(DTYPES), False), None
     if name == "cuda_emu":
-        if not EMU_LIB:
+        emu = cuda_emu_ops()
+        if emu is None:
             return None, "the CUDA kernels' host emulator is not built (make emu-test runs these)"
-        if not hasattr(torch.ops.aspp_fused_emu, "atrous_conv"):
-            torch.ops.load_library(EMU_LIB)
-        return KernelSet("cuda_emu", torch.ops.aspp_fused_emu, "", "cpu", tuple(DTYPES), False), None
+        return KernelSet("cuda_emu", emu, "", "cpu", tuple(DTYPES), False), None
     assert name == "triton", name
     why = triton_unavailable()
     if why:
